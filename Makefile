@@ -1,0 +1,37 @@
+# fae: the two commands a newcomer needs are `make demo` and `make test`; each installs what it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# torch and torchvision are pinned: on these machines they install from local wheel files, and an
+# unpinned torch would pull a newer multi-GB build.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# Real MNIST for the tests that want it (they skip without it); never needed by the quickstart.
+MNIST_ROOT ?= $(abspath ../shared/data)
+export FAE_MNIST_ROOT ?= $(if $(wildcard $(MNIST_ROOT)/MNIST/raw),$(MNIST_ROOT),)
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH_PINS)
+	$(BIN)/pip install --quiet -e '.[dev]' $(TORCH_PINS)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/demo.sh
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check fae tests benchmarks
+	$(BIN)/ruff format --check fae tests benchmarks
+
+bench: $(STAMP)
+	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs reports .pytest_cache
