@@ -1,0 +1,36 @@
+"""Shared fixtures: real MNIST when FAE_MNIST_ROOT points at it, and a runner for the `fae` CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    """A folder holding MNIST/raw/ (FAE_MNIST_ROOT; `make test` sets it to ../shared/data when present)."""
+    root = os.environ.get("FAE_MNIST_ROOT")
+    if not root or not (Path(root) / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file():
+        pytest.skip("real MNIST not available: set FAE_MNIST_ROOT to a folder holding MNIST/raw/")
+    return Path(root)
+
+
+def run_fae(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `fae ARGS` in a subprocess (DDP re-executes sys.argv, so the CLI is never run in-process)."""
+    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    full_env.pop("FAE_RUN_DIR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "fae.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
