@@ -1,0 +1,152 @@
+"""What every model family shares: encode, decode, reconstruct, the steps, metrics and image grids.
+
+A family subclasses `AutoEncoder` and provides `encode(x)` (the code used to reconstruct: the
+encoder mean for a Gaussian encoder) and `model_step(x, target)`, returning per-sample terms
+{name: (B,)} with the objective under "loss". Everything else is here, once:
+
+  - `decode(z)` = mu_theta(z), the decoder net's output through its activation;
+  - `reconstruct(x)` = decode(encode(x)): what the robustness sweep scores against the clean image;
+  - train/<term> logged every step; val/<term> and val/recon_<metric> (test/... under `fae test`)
+    averaged with torchmetrics, so that they reduce correctly across devices; a grid of images
+    (odd rows) and their reconstructions (even rows) once per validation and test.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchvision.utils import make_grid
+
+from fae.data.base import Batch
+from fae.errors import UserError
+from fae.likelihoods import make_likelihood
+from fae.objectives import RECONSTRUCTION_ERRORS
+from fae.tracking import log_image_grid
+
+
+def interleave_rows(top: Tensor, bottom: Tensor, per_row: int) -> Tensor:
+    """Rows of `per_row` images alternating top, bottom, top, ...: the paper's figure layout
+    (true images on odd rows, reconstructions on even rows). Both (N, C, H, W) -> (2N, C, H, W)."""
+    n = (len(top) // per_row) * per_row
+    c, h, w = top.shape[1:]
+    rows = torch.stack([top[:n].reshape(-1, per_row, c, h, w), bottom[:n].reshape(-1, per_row, c, h, w)], 1)
+    return rows.reshape(-1, c, h, w)
+
+
+class AutoEncoder(L.LightningModule):
+    """Base of the model families; see the module docstring."""
+
+    terms: ClassVar[tuple[str, ...]] = ("loss",)
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        recon_metric: str = "bce",
+        grid_images: int = 16,
+    ) -> None:
+        """
+        Args:
+            encoder: the encoder net (fae.nets), (B, C, H, W) -> (B, heads * d_z).
+            decoder: the decoder net (fae.nets), (B, d_z) -> pre-activation (B, C, H, W).
+            optimizer: the optimizer, given the parameters (Adam, lr 1e-3, unless configured).
+            lr_scheduler: an optional learning-rate scheduler, stepped every epoch.
+            recon_metric: reconstruction error against the clean image: "bce" (MNIST) or "mse" (CelebA).
+            grid_images: validation images shown in the reconstruction grid (0 for none).
+        """
+        super().__init__()
+        if getattr(encoder, "latent_dim", None) != getattr(decoder, "latent_dim", None):
+            raise UserError(
+                f"encoder latent_dim {getattr(encoder, 'latent_dim', None)} != decoder latent_dim "
+                f"{getattr(decoder, 'latent_dim', None)}: set the same init_args.latent_dim on both nets"
+            )
+        if recon_metric not in RECONSTRUCTION_ERRORS:
+            raise UserError(f"recon_metric must be one of {list(RECONSTRUCTION_ERRORS)}, got {recon_metric!r}")
+        self.encoder = encoder
+        self.decoder = decoder
+        self.latent_dim = decoder.latent_dim
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.recon_metric = recon_metric
+        self.grid_images = grid_images
+        names = (*self.terms, f"recon_{recon_metric}")
+        self.eval_metrics = nn.ModuleDict(
+            {stage: nn.ModuleDict({name: MeanMetric() for name in names}) for stage in ("val", "test")}
+        )
+
+    # --- the model -------------------------------------------------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        """The code used to reconstruct x, (B, d_z): the encoder mean for a Gaussian encoder."""
+        raise NotImplementedError
+
+    def decode(self, z: Tensor) -> Tensor:
+        """mu_theta(z), the image mean: (B, d_z) -> (B, C, H, W)."""
+        return self.likelihood.mean(self.decoder(z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """decode(encode(x)): the paper's reconstruction of a (possibly corrupted) image."""
+        return self.decode(self.encode(x))
+
+    def model_step(self, x: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """The family's objective: per-sample terms {name: (B,)}, the loss under "loss"."""
+        raise NotImplementedError
+
+    def build_likelihood(self, likelihood: str, decoder_scale: float, learn_decoder_scale: bool) -> None:
+        activation = getattr(self.decoder, "output_activation", "identity")
+        self.likelihood = make_likelihood(likelihood, activation, decoder_scale, learn_decoder_scale)
+
+    # --- Lightning hooks -----------------------------------------------------------------------
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        terms = self.model_step(batch.x, batch.target)
+        means = {f"train/{name}": value.mean() for name, value in terms.items()}
+        self.log_dict(means, prog_bar=False, on_step=True, on_epoch=False)
+        self.log("loss", means["train/loss"], prog_bar=True, logger=False)
+        return means["train/loss"]
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self.evaluation_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self.evaluation_step(batch, batch_idx, "test")
+
+    def evaluation_step(self, batch: Batch, batch_idx: int, stage: str) -> None:
+        """The objective's terms and the reconstruction error of `batch.x` against `batch.target`."""
+        terms = self.model_step(batch.x, batch.target)
+        recon = self.reconstruct(batch.x)
+        terms[f"recon_{self.recon_metric}"] = RECONSTRUCTION_ERRORS[self.recon_metric](recon, batch.target)
+        metrics = self.eval_metrics[stage]
+        for name, value in terms.items():
+            metrics[name].update(value)
+        for name, metric in metrics.items():
+            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "loss")
+        first = batch_idx == 0 and self.grid_images > 0 and self.trainer.is_global_zero
+        if first and not self.trainer.sanity_checking:
+            self.log_reconstruction_grid(batch.target[: self.grid_images], recon[: self.grid_images], stage)
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        return self.reconstruct(batch.x)
+
+    def log_reconstruction_grid(self, images: Tensor, recon: Tensor, stage: str) -> None:
+        per_row = min(8, len(images))
+        grid = make_grid(self.to_unit_range(interleave_rows(images, recon, per_row)), nrow=per_row, padding=1)
+        log_image_grid(self.trainer, f"{stage}/reconstructions", grid)
+
+    def to_unit_range(self, images: Tensor) -> Tensor:
+        """Images in the decoder's range -> [0, 1] for display."""
+        if self.likelihood.output_activation == "tanh":
+            return (images + 1.0) / 2.0
+        return images.clamp(0.0, 1.0)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
