@@ -1,0 +1,144 @@
+"""Where a run's results go: W&B that never hangs or crashes offline, and image files in the run folder.
+
+`WandbLogger` is Lightning's W&B logger with one decision added, its mode:
+  - WANDB_MODE, when set, is honoured as W&B itself honours it;
+  - otherwise `mode="auto"` logs online where credentials exist (WANDB_API_KEY or a netrc entry for
+    the W&B host) and offline where they do not, saying so in one line with the command that syncs
+    the run later;
+  - an online start that fails (no network, a bad key) falls back to offline with one line, instead
+    of stopping the training.
+The local CSV copy of every metric is not here: the CLI (fae.cli) adds a CSVLogger to every run.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from torch import Tensor
+from torchvision.utils import save_image
+
+
+def wandb_credentials_found() -> bool:
+    """True when W&B could authenticate: WANDB_API_KEY, or a netrc entry for the W&B host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC") or str(Path.home() / ".netrc")
+    try:
+        entry = netrc.netrc(path).authenticators(host)
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return bool(entry and entry[2])
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """The W&B mode a run will use: WANDB_MODE if set, else `mode`, with "auto" made concrete."""
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return "offline" if env == "dryrun" else env
+    if mode == "auto":
+        return "online" if wandb_credentials_found() else "offline"
+    return mode
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's WandbLogger whose mode is chosen so that a run never hangs or crashes for W&B."""
+
+    def __init__(
+        self,
+        project: str = "fae",
+        name: str | None = None,
+        save_dir: str | None = None,
+        group: str | None = None,
+        tags: list[str] | None = None,
+        entity: str | None = None,
+        notes: str | None = None,
+        mode: Literal["auto", "online", "offline", "disabled"] = "auto",
+        log_model: bool = False,
+        init_timeout: float = 30.0,
+    ) -> None:
+        """
+        Args:
+            project: W&B project; runs to be compared belong to one project.
+            name: run name (the CLI sets it to the run folder's name when unset).
+            save_dir: where W&B writes its files (the CLI sets it to the run folder when unset).
+            group: W&B group, e.g. the experiment that several families' runs belong to.
+            tags: W&B tags, e.g. the model family and the data set.
+            entity: W&B user or team.
+            notes: free text shown with the run.
+            mode: "auto" = online with credentials, offline without; WANDB_MODE overrides it.
+            log_model: upload checkpoints as W&B artifacts (online only).
+            init_timeout: seconds an online start may take before falling back to offline.
+        """
+        import wandb
+
+        self.mode = resolve_wandb_mode(mode)
+        super().__init__(
+            project=project,
+            name=name,
+            save_dir=save_dir or ".",
+            group=group,
+            tags=tags,
+            entity=entity,
+            notes=notes,
+            log_model=log_model,
+            mode=self.mode,
+            settings=wandb.Settings(init_timeout=init_timeout, silent=True),
+        )
+        self._wandb_init.pop("anonymous", None)  # deprecated in wandb; passing None only warns
+
+    def set_run_folder(self, run_dir: Path) -> None:
+        """Called by the CLI before the run starts: W&B files and the run name follow the run folder."""
+        if self._wandb_init.get("dir") in (None, "."):
+            self._wandb_init["dir"] = self._save_dir = str(run_dir)
+        if self._wandb_init.get("name") is None:
+            self._wandb_init["name"] = self._name = run_dir.name
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        """Lightning's W&B run, started offline after one line when online is not possible."""
+        if self._experiment is None:
+            Path(self._save_dir).mkdir(parents=True, exist_ok=True)  # W&B wants its folder to exist
+        if self._experiment is None and self.mode == "offline":
+            why = "WANDB_MODE=offline" if os.environ.get("WANDB_MODE") else "no W&B credentials found"
+            rank_zero_info(
+                f"W&B: {why}, logging offline to {self._save_dir}/wandb; "
+                f"sync later with `wandb sync {self._save_dir}/wandb/offline-run-*`"
+            )
+        try:
+            return super().experiment
+        except Exception as err:  # wandb raises its own errors for network and auth failures
+            if self.mode != "online":
+                raise
+            rank_zero_warn(
+                f"W&B: online start failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                f"logging offline instead. Sync later with `wandb sync {self._save_dir}/wandb/offline-run-*`"
+            )
+            self.mode = self._wandb_init["mode"] = "offline"
+            return super().experiment
+
+
+@rank_zero_only
+def save_grid(grid: Tensor, run_dir: str | Path, key: str, step: int) -> Path:
+    """Write an image grid (C, H, W) in [0, 1] to RUN_DIR/images/<key>_step<step>.png."""
+    path = Path(run_dir) / "images" / f"{key.replace('/', '_')}_step{step:07d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, path)
+    return path
+
+
+def log_image_grid(trainer, key: str, grid: Tensor) -> None:
+    """Send an image grid to every logger that takes images (W&B) and to the run folder as a PNG."""
+    step = trainer.global_step
+    save_grid(grid, trainer.default_root_dir, key, step)
+    for logger in trainer.loggers:
+        if isinstance(logger, LightningWandbLogger):
+            logger.log_image(key=key, images=[grid], step=step)

@@ -1,0 +1,115 @@
+"""The `fae` command: help, config printing, one-line errors, and a round trip config -> checkpoint -> test."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+
+from fae.data import DigitsDataModule
+from fae.models import VAE
+from fae.objectives import reconstruction_bce
+
+from .conftest import CONFIGS, run_fae
+
+QUICK = ["--config", str(CONFIGS / "quickstart" / "digits_vae.yaml")]
+TINY = [
+    "--model.init_args.encoder.init_args.width",
+    "4",
+    "--model.init_args.decoder.init_args.width",
+    "4",
+    "--trainer.logger",
+    "false",
+    "--trainer.enable_progress_bar",
+    "false",
+]
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def last_value(rows: list[dict[str, str]], key: str) -> float:
+    return float([r[key] for r in rows if r.get(key)][-1])
+
+
+def test_help_lists_the_subcommands(tmp_path):
+    out = run_fae("--help", cwd=tmp_path)
+    assert out.returncode == 0
+    for sub in ("fit", "validate", "test", "predict"):
+        assert sub in out.stdout
+
+
+def test_print_config_shows_the_paper_setting(tmp_path):
+    out = run_fae("fit", "--config", str(CONFIGS / "mnist_vae.yaml"), "--print_config", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "class_path: fae.models.VAE" in out.stdout
+    assert "width: 64" in out.stdout and "latent_dim: 8" in out.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_input_gives_one_line_errors_before_anything_runs(tmp_path):
+    cases = {
+        ("--model.init_args.nope", "1"): "fae: error: model: Option 'nope' is not accepted",
+        (
+            "--trainer.max_epochs",
+            "abc",
+        ): "fae: error: trainer.max_epochs: Expected a <class 'int'>, got 'abc'",
+        (
+            "--model.init_args.encoder.init_args.width",
+            "x",
+        ): "fae: error: model.encoder.width: Expected a <class 'int'>",
+        ("--ckpt_path", "missing.ckpt"): "fae: error: checkpoint not found: missing.ckpt",
+    }
+    for extra, message in cases.items():
+        subcommand = "test" if "--ckpt_path" in extra else "fit"
+        out = run_fae(subcommand, *QUICK, *extra, cwd=tmp_path)
+        assert out.returncode == 2, (extra, out.stderr)
+        assert out.stderr.strip().splitlines()[-1].startswith(message), (extra, out.stderr)
+        assert "Traceback" not in out.stderr
+    missing = run_fae("fit", "--config", str(CONFIGS / "mnist_vae.yaml"), "--data.data_dir", "nowhere", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1].startswith("fae: error: MNIST not found: nowhere/MNIST/raw lacks")
+    assert "Traceback" not in missing.stderr
+    assert not (tmp_path / "runs").exists()  # a failed start leaves no run folder
+
+
+def test_fit_then_test_round_trip(tmp_path):
+    fit = run_fae(
+        "fit",
+        *QUICK,
+        *TINY,
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.limit_train_batches",
+        "15",
+        "--trainer.limit_val_batches",
+        "2",
+        "--run_name",
+        "tiny",
+        cwd=tmp_path,
+    )
+    assert fit.returncode == 0, fit.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("tiny-")
+    assert f"fae: run folder runs/{run.name}" in fit.stdout + fit.stderr
+    last = run / "checkpoints" / "last.ckpt"
+    assert last.is_file() and list((run / "checkpoints").glob("best-*.ckpt"))
+    assert (run / "config.yaml").is_file() and list((run / "images").glob("val_reconstructions_*.png"))
+    rows = read_metrics(run / "metrics.csv")
+    assert last_value(rows, "step") >= 29 and last_value(rows, "val/loss") > 0
+    assert torch.load(last, weights_only=False)["global_step"] == 30
+
+    test = run_fae("test", *QUICK, *TINY, "--ckpt_path", str(last), cwd=tmp_path)
+    assert test.returncode == 0, test.stderr
+    (test_dir,) = run.glob("test-*")  # an evaluation lives inside the training run's folder
+    reported = last_value(read_metrics(test_dir / "metrics.csv"), "test/recon_bce")
+
+    model = VAE.load_from_checkpoint(last, map_location="cpu").eval()  # rebuilt from the saved config
+    dm = DigitsDataModule()
+    dm.setup()
+    x = dm.to_float(dm.splits["test"])
+    expected = reconstruction_bce(model.reconstruct(x), x).mean().item()
+    assert abs(reported - expected) < 1e-5

@@ -1,0 +1,44 @@
+"""W&B: the mode follows WANDB_MODE and credentials; a failed online start falls back to offline."""
+
+from __future__ import annotations
+
+import pytest
+
+from fae.tracking import WandbLogger, resolve_wandb_mode, wandb_credentials_found
+
+
+@pytest.fixture
+def no_wandb_env(monkeypatch, tmp_path):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    return tmp_path
+
+
+def test_mode_without_credentials_is_offline(no_wandb_env):
+    assert not wandb_credentials_found()
+    assert resolve_wandb_mode("auto") == "offline"
+    assert resolve_wandb_mode("disabled") == "disabled"
+
+
+def test_mode_with_credentials_is_online(no_wandb_env, monkeypatch):
+    (no_wandb_env / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    (no_wandb_env / ".netrc").chmod(0o600)
+    assert wandb_credentials_found()
+    assert resolve_wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")  # WANDB_MODE is honoured over everything
+    assert resolve_wandb_mode("auto") == "offline"
+    assert resolve_wandb_mode("online") == "offline"
+
+
+def test_failed_online_start_falls_back_to_offline(no_wandb_env, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens: connection refused
+    logger = WandbLogger(save_dir=str(no_wandb_env), init_timeout=5)
+    assert logger.mode == "online"
+    with pytest.warns(UserWarning, match="online start failed"):
+        run = logger.experiment
+    assert logger.mode == "offline" and run.settings.mode == "offline"
+    logger.log_metrics({"val/loss": 1.0}, step=0)
+    run.finish()
+    assert list((no_wandb_env / "wandb").glob("offline-run-*/run-*.wandb"))
