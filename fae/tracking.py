@@ -136,9 +136,13 @@ def save_grid(grid: Tensor, run_dir: str | Path, key: str, step: int) -> Path:
 
 
 def log_image_grid(trainer, key: str, grid: Tensor) -> None:
-    """Send an image grid to every logger that takes images (W&B) and to the run folder as a PNG."""
-    step = trainer.global_step
-    save_grid(grid, trainer.default_root_dir, key, step)
+    """Send an image grid to every logger that takes images (W&B) and, as a PNG, to the log folder
+    (the run folder under the CLI). A Trainer without loggers writes nothing."""
+    if not trainer.loggers:
+        return
+    # not trainer.log_dir: it broadcasts across devices, and only rank zero logs images
+    folder = getattr(trainer.loggers[0], "log_dir", None) or trainer.default_root_dir
+    save_grid(grid, folder, key, trainer.global_step)
     for logger in trainer.loggers:
         if isinstance(logger, LightningWandbLogger):
-            logger.log_image(key=key, images=[grid], step=step)
+            logger.log_image(key=key, images=[grid], step=trainer.global_step)
