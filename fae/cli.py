@@ -73,6 +73,9 @@ class FaeCLI(LightningCLI):
             datamodule_class=InMemoryImageDataModule,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
+            # evaluation differentiates (the posterior Fisher divergence, the Fisher objective):
+            # torch.no_grad instead of inference mode, so that enable_grad can turn gradients back on
+            trainer_defaults={"inference_mode": False},
             # parse errors raise (main() prints them as one line) instead of printing the whole usage
             parser_kwargs={
                 "description": "fae: Fisher auto-encoders and their baselines.",

@@ -34,3 +34,14 @@ def run_fae(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None
 
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+# A Trainer for tests: CPU, no files, no bars; evaluation with gradients (as the CLI sets it), which the
+# posterior Fisher divergence and the Fisher objective need.
+QUIET = dict(
+    accelerator="cpu",
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    inference_mode=False,
+)

@@ -1,14 +1,20 @@
 """What every model family shares: encode, decode, reconstruct, the steps, metrics and image grids.
 
-A family subclasses `AutoEncoder` and provides `encode(x)` (the code used to reconstruct: the
-encoder mean for a Gaussian encoder) and `model_step(x, target)`, returning per-sample terms
-{name: (B,)} with the objective under "loss". Everything else is here, once:
+A family subclasses `AutoEncoder` (or `GaussianAutoEncoder`, for a Gaussian encoder) and provides
+`encode(x)` (the code used to reconstruct: the encoder mean for a Gaussian encoder) and
+`model_step(x)`, returning the objective's per-sample terms {name: (B,)} on the input x, the
+objective under "loss". Everything else is here, once:
 
   - `decode(z)` = mu_theta(z), the decoder net's output through its activation;
   - `reconstruct(x)` = decode(encode(x)): what the robustness sweep scores against the clean image;
   - train/<term> logged every step; val/<term> and val/recon_<metric> (test/... under `fae test`)
     averaged with torchmetrics, so that they reduce correctly across devices; a grid of images
-    (odd rows) and their reconstructions (even rows) once per validation and test.
+    (odd rows) and their reconstructions (even rows) once per validation and test;
+  - for Gaussian encoders, val/posterior_fisher: the posterior Fisher divergence
+        D(q(z|x) || p(z|x)) = 1/2 || grad_z log q(z|x) - grad_z log p(x|z) - grad_z log p(z) ||^2
+    at one z ~ q(z|x), the paper's measure of how far the encoder is from the true posterior,
+    logged for every family that has one (it needs gradients: the CLI runs evaluation with
+    `inference_mode=False`; pass that to a Trainer of your own).
 """
 
 from __future__ import annotations
@@ -25,7 +31,13 @@ from torchvision.utils import make_grid
 from fae.data.base import Batch
 from fae.errors import UserError
 from fae.likelihoods import make_likelihood
-from fae.objectives import RECONSTRUCTION_ERRORS
+from fae.objectives import (
+    RECONSTRUCTION_ERRORS,
+    grad_z_log_decoder,
+    grad_z_log_encoder,
+    posterior_fisher_divergence,
+)
+from fae.priors import make_prior
 from fae.tracking import log_image_grid
 
 
@@ -42,6 +54,7 @@ class AutoEncoder(L.LightningModule):
     """Base of the model families; see the module docstring."""
 
     terms: ClassVar[tuple[str, ...]] = ("loss",)
+    eval_metrics_extra: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -76,7 +89,7 @@ class AutoEncoder(L.LightningModule):
         self.lr_scheduler = lr_scheduler
         self.recon_metric = recon_metric
         self.grid_images = grid_images
-        names = (*self.terms, f"recon_{recon_metric}")
+        names = dict.fromkeys((*self.terms, *self.eval_metrics_extra, f"recon_{recon_metric}"))
         self.eval_metrics = nn.ModuleDict(
             {stage: nn.ModuleDict({name: MeanMetric() for name in names}) for stage in ("val", "test")}
         )
@@ -95,9 +108,13 @@ class AutoEncoder(L.LightningModule):
         """decode(encode(x)): the paper's reconstruction of a (possibly corrupted) image."""
         return self.decode(self.encode(x))
 
-    def model_step(self, x: Tensor, target: Tensor) -> dict[str, Tensor]:
-        """The family's objective: per-sample terms {name: (B,)}, the loss under "loss"."""
+    def model_step(self, x: Tensor) -> dict[str, Tensor]:
+        """The family's objective on x: per-sample terms {name: (B,)}, the loss under "loss"."""
         raise NotImplementedError
+
+    def evaluation_terms(self, x: Tensor) -> dict[str, Tensor]:
+        """What evaluation averages besides the reconstruction error: the objective's terms by default."""
+        return self.model_step(x)
 
     def build_likelihood(self, likelihood: str, decoder_scale: float, learn_decoder_scale: bool) -> None:
         activation = getattr(self.decoder, "output_activation", "identity")
@@ -105,7 +122,7 @@ class AutoEncoder(L.LightningModule):
 
     # --- Lightning hooks -----------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        terms = self.model_step(batch.x, batch.target)
+        terms = self.model_step(batch.x)
         means = {f"train/{name}": value.mean() for name, value in terms.items()}
         self.log_dict(means, prog_bar=False, on_step=True, on_epoch=False)
         self.log("loss", means["train/loss"], prog_bar=True, logger=False)
@@ -119,7 +136,7 @@ class AutoEncoder(L.LightningModule):
 
     def evaluation_step(self, batch: Batch, batch_idx: int, stage: str) -> None:
         """The objective's terms and the reconstruction error of `batch.x` against `batch.target`."""
-        terms = self.model_step(batch.x, batch.target)
+        terms = self.evaluation_terms(batch.x)
         recon = self.reconstruct(batch.x)
         terms[f"recon_{self.recon_metric}"] = RECONSTRUCTION_ERRORS[self.recon_metric](recon, batch.target)
         metrics = self.eval_metrics[stage]
@@ -150,3 +167,58 @@ class AutoEncoder(L.LightningModule):
         if self.lr_scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
+
+
+class GaussianAutoEncoder(AutoEncoder):
+    """A family with a Gaussian encoder q_phi(z|x) = N(mu(x), diag sigma(x)^2) and a prior p_eta(z).
+
+    The encoder net's two heads are the mean and the log-variance (supplement Table 1); here they
+    are returned as (mu, log sigma). Evaluation adds the posterior Fisher divergence.
+    """
+
+    eval_metrics_extra = ("posterior_fisher",)
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: str, prior_degree: int, **kwargs) -> None:
+        super().__init__(encoder, decoder, **kwargs)
+        if not getattr(encoder, "gaussian", False):
+            raise UserError(
+                f"{type(self).__name__} needs a Gaussian encoder: set the encoder's init_args.gaussian: true"
+            )
+        self.prior = make_prior(prior, self.latent_dim, prior_degree)
+
+    def encode_gaussian(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu, log sigma), each (B, d_z); log sigma = 1/2 log-variance head."""
+        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        return mu, 0.5 * logvar
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encode_gaussian(x)[0]
+
+    @staticmethod
+    def reparameterise(mu: Tensor, log_sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """z = mu + sigma * eps with eps ~ N(0, I): returns (z, eps)."""
+        eps = torch.randn_like(mu)
+        return mu + log_sigma.exp() * eps, eps
+
+    def posterior_fisher(self, x: Tensor) -> Tensor:
+        """D(q(z|x) || p(z|x)) at one z ~ q(z|x), (B,); per-sample when the nets are in eval mode."""
+        if torch.is_inference_mode_enabled():
+            raise UserError(
+                "the posterior Fisher divergence needs gradients: run evaluation with "
+                "Trainer(inference_mode=False) (the fae CLI does)"
+            )
+        with torch.enable_grad():
+            mu, log_sigma = self.encode_gaussian(x)
+            z, eps = self.reparameterise(mu.detach(), log_sigma.detach())
+            z.requires_grad_(True)
+            nll = self.likelihood.nll(self.decoder(z), x)
+            grad_lik = grad_z_log_decoder(nll, z, create_graph=False)
+            divergence = posterior_fisher_divergence(
+                grad_z_log_encoder(eps, log_sigma.detach()), grad_lik, self.prior.score(z).detach()
+            )
+        return divergence.detach()
+
+    def evaluation_terms(self, x: Tensor) -> dict[str, Tensor]:
+        terms = super().evaluation_terms(x)
+        terms.setdefault("posterior_fisher", self.posterior_fisher(x))
+        return terms

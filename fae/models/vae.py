@@ -15,13 +15,13 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from fae.errors import UserError
-from fae.models.base import AutoEncoder
+from fae.models.base import GaussianAutoEncoder
 from fae.objectives import kl_to_standard_normal
 
 
-class VAE(AutoEncoder):
-    """Variational auto-encoder; logs loss (negative ELBO), nll and kl per step and on validation."""
+class VAE(GaussianAutoEncoder):
+    """Variational auto-encoder; logs loss (negative ELBO), nll and kl, and on validation the
+    reconstruction error and the posterior Fisher divergence."""
 
     terms = ("loss", "nll", "kl")
 
@@ -45,23 +45,22 @@ class VAE(AutoEncoder):
             decoder_scale: s of a Gaussian decoder (its initial value when learned).
             learn_decoder_scale: learn log s with the other parameters.
         """
-        super().__init__(encoder, decoder, optimizer, lr_scheduler, recon_metric, grid_images)
-        if not getattr(encoder, "gaussian", False):
-            raise UserError("the VAE needs a Gaussian encoder: set encoder init_args.gaussian: true")
+        super().__init__(
+            encoder,
+            decoder,
+            prior="standard_normal",
+            prior_degree=2,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            recon_metric=recon_metric,
+            grid_images=grid_images,
+        )
         self.save_hyperparameters()
         self.build_likelihood(likelihood, decoder_scale, learn_decoder_scale)
 
-    def encode_gaussian(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(mu, log sigma^2), each (B, d_z)."""
-        mu, logvar = self.encoder(x).chunk(2, dim=1)
-        return mu, logvar
-
-    def encode(self, x: Tensor) -> Tensor:
-        return self.encode_gaussian(x)[0]
-
-    def model_step(self, x: Tensor, target: Tensor) -> dict[str, Tensor]:
-        mu, logvar = self.encode_gaussian(x)  # (B, d_z) each
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)  # (B, d_z)
-        nll = self.likelihood.nll(self.decoder(z), target)  # (B,)
-        kl = kl_to_standard_normal(mu, logvar)  # (B,)
+    def model_step(self, x: Tensor) -> dict[str, Tensor]:
+        mu, log_sigma = self.encode_gaussian(x)  # (B, d_z) each
+        z, _ = self.reparameterise(mu, log_sigma)  # (B, d_z)
+        nll = self.likelihood.nll(self.decoder(z), x)  # (B,)
+        kl = kl_to_standard_normal(mu, 2.0 * log_sigma)  # (B,)
         return {"loss": nll + kl, "nll": nll, "kl": kl}

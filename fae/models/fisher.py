@@ -1,0 +1,158 @@
+"""The Fisher auto-encoder (Elkhalil et al., AISTATS 2021): the exact Fisher-divergence objective.
+
+Gaussian encoder q_phi(z|x), Gaussian decoder N(mu_theta(z), s^2 I) (s fixed or learned), prior
+p_eta(z) standard normal or the learned polynomial exponential family. Per-sample loss (Theorem 1),
+one z sample per data point, each term with weight 1, batch loss the mean over the batch:
+
+    L(x) = s(x; p_theta(.|z))                                          decoder_score
+         + 1/2 || grad_x log q_phi(z|x) ||^2                             stability
+         + 1/2 || grad_z log q_phi(z|x) - grad_z log p_theta(x|z) - grad_z log p_eta(z) ||^2
+                                                                         posterior_fisher
+    s(x; N(mu, s^2 I)) = ||x - mu||^2 / (2 s^4) - d / s^2
+
+The pieces are fae.objectives.fisher_terms. Two choices, each a named option:
+
+- `stability`: grad_x log q_phi(z|x) at fixed z (Theorem 1, the default) or "total", the total
+  derivative with z = mu(x) + sigma(x) eps still a function of x (the authors' public snapshot).
+- `batchnorm`: "running" (default) evaluates the objective with BatchNorm normalising by running
+  statistics, which the batch statistics then update (fae.nets.batchnorm.running_batchnorm), so
+  every derivative and every term is per sample, as Theorem 1 requires. "batch" keeps ordinary
+  training-mode BatchNorm, whose batch statistics couple the samples: the gradients of the batch
+  sum then carry cross-sample terms (kept to compare with implementations that do this).
+
+A non-finite loss term or gradient stops training with a message naming the term or parameter and
+the step, before the optimizer step (`on_nonfinite="stop"`), or skips that step (`"skip"`): the
+weights are never updated from a non-finite value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from fae.errors import UserError
+from fae.models.base import GaussianAutoEncoder
+from fae.nets.batchnorm import running_batchnorm
+from fae.objectives import fisher_terms
+
+
+class FisherAE(GaussianAutoEncoder):
+    """Fisher auto-encoder; logs each term of the loss per step and on validation."""
+
+    terms = ("loss", "decoder_score", "stability", "posterior_fisher")
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        decoder_scale: float = 1.0,
+        learn_decoder_scale: bool = False,
+        prior: Literal["standard_normal", "polynomial"] = "standard_normal",
+        prior_degree: int = 4,
+        stability: Literal["fixed_z", "total"] = "fixed_z",
+        batchnorm: Literal["running", "batch"] = "running",
+        on_nonfinite: Literal["stop", "skip"] = "stop",
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        recon_metric: Literal["bce", "mse"] = "bce",
+        grid_images: int = 16,
+    ) -> None:
+        """
+        Args:
+            encoder: a Gaussian encoder net (two heads: mean and log-variance).
+            decoder: the decoder net; the likelihood is N(mu_theta(z), s^2 I) (a Bernoulli decoder is
+                not admissible: the Hyvarinen score needs a density in continuous x).
+            decoder_scale: s (its initial value when learned).
+            learn_decoder_scale: learn log s by the same loss (optimum s^2 = ||x - mu||^2 / d).
+            prior: "standard_normal", or "polynomial", the learned exponential family of degree prior_degree.
+            prior_degree: M, the degree of the polynomial prior (even; 4 on CelebA in the paper).
+            stability: "fixed_z" (Theorem 1) or "total" (the authors' snapshot); see the module docstring.
+            batchnorm: "running" (per-sample, default) or "batch"; see the module docstring.
+            on_nonfinite: "stop" training with a message, or "skip" the step, on a non-finite loss or gradient.
+        """
+        super().__init__(
+            encoder,
+            decoder,
+            prior=prior,
+            prior_degree=prior_degree,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            recon_metric=recon_metric,
+            grid_images=grid_images,
+        )
+        self.save_hyperparameters()
+        self.build_likelihood("gaussian", decoder_scale, learn_decoder_scale)
+        self.stability = stability
+        self.batchnorm = batchnorm
+        self.on_nonfinite = on_nonfinite
+        self.skipped_steps = 0
+
+    def fisher_terms(self, x: Tensor, eps: Tensor | None = None) -> dict[str, Tensor]:
+        """Theorem 1's terms on x, each (B,); `eps` (B, d_z) fixes the sample z = mu + sigma eps."""
+        if torch.is_inference_mode_enabled():
+            raise UserError("the Fisher objective needs gradients: use Trainer(inference_mode=False) (the CLI does)")
+        norm = (
+            running_batchnorm(self.encoder, self.decoder) if self.batchnorm == "running" else contextlib.nullcontext()
+        )
+        with torch.enable_grad(), norm:
+            x = x.detach().requires_grad_(True)  # (B, C, H, W): the objective differentiates in x
+            mu, log_sigma = self.encode_gaussian(x)  # (B, d_z) each
+            eps = torch.randn_like(mu) if eps is None else eps
+            z = mu + log_sigma.exp() * eps  # (B, d_z)
+            mean = self.likelihood.mean(self.decoder(z))  # (B, C, H, W)
+            return fisher_terms(
+                x,
+                mu,
+                log_sigma,
+                eps,
+                z,
+                mean,
+                self.likelihood.log_scale,
+                self.prior.score(z),
+                stability=self.stability,
+                create_graph=torch.is_grad_enabled() and self.training,
+            )
+
+    def model_step(self, x: Tensor) -> dict[str, Tensor]:
+        terms = self.fisher_terms(x)
+        if self.training:
+            self.check_finite(terms)
+        return terms
+
+    # --- numerical safety ----------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.on_nonfinite == "skip":  # restored if this step is skipped
+            self._buffers_before_step = {name: b.clone() for name, b in self.named_buffers()}
+
+    def check_finite(self, terms: dict[str, Tensor]) -> None:
+        """Stop (naming the term and step) on a non-finite term, in "stop" mode, agreed across devices."""
+        if self.on_nonfinite != "stop" or self._trainer is None:
+            return
+        bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
+        if self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            raise UserError(
+                f"non-finite Fisher loss term {', '.join(bad) or '(on another device)'} at step "
+                f"{self.global_step} (epoch {self.current_epoch}); stopped before the optimizer step, so the "
+                "weights are intact (last.ckpt holds the last saved state). Lower the learning rate or the "
+                "decoder scale's range, or set --model.init_args.on_nonfinite skip"
+            )
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        bad = [n for n, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if not bad:
+            return
+        if self.on_nonfinite == "stop":
+            raise UserError(
+                f"non-finite gradient of {bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} at step "
+                f"{self.global_step} (epoch {self.current_epoch}); stopped before the optimizer step, so the "
+                "weights are intact. Lower the learning rate, or set --model.init_args.on_nonfinite skip"
+            )
+        for p in self.parameters():  # an optimizer skips parameters without a gradient
+            p.grad = None
+        self.load_state_dict(self._buffers_before_step, strict=False)  # e.g. BatchNorm statistics
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))

@@ -1,0 +1,152 @@
+"""The FisherAE module: per-sample terms, numerical safety, and learning on real digits."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+
+from fae.data import DigitsDataModule
+from fae.errors import UserError
+from fae.models import VAE, FisherAE
+from fae.nets import MNISTDecoder, MNISTEncoder
+
+from .conftest import QUIET
+
+
+def small_fisher(**kwargs) -> FisherAE:
+    return FisherAE(MNISTEncoder(8, 4), MNISTDecoder(8, 4), grid_images=0, **kwargs)
+
+
+def terms_with_one_sample_changed(model: FisherAE, changed: int) -> tuple[dict, dict]:
+    """Terms on a batch and on the same batch with sample `changed` replaced, from the same state and eps."""
+    torch.manual_seed(0)
+    x, eps = torch.rand(6, 1, 28, 28), torch.randn(6, 8)
+    state = copy.deepcopy(model.state_dict())  # the running statistics move with every training call
+    before = model.fisher_terms(x, eps)
+    model.load_state_dict(state)
+    x2 = x.clone()
+    x2[changed] = torch.rand(1, 28, 28)
+    return before, model.fisher_terms(x2, eps)
+
+
+def warm_up_running_statistics(model: FisherAE) -> None:
+    for _ in range(5):
+        model.fisher_terms(torch.rand(16, 1, 28, 28))
+
+
+def test_terms_are_per_sample_with_running_batchnorm():
+    model = small_fisher(batchnorm="running").train()
+    warm_up_running_statistics(model)
+    before, after = terms_with_one_sample_changed(model, changed=5)
+    for name in FisherAE.terms:
+        torch.testing.assert_close(before[name][:5], after[name][:5], rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(before[name][5], after[name][5])
+
+
+def test_training_mode_batchnorm_couples_the_samples():
+    model = small_fisher(batchnorm="batch").train()
+    before, after = terms_with_one_sample_changed(model, changed=5)
+    for name in ("decoder_score", "stability", "posterior_fisher"):
+        assert not torch.allclose(before[name][:5], after[name][:5], rtol=1e-4, atol=1e-6)
+
+
+def test_running_batchnorm_updates_the_running_statistics_like_batchnorm():
+    model = small_fisher().train()
+    layer = model.encoder.layers[3]  # the first BatchNorm
+    x = torch.rand(32, 1, 28, 28)
+    with torch.no_grad():
+        activations = model.encoder.layers[:3](x)
+    model.fisher_terms(x)
+    torch.testing.assert_close(layer.running_mean, 0.1 * activations.mean((0, 2, 3)))
+    torch.testing.assert_close(layer.running_var, 0.9 + 0.1 * activations.var((0, 2, 3), unbiased=True))
+    assert layer.num_batches_tracked == 1 and layer.training
+
+
+def test_loss_gradient_reaches_every_parameter():
+    model = small_fisher(prior="polynomial", learn_decoder_scale=True).train()
+    model.fisher_terms(torch.rand(8, 1, 28, 28))["loss"].mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
+
+
+def test_non_finite_loss_stops_training_naming_term_and_step_with_weights_intact():
+    model = small_fisher()
+    weights = {}
+
+    class Snapshot(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            weights["before"] = copy.deepcopy(pl_module.state_dict())
+
+    original = model.fisher_terms
+
+    def poisoned(x, eps=None):
+        if model.global_step >= 3:
+            x = x.clone()
+            x[0, 0, 0, 0] = float("nan")
+        return original(x, eps)
+
+    model.fisher_terms = poisoned
+    trainer = L.Trainer(max_steps=10, limit_val_batches=0, callbacks=[Snapshot()], **QUIET)
+    with pytest.raises(UserError, match=r"non-finite Fisher loss term .*decoder_score.* at step 3"):
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
+    for name, value in model.state_dict().items():  # weights and BatchNorm statistics
+        assert torch.equal(value, weights["before"][name]), name
+
+
+@pytest.mark.parametrize("batchnorm", ["running", "batch"])
+def test_non_finite_step_is_skipped_on_request(batchnorm):
+    model = small_fisher(on_nonfinite="skip", batchnorm=batchnorm)
+    original = model.fisher_terms
+    states = []
+
+    def poisoned(x, eps=None):
+        if model.training and len(states) == 0 and model.global_step == 2:
+            states.append(copy.deepcopy(model.state_dict()))
+            x = x.clone()
+            x[0, 0, 0, 0] = float("nan")
+        return original(x, eps)
+
+    class AfterPoisonedStep(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if len(states) == 1:
+                states.append(copy.deepcopy(pl_module.state_dict()))
+
+    model.fisher_terms = poisoned
+    trainer = L.Trainer(max_steps=6, limit_val_batches=0, callbacks=[AfterPoisonedStep()], **QUIET)
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
+    assert model.skipped_steps == 1  # only the poisoned step: nothing non-finite leaked into later ones
+    before, after = states
+    for name, value in after.items():  # the skipped step changed no weight and no BatchNorm statistic
+        assert torch.equal(value, before[name]), name
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+
+
+def test_vae_logs_the_posterior_fisher_divergence_per_sample():
+    vae = VAE(MNISTEncoder(8, 4), MNISTDecoder(8, 4)).eval()
+    x = torch.rand(6, 1, 28, 28)
+    torch.manual_seed(0)
+    first = vae.posterior_fisher(x)
+    x2 = x.clone()
+    x2[5] = torch.rand(1, 28, 28)
+    torch.manual_seed(0)
+    second = vae.posterior_fisher(x2)
+    torch.testing.assert_close(first[:5], second[:5])
+    assert (first > 0).all()
+    metrics = L.Trainer(**QUIET).validate(vae, datamodule=DigitsDataModule(), verbose=False)[0]
+    assert metrics["val/posterior_fisher"] > 0
+
+
+def test_training_on_real_digits_lowers_loss_and_reconstruction_error():
+    L.seed_everything(0)
+    model = FisherAE(MNISTEncoder(8, 8), MNISTDecoder(8, 8), learn_decoder_scale=True, grid_images=0,
+                     optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))  # fmt: skip
+    dm = DigitsDataModule(batch_size=64)
+    before = L.Trainer(**QUIET).validate(model, datamodule=dm, verbose=False)[0]
+    L.Trainer(max_steps=300, limit_val_batches=0, **QUIET).fit(model, datamodule=dm)
+    after = L.Trainer(**QUIET).validate(model, datamodule=dm, verbose=False)[0]
+    assert after["val/loss"] < before["val/loss"] - 0.1 * abs(before["val/loss"])
+    assert after["val/recon_bce"] < 0.7 * before["val/recon_bce"]
+    assert model.likelihood.log_scale.exp() < 0.9  # the learned scale moves toward ||x - mu||^2 / d
