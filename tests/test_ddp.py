@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from .conftest import run_fae
-from .test_cli import QUICK, TINY, last_value, read_metrics
+from .conftest import CONFIGS, run_fae
+from .test_cli import TINY, last_value, read_metrics
 
 
-def test_fit_on_two_cpu_processes(tmp_path):
+@pytest.mark.parametrize("family", ["vae", "fisher"])
+def test_fit_on_two_cpu_processes(tmp_path, family):
     out = run_fae(
         "fit",
-        *QUICK,
+        "--config",
+        str(CONFIGS / "quickstart" / f"digits_{family}.yaml"),
         *TINY,
         "--trainer.accelerator",
         "cpu",
@@ -33,4 +36,6 @@ def test_fit_on_two_cpu_processes(tmp_path):
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     # 4000 training digits, 64 per batch per process, 2 processes: each rank sees half the data
     assert ckpt["global_step"] == math.ceil(4000 / 2 / 64)
-    assert last_value(read_metrics(run / "metrics.csv"), "val/loss") > 0
+    rows = read_metrics(run / "metrics.csv")
+    assert math.isfinite(last_value(rows, "val/loss"))
+    assert 0 < last_value(rows, "val/recon_bce") < 2
