@@ -19,11 +19,14 @@ objective under "loss". Everything else is here, once:
 
 from __future__ import annotations
 
+import inspect
+import random
 from typing import ClassVar
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchvision.utils import make_grid
@@ -94,6 +97,15 @@ class AutoEncoder(L.LightningModule):
             {stage: nn.ModuleDict({name: MeanMetric() for name in names}) for stage in ("val", "test")}
         )
 
+    def save_config(self) -> None:
+        """save_hyperparameters() for the calling family's __init__. Under the CLI that is the config
+        (nets as class_path dicts), so load_from_checkpoint rebuilds the model; outside it, only plain
+        values: nets and optimizer callables are objects, which a weights-only checkpoint load refuses."""
+        frame = inspect.currentframe().f_back
+        under_cli = _given_hyperparameters.get() is not None  # Lightning's own marker of a CLI instantiation
+        objects = [k for k, v in frame.f_locals.items() if isinstance(v, nn.Module) or callable(v)]
+        self.save_hyperparameters(ignore=[] if under_cli else objects, frame=frame)
+
     # --- the model -------------------------------------------------------------------------------
     def encode(self, x: Tensor) -> Tensor:
         """The code used to reconstruct x, (B, d_z): the encoder mean for a Gaussian encoder."""
@@ -161,6 +173,23 @@ class AutoEncoder(L.LightningModule):
         if self.likelihood.output_activation == "tanh":
             return (images + 1.0) / 2.0
         return images.clamp(0.0, 1.0)
+
+    # --- exact resumption: the random streams continue where the checkpoint left them ---------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["fae_rng"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            checkpoint["fae_rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("fae_rng")
+        if state is None:
+            return
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        if self._trainer is not None and self.trainer.world_size > 1:  # the checkpoint holds rank zero's streams
+            torch.manual_seed(torch.randint(2**62, ()).item() + self.trainer.global_rank)
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())

@@ -84,7 +84,7 @@ class FisherAE(GaussianAutoEncoder):
             recon_metric=recon_metric,
             grid_images=grid_images,
         )
-        self.save_hyperparameters()
+        self.save_config()
         self.build_likelihood("gaussian", decoder_scale, learn_decoder_scale)
         self.stability = stability
         self.batchnorm = batchnorm

@@ -55,7 +55,7 @@ class VAE(GaussianAutoEncoder):
             recon_metric=recon_metric,
             grid_images=grid_images,
         )
-        self.save_hyperparameters()
+        self.save_config()
         self.build_likelihood(likelihood, decoder_scale, learn_decoder_scale)
 
     def model_step(self, x: Tensor) -> dict[str, Tensor]:
