@@ -13,12 +13,15 @@ clean data and corrupted only at test time (DESIGN.md section 3).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fae.data.noise import Corruption
 
@@ -50,6 +53,49 @@ class IndexedImages(Dataset):
 def collate_batch(fetched: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     """`IndexedImages.__getitems__` already returns a stacked batch: nothing left to collate."""
     return fetched
+
+
+class EpochShuffle(Sampler[int]):
+    """A shuffle that is a function of (seed, epoch) only: the same order in a resumed run as in an
+    uninterrupted one. Lightning calls `set_epoch` at the start of every epoch."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning resumes mid-epoch: its state is the number of batches of the
+    current epoch already trained on (`batches_done`, read from the trainer when a checkpoint is
+    saved); after loading it, the next iteration skips that many batches. With `EpochShuffle` the
+    remaining batches are exactly those the interrupted run would have seen."""
+
+    def __init__(self, *args: Any, batches_done: Callable[[], int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+        self._skip = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_done": int(self.batches_done()) if self.batches_done else 0}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        done = state.get("batches_done", 0)
+        self._skip = done if done < len(self) else 0  # a checkpoint at an epoch's end starts a new epoch
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        # lazily: the sampler must not start before Lightning has set the epoch; skipping in-memory
+        # batches costs an indexing op each
+        return itertools.islice(super().__iter__(), skip, None)
 
 
 class InMemoryImageDataModule(L.LightningDataModule):
@@ -103,28 +149,42 @@ class InMemoryImageDataModule(L.LightningDataModule):
         self.setup()
         return tuple(self.splits["train"].shape[1:])
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, **kwargs: Any) -> DataLoader:
         self.setup()
-        return DataLoader(
+        loader = ResumableDataLoader if split == "train" else DataLoader
+        return loader(
             IndexedImages(self.splits[split]),
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_batch,
+            # its own generator: starting an iteration does not draw from the global random stream,
+            # so a resumed run's stream continues exactly where the checkpoint left it
+            generator=torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0))),
+            **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """Shuffled by (seed, epoch) with the seed of seed_everything, resumable mid-epoch."""
+        self.setup()
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return self._loader("train", sampler=EpochShuffle(len(self.splits["train"]), seed),
+                            batches_done=self._train_batches_done)  # fmt: skip
+
+    def _train_batches_done(self) -> int:
+        """Batches of the current epoch trained on (what a resumed run must skip)."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> Batch:
         images, index = batch
