@@ -166,3 +166,17 @@ def fisher_terms(
         "stability": stab,
         "posterior_fisher": posterior,
     }
+
+
+# --- WAE ---------------------------------------------------------------------------------------
+
+
+def mmd_imq(x: Tensor, y: Tensor, scale: float) -> Tensor:
+    """Unbiased MMD^2 between samples x (n, d) and y (m, d) with the inverse multiquadratic kernel
+    k(a, b) = C / (C + ||a - b||^2), C = `scale` (the WAE paper: C = 2 d_z sigma_z^2). A scalar."""
+    n, m = len(x), len(y)
+    k_xx = scale / (scale + torch.cdist(x, x).pow(2))
+    k_yy = scale / (scale + torch.cdist(y, y).pow(2))
+    k_xy = scale / (scale + torch.cdist(x, y).pow(2))
+    off_diagonal = lambda k: (k.sum() - k.diagonal().sum()) / (len(k) * (len(k) - 1))  # noqa: E731
+    return off_diagonal(k_xx) + off_diagonal(k_yy) - 2.0 * k_xy.sum() / (n * m)

@@ -3,5 +3,6 @@
 from fae.models.base import AutoEncoder, GaussianAutoEncoder
 from fae.models.fisher import FisherAE
 from fae.models.vae import VAE
+from fae.models.wae_gan import WAEGAN
 
-__all__ = ["VAE", "AutoEncoder", "FisherAE", "GaussianAutoEncoder"]
+__all__ = ["VAE", "WAEGAN", "AutoEncoder", "FisherAE", "GaussianAutoEncoder"]

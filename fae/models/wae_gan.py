@@ -1,0 +1,177 @@
+"""The WAE-GAN baseline (Tolstikhin et al., ICLR 2018, Algorithm 2) on the paper's nets.
+
+Deterministic encoder Q(x) (supplement Table 2), decoder G(z), prior P_z = N(0, sigma_z^2 I), and a
+latent discriminator D(z) = FC(d_z, 256)-ReLU-FC(256, 1)-Sigmoid (supplement Tables 2 and 4). Each
+batch takes two optimizer steps, by hand (manual optimisation, two optimizers):
+
+    discriminator:        maximise  lambda/B sum_i [ log D(z_i) + log(1 - D(Q(x_i))) ],  z_i ~ P_z
+    encoder and decoder:  minimise  1/B sum_i [ c(x_i, G(Q(x_i))) - lambda log D(Q(x_i)) ]
+
+with the WAE paper's cost c(x, y) = ||x - y||^2 (summed over pixels; G's output is its mean image).
+Schedulers are stepped by hand once per epoch; gradients are clipped by hand (Lightning's
+`gradient_clip_val` does not apply under manual optimisation: set this module's instead).
+Validation adds the discriminator's loss, its mean outputs on prior and encoded codes, and an
+MMD estimate between encoded codes and prior samples (how close the codes are to the prior).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy
+from torch import Tensor, nn
+
+from fae.data.base import Batch
+from fae.errors import UserError
+from fae.models.base import AutoEncoder
+from fae.objectives import mmd_imq, per_sample_sum
+
+
+class LatentDiscriminator(nn.Module):
+    """D(z) = FC(d_z, 256)-ReLU-FC(256, 1)-Sigmoid; returns the logit (B,), D = sigmoid(logit)."""
+
+    def __init__(self, latent_dim: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.layers(z).squeeze(1)
+
+
+def discriminator_loss(logit_prior: Tensor, logit_codes: Tensor) -> Tensor:
+    """-[log D(z) + log(1 - D(Q(x)))] per sample, from logits (log-sigmoid, numerically stable)."""
+    return -(nn.functional.logsigmoid(logit_prior) + nn.functional.logsigmoid(-logit_codes))
+
+
+class WAEGAN(AutoEncoder):
+    """Wasserstein auto-encoder with a GAN penalty in latent space; see the module docstring."""
+
+    terms = ("loss", "reconstruction", "adversarial")
+    eval_metrics_extra = ("disc_loss", "disc_prior", "disc_codes", "mmd")
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        penalty_weight: float = 10.0,
+        prior_std: float = 1.0,
+        discriminator_hidden: int = 256,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        discriminator_optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        discriminator_lr_scheduler: LRSchedulerCallable | None = None,
+        gradient_clip_val: float | None = None,
+        recon_metric: Literal["bce", "mse"] = "bce",
+        grid_images: int = 16,
+    ) -> None:
+        """
+        Args:
+            encoder: a deterministic encoder net (one head: the code).
+            decoder: the decoder net; its mean image G(z) is scored by c(x, y) = ||x - y||^2.
+            penalty_weight: lambda (the WAE paper: 10 on MNIST, 1 on CelebA).
+            prior_std: sigma_z of the prior N(0, sigma_z^2 I).
+            discriminator_hidden: width of the discriminator's hidden layer (256 in the paper).
+            optimizer: for the encoder and decoder.
+            discriminator_optimizer: for the discriminator.
+            lr_scheduler, discriminator_lr_scheduler: optional, stepped by hand once per epoch.
+            gradient_clip_val: clip each optimizer's gradient norm to this value (None: no clipping).
+        """
+        super().__init__(encoder, decoder, optimizer, lr_scheduler, recon_metric, grid_images)
+        if getattr(encoder, "gaussian", True):
+            raise UserError("the WAE-GAN needs a deterministic encoder: set the encoder's init_args.gaussian: false")
+        self.save_config()
+        self.automatic_optimization = False
+        self.build_likelihood("gaussian", 1.0, False)  # only its mean map: G(z) = activation(decoder(z))
+        self.discriminator = LatentDiscriminator(self.latent_dim, discriminator_hidden)
+        self.penalty_weight = penalty_weight
+        self.prior_std = prior_std
+        self.discriminator_optimizer = discriminator_optimizer
+        self.discriminator_lr_scheduler = discriminator_lr_scheduler
+        self.gradient_clip_val = gradient_clip_val
+
+    def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
+            # each of the two backward passes leaves the other optimizer's parameters without gradients
+            raise UserError(
+                "the WAE-GAN's two optimizer steps each use part of the parameters: under DDP use "
+                "--trainer.strategy ddp_find_unused_parameters_true"
+            )
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encoder(x)  # (B, d_z)
+
+    def sample_prior(self, n: int) -> Tensor:
+        return self.prior_std * torch.randn(n, self.latent_dim, device=self.device)
+
+    def autoencoder_parameters(self) -> list[nn.Parameter]:
+        return [*self.encoder.parameters(), *self.decoder.parameters()]
+
+    def model_step(self, x: Tensor) -> dict[str, Tensor]:
+        """The encoder/decoder objective: c(x, G(Q(x))) - lambda log D(Q(x)), per sample."""
+        codes = self.encode(x)  # (B, d_z)
+        reconstruction = per_sample_sum((x - self.decode(codes)).pow(2))
+        adversarial = -nn.functional.logsigmoid(self.discriminator(codes))  # -log D(Q(x))
+        return {
+            "loss": reconstruction + self.penalty_weight * adversarial,
+            "reconstruction": reconstruction,
+            "adversarial": adversarial,
+        }
+
+    def discriminator_terms(self, x: Tensor, codes: Tensor | None = None) -> dict[str, Tensor]:
+        codes = self.encode(x) if codes is None else codes
+        logit_prior = self.discriminator(self.sample_prior(len(x)))
+        logit_codes = self.discriminator(codes)
+        return {
+            "disc_loss": self.penalty_weight * discriminator_loss(logit_prior, logit_codes),
+            "disc_prior": torch.sigmoid(logit_prior),
+            "disc_codes": torch.sigmoid(logit_codes),
+        }
+
+    def step(self, optimizer, loss: Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.gradient_clip_val is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+        optimizer.step()
+
+    def training_step(self, batch: Batch, batch_idx: int) -> None:
+        opt_ae, opt_disc = self.optimizers()
+        # 1. discriminator: prior codes against encoded codes (the encoder is not updated here)
+        with torch.no_grad():
+            codes = self.encode(batch.x)
+        disc = self.discriminator_terms(batch.x, codes)
+        self.step(opt_disc, disc["disc_loss"].mean())
+        # 2. encoder and decoder: reconstruction + lambda * adversarial (the discriminator is not updated)
+        terms = self.model_step(batch.x)
+        self.step(opt_ae, terms["loss"].mean())
+        logged = {**terms, "disc_loss": disc["disc_loss"]}
+        self.log_dict({f"train/{k}": v.mean() for k, v in logged.items()}, on_step=True, on_epoch=False)
+        self.log("loss", terms["loss"].mean(), prog_bar=True, logger=False)
+
+    def on_train_epoch_end(self) -> None:
+        schedulers = self.lr_schedulers()  # None, one scheduler, or a list
+        if schedulers is None:
+            return
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+            scheduler.step()
+
+    def evaluation_terms(self, x: Tensor) -> dict[str, Tensor]:
+        terms = self.model_step(x)
+        codes = self.encode(x)
+        terms.update(self.discriminator_terms(x, codes))
+        mmd = mmd_imq(codes, self.sample_prior(len(codes)), scale=2.0 * self.latent_dim * self.prior_std**2)
+        terms["mmd"] = mmd.expand(len(x))
+        return terms
+
+    def configure_optimizers(self):
+        opt_ae = self.optimizer(self.autoencoder_parameters())
+        opt_disc = self.discriminator_optimizer(self.discriminator.parameters())
+        schedulers = [
+            {"scheduler": make(opt), "interval": "epoch"}
+            for make, opt in ((self.lr_scheduler, opt_ae), (self.discriminator_lr_scheduler, opt_disc))
+            if make is not None
+        ]
+        return [opt_ae, opt_disc], schedulers
