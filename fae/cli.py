@@ -16,6 +16,8 @@ anything is built. What fae adds to LightningCLI:
   - every run writes its metrics to RUN/metrics.csv (a CSVLogger is always added), beside the loggers
     of the config (W&B by default, fae.tracking.WandbLogger);
   - checkpoints RUN/checkpoints/last.ckpt and the best by `--checkpoint.monitor` (val/loss);
+  - under `fae test`, the robustness sweep (`--sweep.*`, fae.evaluation.RobustnessSweep), written to
+    robustness.json and robustness.csv in the test's folder;
   - user errors (fae.errors.UserError, a missing checkpoint) end the command with one line.
 """
 
@@ -38,6 +40,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from fae.data.base import InMemoryImageDataModule
 from fae.errors import UserError
+from fae.evaluation import RobustnessSweep
 from fae.models.base import AutoEncoder
 
 RUN_DIR_ENV = "FAE_RUN_DIR"
@@ -101,6 +104,7 @@ class FaeCLI(LightningCLI):
             help=f"Use this exact run folder (default: a new one; {RUN_DIR_ENV} also sets it).",
         )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RobustnessSweep, "sweep")  # acts under `fae test` only
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",

@@ -1,0 +1,85 @@
+"""The robustness sweep: one pass equals a slow per-level, per-sample loop; every model sees the same
+corrupted images; two DDP processes give the sweep of one."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import torch
+
+from fae.data import DigitsDataModule
+from fae.evaluation import RobustnessSweep
+from fae.models import VAE, WAEGAN
+from fae.nets import MNISTDecoder, MNISTEncoder
+from fae.objectives import reconstruction_bce
+
+from .conftest import QUIET, run_fae
+from .test_cli import QUICK, TINY
+
+SIGMAS, NUS = [0.1, 0.8], [0.3, 0.9]
+
+
+def sweep_of(model, eval_batch_size=64) -> RobustnessSweep:
+    sweep = RobustnessSweep(sigmas=SIGMAS, nus=NUS, seed=3)
+    L.Trainer(callbacks=[sweep], **QUIET).test(model, datamodule=DigitsDataModule(eval_batch_size=eval_batch_size),
+                                               verbose=False)  # fmt: skip
+    return sweep
+
+
+def test_one_pass_sweep_equals_a_slow_reference_loop():
+    torch.manual_seed(0)
+    model = VAE(MNISTEncoder(8, 4), MNISTDecoder(8, 4), grid_images=0).eval()
+    results = sweep_of(model, eval_batch_size=37).results
+    dm = DigitsDataModule()
+    dm.setup()
+    clean = dm.to_float(dm.splits["test"])
+    for result, corruption in zip(results, RobustnessSweep(SIGMAS, NUS, seed=3).corruptions, strict=True):
+        errors = []
+        for i in range(len(clean)):  # one sample at a time
+            noisy = corruption(clean[i : i + 1], torch.tensor([i]))
+            errors.append(reconstruction_bce(model.reconstruct(noisy), clean[i : i + 1]).item())
+        errors = torch.tensor(errors, dtype=torch.float64)
+        assert (result.kind, result.level, result.n) == (corruption.kind, corruption.level, 500)
+        assert abs(result.mean - errors.mean().item()) < 1e-6
+        assert abs(result.std - errors.std().item()) < 1e-6
+    assert results[1].mean > results[0].mean and results[3].mean > results[2].mean  # more noise, more error
+
+
+def test_two_models_see_byte_identical_corrupted_images():
+    seen = {}
+    for name, model in [
+        ("vae", VAE(MNISTEncoder(8, 4), MNISTDecoder(8, 4), grid_images=0)),
+        ("wae", WAEGAN(MNISTEncoder(8, 8, gaussian=False), MNISTDecoder(8, 8), grid_images=0)),
+    ]:
+        inputs = []
+        original = model.reconstruct
+        model.reconstruct = lambda x, _o=original, _i=inputs: (_i.append(x.clone()), _o(x))[1]
+        sweep_of(model, eval_batch_size=64 if name == "vae" else 100)
+        seen[name] = inputs
+    per_level = lambda xs, n_batches: [torch.cat(xs[k::4]) for k in range(4)]  # noqa: E731
+    vae = [torch.cat(seen["vae"][k::5][:8]) for k in range(1, 5)]  # test_step's own call is index 0
+    wae = [torch.cat(seen["wae"][k::5][:5]) for k in range(1, 5)]
+    del per_level
+    for a, b in zip(vae, wae, strict=True):
+        assert a.numpy().tobytes() == b.numpy().tobytes()
+
+
+def test_sweep_on_two_ddp_processes_equals_one(tmp_path):
+    fit = run_fae("fit", *QUICK, *TINY, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "5",
+                  "--trainer.limit_val_batches", "1", "--run_dir", "runs/m", cwd=tmp_path)  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    ckpt = str(tmp_path / "runs" / "m" / "checkpoints" / "last.ckpt")
+    sweep = ["--sweep.sigmas", str(SIGMAS), "--sweep.nus", str(NUS)]
+    one = run_fae("test", *QUICK, *TINY, *sweep, "--ckpt_path", ckpt, "--run_dir", "runs/one", cwd=tmp_path)
+    two = run_fae("test", *QUICK, *TINY, *sweep, "--ckpt_path", ckpt, "--run_dir", "runs/two",
+                  "--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.init_args.eval_batch_size", "64",
+                  cwd=tmp_path, timeout=400)  # fmt: skip
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    rows_one = json.loads((tmp_path / "runs" / "one" / "robustness.json").read_text())
+    rows_two = json.loads((tmp_path / "runs" / "two" / "robustness.json").read_text())
+    assert [r["n"] for r in rows_two] == [500] * 4  # 500 test digits: the padded duplicates count once
+    for a, b in zip(rows_one, rows_two, strict=True):
+        assert (a["kind"], a["level"]) == (b["kind"], b["level"])
+        assert abs(a["mean"] - b["mean"]) < 1e-6 and abs(a["std"] - b["std"]) < 1e-6
+    assert (tmp_path / "runs" / "one" / "robustness.csv").read_text().startswith("model,dataset,checkpoint,kind")
