@@ -4,6 +4,7 @@
     fae validate --config ... --ckpt_path CKPT
     fae test     --config ... --ckpt_path CKPT
     fae predict  --config ... --ckpt_path CKPT
+    fae report   RUN_DIR... [--out DIR]        (fae.evaluation.report)
 
 Arguments are the `__init__` signatures of the model, the data module and the Trainer (see
 `fae fit --help` and `--print_config`); jsonargparse rejects an unknown key or a wrong type before
@@ -81,7 +82,8 @@ class FaeCLI(LightningCLI):
             trainer_defaults={"inference_mode": False},
             # parse errors raise (main() prints them as one line) instead of printing the whole usage
             parser_kwargs={
-                "description": "fae: Fisher auto-encoders and their baselines.",
+                "description": "fae: Fisher auto-encoders and their baselines. "
+                "Also: `fae report RUN_DIR... [--out DIR]` compares the robustness sweeps of runs.",
                 "exit_on_error": False,
                 **{name: {"exit_on_error": False} for name in self.subcommands()},
             },
@@ -205,6 +207,10 @@ def main(args: list[str] | None = None) -> None:
     inherited = os.environ.get(RUN_DIR_ENV)
     argv = sys.argv[1:] if args is None else args
     try:
+        if argv[:1] == ["report"]:
+            from fae.evaluation.report import main as report_main
+
+            return report_main(argv[1:])
         FaeCLI(args=args)
     except ArgumentError as err:
         subcommand = next((f" {a}" for a in argv if a in FaeCLI.subcommands()), "")

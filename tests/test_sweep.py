@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import lightning as L
+import pytest
 import torch
 
 from fae.data import DigitsDataModule
@@ -83,3 +84,28 @@ def test_sweep_on_two_ddp_processes_equals_one(tmp_path):
         assert (a["kind"], a["level"]) == (b["kind"], b["level"])
         assert abs(a["mean"] - b["mean"]) < 1e-6 and abs(a["std"] - b["std"]) < 1e-6
     assert (tmp_path / "runs" / "one" / "robustness.csv").read_text().startswith("model,dataset,checkpoint,kind")
+
+
+def test_report_makes_figures_and_table_and_rejects_malformed_files(tmp_path):
+    from fae.errors import UserError
+    from fae.evaluation.report import main as report_main
+    from fae.evaluation.sweep import write_results
+
+    vae = VAE(MNISTEncoder(8, 4), MNISTDecoder(8, 4), grid_images=0)
+    wae = WAEGAN(MNISTEncoder(8, 4, gaussian=False), MNISTDecoder(8, 4), grid_images=0)
+    for name, model in [("vae", vae), ("wae", wae)]:
+        write_results(sweep_of(model).results, tmp_path / name / "test-1")
+    report_main([str(tmp_path / "vae"), str(tmp_path / "wae"), "--out", str(tmp_path / "report")])
+    for figure in ("robustness_gaussian.png", "robustness_mask.png"):
+        assert (tmp_path / "report" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (tmp_path / "report" / "robustness.md").read_text().splitlines()
+    assert table[0] == "| noise | level | VAE (vae) | WAEGAN (wae) |" and len(table) == 2 + 4
+    assert "±" in table[2]
+    broken = tmp_path / "broken" / "robustness.json"
+    broken.parent.mkdir()
+    broken.write_text(json.dumps([{"model": "VAE", "kind": "mask", "level": 0.1, "std": 0.0, "n": 3}]))
+    with pytest.raises(UserError, match=r"broken/robustness.json is malformed: row 0 has no valid 'mean' field"):
+        report_main([str(tmp_path / "vae"), str(broken.parent)])
+    broken.write_text("{not json")
+    with pytest.raises(UserError, match="is not valid JSON"):
+        report_main([str(broken)])

@@ -28,6 +28,7 @@ from torchmetrics import Metric
 
 from fae.data.base import Batch
 from fae.data.noise import BinaryMask, Corruption, GaussianNoise
+from fae.evaluation.report import write_report
 from fae.objectives import RECONSTRUCTION_ERRORS
 
 # The authors' code sweeps 10 noise levels from 0.01 to 2; masking from 0.01 to about 0.9.
@@ -135,6 +136,8 @@ class RobustnessSweep(L.Callback):
         ]
         if trainer.is_global_zero:
             write_results(self.results, folder)
+            rows = [asdict(r) for r in self.results]
+            write_report({f"{rows[0]['model']} ({folder.name})": rows}, folder)  # this run's figures
             for logger in trainer.loggers:
                 logger.log_metrics(
                     {f"robustness/{r.kind}/{r.level:g}": r.mean for r in self.results}, step=trainer.global_step
