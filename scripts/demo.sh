@@ -11,10 +11,13 @@ for family in $families; do
     echo "== fae demo: training the $family on the embedded digits ($demo/$family)"
     fae fit --config "configs/quickstart/digits_$family.yaml" --run_dir "$demo/$family" \
         --trainer.enable_progress_bar false
-    echo "== fae demo: testing the $family's last checkpoint on the held-out digits"
+    echo "== fae demo: testing the $family's last checkpoint on the held-out digits (and the robustness sweep)"
     fae test --config "configs/quickstart/digits_$family.yaml" --ckpt_path "$demo/$family/checkpoints/last.ckpt" \
         --trainer.enable_progress_bar false
 done
+
+echo "== fae demo: comparing the three families' robustness"
+fae report $(for family in $families; do echo "$demo/$family"; done) --out "$demo/report"
 
 echo
 echo "fae demo done. Everything is in $demo/, one folder per family:"
@@ -24,6 +27,7 @@ for family in $families; do
     echo "    training metrics   $run/metrics.csv"
     echo "    checkpoints        $run/checkpoints/ (last.ckpt and the best by val/loss)"
     echo "    reconstructions    $run/images/ (true digits on odd rows, reconstructions on even rows)"
-    echo "    test metrics       $(ls -d "$run"/test-*)/metrics.csv"
+    echo "    test metrics       $(ls -d "$run"/test-*)/metrics.csv and robustness.json, .csv, .png"
     echo "    W&B (offline)      $run/wandb/ (upload with: wandb sync $run/wandb/offline-run-*)"
 done
+echo "  comparison:        $demo/report/robustness_gaussian.png, robustness_mask.png, robustness.md"
