@@ -74,8 +74,9 @@ class PerSampleErrors(Metric):
 
 
 class RobustnessSweep(L.Callback):
-    """Corrupts every test batch at every level and scores the reconstructions; writes
-    robustness.json and robustness.csv to the run folder and logs the means to the loggers."""
+    """Corrupts every test batch at every level and scores the reconstructions. `results` holds the
+    rows; with loggers, robustness.json, .csv and a figure per noise kind go to the log folder (the
+    run's test folder under the CLI) and the means to the loggers."""
 
     def __init__(
         self,
@@ -119,7 +120,7 @@ class RobustnessSweep(L.Callback):
         if not self.enabled:
             return
         means, stds, n = self.errors.compute()  # synchronised across devices
-        folder = Path(trainer.log_dir or trainer.default_root_dir)  # every rank calls log_dir (it broadcasts)
+        folder = trainer.log_dir  # every rank calls it: it broadcasts
         self.results = [
             LevelResult(
                 model=type(pl_module).__name__,
@@ -134,7 +135,8 @@ class RobustnessSweep(L.Callback):
             )
             for corruption, mean, std in zip(self.corruptions, means, stds, strict=True)
         ]
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and trainer.loggers:  # a Trainer without loggers writes no files
+            folder = Path(folder)
             write_results(self.results, folder)
             rows = [asdict(r) for r in self.results]
             write_report({f"{rows[0]['model']} ({folder.name})": rows}, folder)  # this run's figures
