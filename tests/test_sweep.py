@@ -22,7 +22,7 @@ SIGMAS, NUS = [0.1, 0.8], [0.3, 0.9]
 
 
 def sweep_of(model, eval_batch_size=64) -> RobustnessSweep:
-    sweep = RobustnessSweep(sigmas=SIGMAS, nus=NUS, seed=3)
+    sweep = RobustnessSweep(sigmas=SIGMAS, nus=NUS, seed=3, grid_images=0)
     L.Trainer(callbacks=[sweep], **QUIET).test(model, datamodule=DigitsDataModule(eval_batch_size=eval_batch_size),
                                                verbose=False)  # fmt: skip
     return sweep
@@ -109,3 +109,26 @@ def test_report_makes_figures_and_table_and_rejects_malformed_files(tmp_path):
     broken.write_text("{not json")
     with pytest.raises(UserError, match="is not valid JSON"):
         report_main([str(broken)])
+
+
+def test_fae_test_writes_sweep_files_grids_and_a_wandb_table_offline(tmp_path):
+    fit = run_fae("fit", *QUICK, *TINY, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+                  "--trainer.limit_val_batches", "1", "--run_dir", "runs/m", cwd=tmp_path)  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    i = TINY.index("--trainer.logger")
+    quick_with_wandb = TINY[:i] + TINY[i + 2 :]  # the config's W&B logger (offline in tests) stays
+    test = run_fae("test", *QUICK, *quick_with_wandb, "--sweep.sigmas", "[0.5]", "--sweep.nus", "[0.5]",
+                   "--ckpt_path", str(tmp_path / "runs/m/checkpoints/last.ckpt"), cwd=tmp_path)  # fmt: skip
+    assert test.returncode == 0, test.stderr[-2000:]
+    (folder,) = (tmp_path / "runs" / "m").glob("test-*")
+    rows = json.loads((folder / "robustness.json").read_text())
+    assert [(r["kind"], r["level"], r["n"]) for r in rows] == [("gaussian", 0.5, 500), ("mask", 0.5, 500)]
+    for name in ("robustness_gaussian.png", "robustness_mask.png", "reconstructions_mask_0.8.png"):
+        assert (folder / name).read_bytes()[:4] == b"\x89PNG"
+    (table,) = folder.glob("wandb/offline-run-*/files/media/table/robustness/table_*.table.json")
+    assert json.loads(table.read_text())["columns"][:5] == ["model", "dataset", "checkpoint", "kind", "level"]
+    report = run_fae("report", str(tmp_path / "runs" / "m"), str(folder), "--out", "cmp", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "cmp" / "reconstructions_mask_0.8.png").is_file()
+    bad = run_fae("report", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("fae: error: no robustness.json in")

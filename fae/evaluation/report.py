@@ -5,6 +5,9 @@ newest `test-*` folder holds it), and writes to --out:
   robustness_gaussian.png   error vs sigma, one curve per run, a band of +- one standard deviation
   robustness_mask.png       error vs nu, likewise (supplement Figs 1 and 3)
   robustness.md             a markdown table of mean +- std per level and run
+  reconstructions_<kind>_<level>.png   the runs' grids of reconstructions from corrupted images (true
+                            images on odd rows, reconstructions on even rows; supplement Figs 2 and 4),
+                            side by side, for every level all runs have a grid of
 No network and no W&B are needed.
 """
 
@@ -96,10 +99,33 @@ def markdown_table(runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(runs: dict[str, list[dict]], out: Path) -> list[Path]:
-    """Figures per noise kind and the markdown table in `out`; returns the files written."""
+def combine_grids(grids: dict[str, Path], file: Path) -> None:
+    """The runs' grid images side by side, titled by run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6), squeeze=False)
+    for ax, (label, path) in zip(axes[0], grids.items(), strict=True):
+        ax.imshow(plt.imread(path), cmap="gray")
+        ax.set_title(label, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(file, dpi=150)
+    plt.close(fig)
+
+
+def write_report(runs: dict[str, list[dict]], out: Path, grids: dict[str, dict[str, Path]] | None = None) -> list[Path]:
+    """Figures per noise kind, the markdown table and, given {run: {grid name: png}}, the combined
+    grids of every name all runs have, in `out`; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    if grids and len(grids) == len(runs):
+        for name in sorted(set.intersection(*(set(g) for g in grids.values()))):
+            file = out / f"{name}.png"
+            combine_grids({label: g[name] for label, g in grids.items()}, file)
+            written.append(file)
     for kind in sorted({r["kind"] for rows in runs.values() for r in rows}):
         file = out / f"robustness_{kind}.png"
         plot_kind(runs, kind, file)
@@ -116,11 +142,13 @@ def report(run_dirs: list[Path], out: Path = Path("reports/latest")) -> None:
         run_dirs: run folders (or test folders, or robustness.json files) to compare.
         out: where the figures and the table are written.
     """
-    runs = {}
+    runs, grids = {}, {}
     for path in map(Path, run_dirs):
         rows = load_results(path)
-        runs[run_label(path, rows)] = rows
-    for file in write_report(runs, Path(out)):
+        label = run_label(path, rows)
+        runs[label] = rows
+        grids[label] = {p.stem: p for p in find_results(path).parent.glob("reconstructions_*.png")}
+    for file in write_report(runs, Path(out), grids):
         print(f"fae report: wrote {file}")
 
 

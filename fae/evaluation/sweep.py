@@ -23,12 +23,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 from torchmetrics import Metric
+from torchvision.utils import make_grid, save_image
 
 from fae.data.base import Batch
 from fae.data.noise import BinaryMask, Corruption, GaussianNoise
 from fae.evaluation.report import write_report
+from fae.models.base import interleave_rows
 from fae.objectives import RECONSTRUCTION_ERRORS
 
 # The authors' code sweeps 10 noise levels from 0.01 to 2; masking from 0.01 to about 0.9.
@@ -83,6 +86,9 @@ class RobustnessSweep(L.Callback):
         sigmas: list[float] | None = None,
         nus: list[float] | None = None,
         seed: int = 0,
+        grid_sigmas: list[float] | None = None,
+        grid_nus: list[float] | None = None,
+        grid_images: int = 32,
         enabled: bool = True,
     ) -> None:
         """
@@ -90,6 +96,10 @@ class RobustnessSweep(L.Callback):
             sigmas: Gaussian noise levels (default: 10 values from 0.01 to 2, as the authors' code).
             nus: masking probabilities (default: 0.01, 0.1, ..., 0.9).
             seed: the noise seed; the same for every model so that all see the same images.
+            grid_sigmas: noise levels at which to save a grid of reconstructions (default: none).
+            grid_nus: masking levels at which to save a grid (default: 0.8, the paper's Figs 2 and 4).
+            grid_images: test images in each grid (true images on odd rows, reconstructions of their
+                corrupted versions on even rows, 8 per row).
             enabled: run the sweep under `fae test`.
         """
         self.sigmas = list(DEFAULT_SIGMAS if sigmas is None else sigmas)
@@ -99,7 +109,12 @@ class RobustnessSweep(L.Callback):
         self.corruptions: list[Corruption] = [GaussianNoise(s, seed) for s in self.sigmas] + [
             BinaryMask(nu, seed) for nu in self.nus
         ]
+        self.grid_corruptions: list[Corruption] = [GaussianNoise(s, seed) for s in grid_sigmas or []] + [
+            BinaryMask(nu, seed) for nu in ([0.8] if grid_nus is None else grid_nus)
+        ]
+        self.grid_images = grid_images
         self.results: list[LevelResult] = []
+        self.grids: dict[str, Tensor] = {}
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:
@@ -115,6 +130,13 @@ class RobustnessSweep(L.Callback):
         for level, corruption in enumerate(self.corruptions):
             recon = pl_module.reconstruct(corruption(batch.target, batch.index))  # (B, C, H, W)
             self.errors.update(level, batch.index, error_fn(recon, batch.target))
+        if batch_idx == 0 and trainer.is_global_zero and self.grid_images > 0:
+            clean, index = batch.target[: self.grid_images], batch.index[: self.grid_images]
+            for corruption in self.grid_corruptions:
+                recon = pl_module.reconstruct(corruption(clean, index))
+                rows = interleave_rows(clean, recon, per_row=min(8, len(clean)))
+                grid = make_grid(pl_module.to_unit_range(rows), nrow=min(8, len(clean)), padding=1)
+                self.grids[f"reconstructions_{corruption.kind}_{corruption.level:g}"] = grid.cpu()
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:
@@ -140,11 +162,34 @@ class RobustnessSweep(L.Callback):
             write_results(self.results, folder)
             rows = [asdict(r) for r in self.results]
             write_report({f"{rows[0]['model']} ({folder.name})": rows}, folder)  # this run's figures
-            for logger in trainer.loggers:
-                logger.log_metrics(
-                    {f"robustness/{r.kind}/{r.level:g}": r.mean for r in self.results}, step=trainer.global_step
-                )
+            for name, grid in self.grids.items():
+                save_image(grid, folder / f"{name}.png")
+            log_to_loggers(trainer, self.results, self.grids, folder)
         self.errors.reset()
+
+
+def log_to_loggers(trainer: L.Trainer, results: list[LevelResult], grids: dict[str, Tensor], folder: Path) -> None:
+    """Means as metrics for every logger; for W&B also the rows as a table, a line plot per noise kind
+    (error against level) and the reconstruction grids and figures as images."""
+    for logger in trainer.loggers:
+        logger.log_metrics({f"robustness/{r.kind}/{r.level:g}": r.mean for r in results}, step=trainer.global_step)
+        if not isinstance(logger, WandbLogger):
+            continue
+        import wandb
+
+        columns = list(asdict(results[0]))
+        table = wandb.Table(columns=columns, data=[[getattr(r, c) for c in columns] for r in results])
+        plots = {
+            f"robustness/plot_{kind}": wandb.plot.line(
+                wandb.Table(columns=["level", "mean"], data=[[r.level, r.mean] for r in results if r.kind == kind]),
+                "level",
+                "mean",
+                title=f"reconstruction error vs {kind} level",
+            )
+            for kind in sorted({r.kind for r in results})
+        }
+        images = {f"robustness/{name}": wandb.Image(str(folder / f"{name}.png")) for name in grids}
+        logger.experiment.log({"robustness/table": table, **plots, **images})
 
 
 def write_results(results: list[LevelResult], folder: Path) -> None:
