@@ -31,6 +31,19 @@ def test_mmd_imq_matches_a_slow_reference():
     torch.testing.assert_close(mmd_imq(x, y, c), xx + yy - 2 * xy)
 
 
+def test_encoder_decoder_loss_weighs_cost_and_penalty_as_documented():
+    torch.manual_seed(0)
+    model = small_wae(penalty_weight=3.0, cost_scale=0.05).eval()
+    x = torch.rand(5, 1, 28, 28)
+    terms = model.model_step(x)
+    codes = model.encoder(x)
+    cost = ((x - torch.sigmoid(model.decoder(codes))) ** 2).flatten(1).sum(1)  # c(x, G(Q(x))) = ||x - y||^2
+    adversarial = -torch.log(torch.sigmoid(model.discriminator(codes)))  # -log D(Q(x))
+    torch.testing.assert_close(terms["reconstruction"], cost)
+    torch.testing.assert_close(terms["adversarial"], adversarial)
+    torch.testing.assert_close(terms["loss"], 0.05 * cost + 3.0 * adversarial)
+
+
 class RecordSteps(L.Callback):
     """Wraps each optimizer's step to record which parameters it changed."""
 

@@ -5,9 +5,11 @@ latent discriminator D(z) = FC(d_z, 256)-ReLU-FC(256, 1)-Sigmoid (supplement Tab
 batch takes two optimizer steps, by hand (manual optimisation, two optimizers):
 
     discriminator:        maximise  lambda/B sum_i [ log D(z_i) + log(1 - D(Q(x_i))) ],  z_i ~ P_z
-    encoder and decoder:  minimise  1/B sum_i [ c(x_i, G(Q(x_i))) - lambda log D(Q(x_i)) ]
+    encoder and decoder:  minimise  1/B sum_i [ gamma c(x_i, G(Q(x_i))) - lambda log D(Q(x_i)) ]
 
-with the WAE paper's cost c(x, y) = ||x - y||^2 (summed over pixels; G's output is its mean image).
+with the WAE paper's cost c(x, y) = ||x - y||^2 (summed over pixels; G's output is its mean image) and
+gamma = `cost_scale`, 1 by default (c as the WAE paper writes it). The WAE authors' code scales c by
+0.05, which makes their lambda 20x stronger relative to the cost; `cost_scale: 0.05` reproduces that.
 Schedulers are stepped by hand once per epoch; gradients are clipped by hand (Lightning's
 `gradient_clip_val` does not apply under manual optimisation: set this module's instead).
 Validation adds the discriminator's loss, its mean outputs on prior and encoded codes, and an
@@ -56,6 +58,7 @@ class WAEGAN(AutoEncoder):
         encoder: nn.Module,
         decoder: nn.Module,
         penalty_weight: float = 10.0,
+        cost_scale: float = 1.0,
         prior_std: float = 1.0,
         discriminator_hidden: int = 256,
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -71,6 +74,7 @@ class WAEGAN(AutoEncoder):
             encoder: a deterministic encoder net (one head: the code).
             decoder: the decoder net; its mean image G(z) is scored by c(x, y) = ||x - y||^2.
             penalty_weight: lambda (the WAE paper: 10 on MNIST, 1 on CelebA).
+            cost_scale: gamma, the weight of the cost c(x, y) = ||x - y||^2 (1; 0.05 in the WAE authors' code).
             prior_std: sigma_z of the prior N(0, sigma_z^2 I).
             discriminator_hidden: width of the discriminator's hidden layer (256 in the paper).
             optimizer: for the encoder and decoder.
@@ -86,6 +90,7 @@ class WAEGAN(AutoEncoder):
         self.build_likelihood("gaussian", 1.0, False)  # only its mean map: G(z) = activation(decoder(z))
         self.discriminator = LatentDiscriminator(self.latent_dim, discriminator_hidden)
         self.penalty_weight = penalty_weight
+        self.cost_scale = cost_scale
         self.prior_std = prior_std
         self.discriminator_optimizer = discriminator_optimizer
         self.discriminator_lr_scheduler = discriminator_lr_scheduler
@@ -110,12 +115,12 @@ class WAEGAN(AutoEncoder):
         return [*self.encoder.parameters(), *self.decoder.parameters()]
 
     def model_step(self, x: Tensor) -> dict[str, Tensor]:
-        """The encoder/decoder objective: c(x, G(Q(x))) - lambda log D(Q(x)), per sample."""
+        """The encoder/decoder objective: gamma c(x, G(Q(x))) - lambda log D(Q(x)), per sample."""
         codes = self.encode(x)  # (B, d_z)
         reconstruction = per_sample_sum((x - self.decode(codes)).pow(2))
         adversarial = -nn.functional.logsigmoid(self.discriminator(codes))  # -log D(Q(x))
         return {
-            "loss": reconstruction + self.penalty_weight * adversarial,
+            "loss": self.cost_scale * reconstruction + self.penalty_weight * adversarial,
             "reconstruction": reconstruction,
             "adversarial": adversarial,
         }
