@@ -1,4 +1,5 @@
-"""The MNIST nets: every layer's output shape against supplement Table 1, at the paper's width and a narrow one."""
+"""The paper's nets: every layer's output shape against supplement Tables 1 (MNIST) and 3 (CelebA), at the
+paper's width and a narrow one."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from fae.nets import MNISTDecoder, MNISTEncoder
+from fae.errors import UserError
+from fae.nets import CelebADecoder, CelebAEncoder, MNISTDecoder, MNISTEncoder
 
 # (channels as a multiple of the width w, spatial size) after each conv of Table 1
 ENCODER_TABLE = [(1, 15), (2, 9), (4, 6), (8, 3)]
@@ -62,3 +64,38 @@ def test_paper_width_layer_sizes_match_the_table():
     ]
     bn = [m.num_features for m in MNISTEncoder(8, 64).modules() if isinstance(m, nn.BatchNorm2d)]
     assert bn == [128, 256, 512]  # BN on all but the first and last layers
+
+
+# CelebA, supplement Table 3 (channels as multiples of w, spatial size), with the docstring's two resolutions
+CELEBA_ENCODER_TABLE = [(1, 64), (2, 32), (4, 16), (8, 8)]  # each conv's output; AvgPool(2) after the first three
+CELEBA_DECODER_TABLE = [(8, 4), (4, 8), (2, 16), (1, 32), (1, 64)]  # first upsampling 1 -> 4, then doublings
+
+
+@pytest.mark.parametrize("width", [64, 4])
+def test_celeba_encoder_layer_shapes(width):
+    x = torch.zeros(2, 3, 64, 64)
+    expected = [(k * width, s, s) for k, s in CELEBA_ENCODER_TABLE]
+    for gaussian, heads in ((True, 2), (False, 1)):
+        encoder = CelebAEncoder(64, width, gaussian=gaussian)
+        assert conv_outputs(encoder, x, nn.Conv2d) == expected
+        (fc,) = [m for m in encoder.modules() if isinstance(m, nn.Linear)]
+        assert (fc.in_features, fc.out_features) == (8 * width * 8 * 8, heads * 64)  # 32768 at w = 64, not 8192
+        assert encoder(x).shape == (2, heads * 64)
+    bn = [m.num_features for m in CelebAEncoder(64, width).modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bn == [2 * width, 4 * width, 8 * width]  # no BN on the first conv
+
+
+@pytest.mark.parametrize("width", [64, 4])
+def test_celeba_decoder_layer_shapes(width):
+    decoder = CelebADecoder(64, width)
+    shapes = conv_outputs(decoder, torch.zeros(2, 64), nn.Conv2d)
+    assert shapes == [*[(k * width, s, s) for k, s in CELEBA_DECODER_TABLE], (3, 64, 64)]
+    assert all(m.kernel_size == (5, 5) and m.padding == (2, 2) for m in decoder.modules() if isinstance(m, nn.Conv2d))
+    assert decoder.output_activation == "tanh"
+
+
+def test_celeba_nets_follow_image_size_and_reject_sizes_they_cannot_make():
+    assert CelebADecoder(16, 4, image_size=32)(torch.zeros(2, 16)).shape == (2, 3, 32, 32)
+    assert CelebAEncoder(16, 4, image_size=32)(torch.zeros(2, 3, 32, 32)).shape == (2, 32)
+    with pytest.raises(UserError, match="multiple of 16"):
+        CelebADecoder(64, 4, image_size=40)
