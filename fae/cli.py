@@ -40,7 +40,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_info
 
 from fae.data.base import InMemoryImageDataModule
-from fae.errors import UserError
+from fae.errors import UserError, user_message
 from fae.evaluation import RobustnessSweep
 from fae.models.base import AutoEncoder
 
@@ -217,7 +217,7 @@ def main(args: list[str] | None = None) -> None:
         print(f"fae: error: {summarize_parse_error(str(err))} (see `fae{subcommand} --help`)", file=sys.stderr)
         sys.exit(2)
     except UserError as err:
-        print(f"fae: error: {err}", file=sys.stderr)
+        print(f"fae: error: {user_message(err)}", file=sys.stderr)
         sys.exit(2)
     finally:  # a later invocation in this process must not reuse this run's folder
         if inherited is None:

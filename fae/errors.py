@@ -10,3 +10,17 @@ from __future__ import annotations
 
 class UserError(Exception):
     """A mistake the user can fix; its message is shown alone, as one line."""
+
+
+def short_reason(err: BaseException) -> str:
+    """The last line of an exception's message (or its type's name): the cause to quote in a UserError."""
+    text = str(err).strip()
+    return text.splitlines()[-1] if text else type(err).__name__
+
+
+def user_message(err: UserError) -> str:
+    """The message of `err`. A UserError raised in a DataLoader worker process reaches the main process
+    re-raised with the worker's traceback as its message; its own message is that traceback's last line."""
+    if "Original Traceback" in str(err):
+        return short_reason(err).split(f"{UserError.__name__}: ", 1)[-1]
+    return str(err).strip()

@@ -1,6 +1,7 @@
-"""Data modules (MNIST, embedded digits) and test-time corruptions."""
+"""Data modules (MNIST, embedded digits, CelebA) and test-time corruptions."""
 
 from fae.data.base import Batch, InMemoryImageDataModule
+from fae.data.celeba import CelebADataModule
 from fae.data.digits import DigitsDataModule
 from fae.data.mnist import MNISTDataModule
 from fae.data.noise import BinaryMask, Corruption, GaussianNoise
@@ -8,6 +9,7 @@ from fae.data.noise import BinaryMask, Corruption, GaussianNoise
 __all__ = [
     "Batch",
     "BinaryMask",
+    "CelebADataModule",
     "Corruption",
     "DigitsDataModule",
     "GaussianNoise",

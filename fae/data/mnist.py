@@ -16,7 +16,7 @@ from torchvision.datasets import MNIST
 
 from fae.data.base import InMemoryImageDataModule
 from fae.data.noise import Corruption
-from fae.errors import UserError
+from fae.errors import UserError, short_reason
 
 RAW_FILES = (
     "train-images-idx3-ubyte",
@@ -80,9 +80,8 @@ class MNISTDataModule(InMemoryImageDataModule):
                 MNIST(tmp, train=True, download=True)
                 MNIST(tmp, train=False, download=True)
             except Exception as err:  # torchvision raises RuntimeError or URLError per mirror
-                reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
                 raise UserError(
-                    f"MNIST download failed ({reason}); nothing was written to {self.data_dir}. "
+                    f"MNIST download failed ({short_reason(err)}); nothing was written to {self.data_dir}. "
                     f"Put the four IDX files ({', '.join(RAW_FILES)}) in {self.raw_dir} and run "
                     "again with --data.download false."
                 ) from err

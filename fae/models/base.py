@@ -133,6 +133,18 @@ class AutoEncoder(L.LightningModule):
         self.likelihood = make_likelihood(likelihood, activation, decoder_scale, learn_decoder_scale)
 
     # --- Lightning hooks -----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Before the first batch: the data module's images must be what the encoder takes."""
+        datamodule = self.trainer.datamodule
+        expected = getattr(self.encoder, "image_shape", None)
+        found = getattr(datamodule, "image_shape", None) if datamodule is not None else None
+        if expected is not None and found is not None and tuple(found) != tuple(expected):
+            raise UserError(
+                f"the data's images are {tuple(found)} but the encoder takes {tuple(expected)}: use the nets of "
+                "this data set (fae.nets.MNISTEncoder/MNISTDecoder, fae.nets.CelebAEncoder/CelebADecoder with the "
+                "data module's image_size)"
+            )
+
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         terms = self.model_step(batch.x)
         means = {f"train/{name}": value.mean() for name, value in terms.items()}

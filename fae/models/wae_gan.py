@@ -97,6 +97,7 @@ class WAEGAN(AutoEncoder):
         self.gradient_clip_val = gradient_clip_val
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         strategy = self.trainer.strategy
         if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
             # each of the two backward passes leaves the other optimizer's parameters without gradients
