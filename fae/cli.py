@@ -49,6 +49,8 @@ RUN_DIR_ENV = "FAE_RUN_DIR"
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: not str(record.msg).startswith("💡 Tip")
 )
+# ... and trips a deprecated torch pytree call at every run, which is nothing a user can act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 CHECKPOINT_ALIASES = {"last", "best", "hpc", "registry"}
 
 
