@@ -6,15 +6,15 @@ DATA_DIR (or DATA_DIR/celeba, torchvision's layout) holds the official release:
                                       (162,770 / 19,867 / 19,962)
 torchvision.datasets.CelebA is not used: it insists on md5 sums of annotation files fae does not need.
 
-Preprocessing, as the WAE paper's CelebA pipeline ("closecrop", which the Fisher AE paper's CelebA
-experiments follow): centre crop `crop` x `crop` (140), resize to `image_size` (64) with antialiasing,
+Preprocessing, the WAE paper's CelebA pipeline ("closecrop"; the Fisher AE paper does not state its
+own): centre crop `crop` x `crop` (140), resize to `image_size` (64) with antialiasing,
 then x = u / 127.5 - 1 for the uint8 pixel u, the [-1, 1] range of the decoder's Tanh. Test-time
 corruptions act on that scale: Gaussian noise adds sigma N(0, 1) to values in [-1, 1], and a masked
 pixel is set to 0, mid-grey.
 
 Decoding costs about 26 ms per batch of 64 in one process, 20-30x a batch of a memory-mapped uint8
-array (benchmarks/celeba_loading.py): as long as a GPU training step of these nets, so decoding every
-epoch would leave a GPU waiting. Each split is therefore decoded ONCE into a uint8 array (N, 3, S, S),
+array (benchmarks/celeba_loading.py): the order of a GPU training step of these nets (tens of ms; no
+GPU here to measure it), so decoding every epoch would leave a GPU waiting. Each split is therefore decoded ONCE into a uint8 array (N, 3, S, S),
 saved as .npy in `cache_dir` (2.5 GB for all of CelebA at 64x64; about two minutes on 2 cores), which
 every later epoch and run memory-maps. The conversion runs in `prepare_data`, on one process per node
 (nodes sharing a filesystem each build the same file: wasted work, not a race), with `decode_workers`
