@@ -14,13 +14,14 @@ pixel is set to 0, mid-grey.
 
 Decoding costs about 26 ms per batch of 64 in one process, 20-30x a batch of a memory-mapped uint8
 array (benchmarks/celeba_loading.py): the order of a GPU training step of these nets (tens of ms; no
-GPU here to measure it), so decoding every epoch would leave a GPU waiting. Each split is therefore decoded ONCE into a uint8 array (N, 3, S, S),
-saved as .npy in `cache_dir` (2.5 GB for all of CelebA at 64x64; about two minutes on 2 cores), which
-every later epoch and run memory-maps. The conversion runs in `prepare_data`, on one process per node
-(nodes sharing a filesystem each build the same file: wasted work, not a race), with `decode_workers`
-decoding processes; it writes a temporary file (`*.partial-*`) that is renamed only when complete. The
-file's name carries a fingerprint of the images folder, the partition file and the preprocessing, so
-changing any of them builds a new array instead of reading a stale one.
+GPU here to measure it), so decoding every epoch would leave a GPU waiting. Each split is therefore
+decoded ONCE into a uint8 array (N, 3, S, S), saved as .npy in `cache_dir` (2.5 GB for all of CelebA
+at 64x64; about two minutes on 2 cores), which every later epoch and run memory-maps. The conversion
+runs in `prepare_data`, on one process per node (nodes sharing a filesystem each build the same file:
+wasted work, not a race), with `decode_workers` decoding processes; it writes a temporary file
+(`*.partial-*`) that is renamed only when complete. The file's name carries a fingerprint of the
+images folder, the partition file and the preprocessing, so changing any of them builds a new array
+instead of reading a stale one.
 Sample indices (the key of the test-time noise) are positions in the partition file's order.
 """
 
