@@ -12,7 +12,7 @@ then x = u / 127.5 - 1 for the uint8 pixel u, the [-1, 1] range of the decoder's
 corruptions act on that scale: Gaussian noise adds sigma N(0, 1) to values in [-1, 1], and a masked
 pixel is set to 0, mid-grey.
 
-Decoding costs about 26 ms per batch of 64 in one process, 20-30x a batch of a memory-mapped uint8
+Decoding costs 20-35 ms per batch of 64 in one process, 50-140x a batch of a memory-mapped uint8
 array (benchmarks/celeba_loading.py): the order of a GPU training step of these nets (tens of ms; no
 GPU here to measure it), so decoding every epoch would leave a GPU waiting. Each split is therefore
 decoded ONCE into a uint8 array (N, 3, S, S), saved as .npy in `cache_dir` (2.5 GB for all of CelebA
