@@ -142,12 +142,16 @@ def fisher_terms(
     prior_score: Tensor,
     stability: str = "fixed_z",
     create_graph: bool = True,
+    likelihood_score_constant: bool = False,
 ) -> dict[str, Tensor]:
     """Theorem 1's per-sample loss for a Gaussian encoder and a Gaussian decoder N(mu_theta(z), s^2 I).
 
     x (B, ...) requires grad; mu, log_sigma (B, d_z) are the encoder's outputs on x; z = mu + sigma eps;
     decoder_mean = mu_theta(z); prior_score = grad_z log p_eta(z). `stability` picks grad_x log q at
     fixed z ("fixed_z", Theorem 1) or the total derivative ("total", the authors' snapshot).
+    `likelihood_score_constant` computes grad_z log p_theta(x|z) without a graph, so that it enters the
+    posterior term as a constant (the authors' code: no create_graph): that term's gradient then reaches
+    neither the decoder nor, through this score's dependence on z, the encoder; the values are unchanged.
     Returns {"loss", "decoder_score", "stability", "posterior_fisher"}, each (B,).
     """
     if stability == "fixed_z":
@@ -158,7 +162,8 @@ def fisher_terms(
         raise ValueError(f"stability must be 'fixed_z' or 'total', got {stability!r}")
     decoder_score = gaussian_hyvarinen_score(x, decoder_mean, log_scale)
     stab = stability_term(grad_x_log_q)
-    grad_z_log_lik = grad_z_log_decoder(gaussian_nll(decoder_mean, x, log_scale), z, create_graph)
+    nll = gaussian_nll(decoder_mean, x, log_scale)
+    grad_z_log_lik = grad_z_log_decoder(nll, z, create_graph and not likelihood_score_constant)
     posterior = posterior_fisher_divergence(grad_z_log_encoder(eps, log_sigma), grad_z_log_lik, prior_score)
     return {
         "loss": decoder_score + stab + posterior,

@@ -98,14 +98,13 @@ def test_schedulers_and_gradient_clipping_work_under_manual_optimisation():
 
 @pytest.mark.parametrize("family", ["wae_gan", "vae"])
 def test_resuming_mid_epoch_ends_with_the_same_weights(tmp_path, family):
-    steps_per_batch = 2 if family == "wae_gan" else 1
     batches = 63 + 20  # one epoch of 4000 digits in batches of 64, and 20 batches of the next
-    ckpt_every = steps_per_batch * (63 + 10)  # a checkpoint in the middle of the second epoch
+    ckpt_every = 63 + 10  # a checkpoint in the middle of the second epoch (steps count batches)
 
     def run(ckpt_path=None, callbacks=()):
         L.seed_everything(0)
         model = small_wae() if family == "wae_gan" else VAE(MNISTEncoder(8, 4), MNISTDecoder(8, 4), grid_images=0)
-        trainer = L.Trainer(max_steps=steps_per_batch * batches, limit_val_batches=0, callbacks=list(callbacks),
+        trainer = L.Trainer(max_steps=batches, limit_val_batches=0, callbacks=list(callbacks),
                             **{**QUIET, "enable_checkpointing": bool(callbacks)})  # fmt: skip
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=ckpt_path)
         return model
@@ -128,7 +127,7 @@ def test_training_on_real_digits_lowers_reconstruction_error_and_moves_codes_to_
                    discriminator_optimizer=lambda p: torch.optim.Adam(p, lr=5e-4, betas=(0.5, 0.999)))  # fmt: skip
     dm = DigitsDataModule(batch_size=64)
     before = L.Trainer(**QUIET).validate(model, datamodule=dm, verbose=False)[0]
-    L.Trainer(max_steps=2 * 200, limit_val_batches=0, **QUIET).fit(model, datamodule=dm)
+    L.Trainer(max_steps=200, limit_val_batches=0, **QUIET).fit(model, datamodule=dm)
     after = L.Trainer(**QUIET).validate(model, datamodule=dm, verbose=False)[0]
     assert after["val/recon_bce"] < 0.6 * before["val/recon_bce"]
     # MMD between encoded codes and prior samples: the untrained encoder's codes sit near 0 with a

@@ -3,7 +3,8 @@
 A family subclasses `AutoEncoder` (or `GaussianAutoEncoder`, for a Gaussian encoder) and provides
 `encode(x)` (the code used to reconstruct: the encoder mean for a Gaussian encoder) and
 `model_step(x)`, returning the objective's per-sample terms {name: (B,)} on the input x, the
-objective under "loss". Everything else is here, once:
+objective under "loss", and the diagnostics of `diagnostics(...)` (per sample, and the encoder's
+codes under "codes"). Everything else is here, once:
 
   - `decode(z)` = mu_theta(z), the decoder net's output through its activation;
   - `reconstruct(x)` = decode(encode(x)): what the robustness sweep scores against the clean image;
@@ -14,7 +15,15 @@ objective under "loss". Everything else is here, once:
         D(q(z|x) || p(z|x)) = 1/2 || grad_z log q(z|x) - grad_z log p(x|z) - grad_z log p(z) ||^2
     at one z ~ q(z|x), the paper's measure of how far the encoder is from the true posterior,
     logged for every family that has one (it needs gradients: the CLI runs evaluation with
-    `inference_mode=False`; pass that to a Trainer of your own).
+    `inference_mode=False`; pass that to a Trainer of your own);
+  - diagnostics that make a degenerate model visible (a decoder that ignores z draws the mean image,
+    an encoder that ignores x has no active unit), under train/, val/ and test/:
+      recon_mse       per-pixel MSE of the reconstruction against the clean image (in training, of
+                      the decoder mean at the objective's code);
+      encoder_sigma   mean over samples and dimensions of the encoder's sigma_j(x) (Gaussian encoders);
+      active_units    A_u = #{j : Var_x(E_q[z_j | x]) > 0.01} (Burda et al. 2016): over the batch in
+                      training, over the whole split in evaluation;
+      decoder_scale   s of a Gaussian decoder N(mu_theta(z), s^2 I), when the model has one.
 """
 
 from __future__ import annotations
@@ -28,12 +37,12 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 from torchvision.utils import make_grid
 
 from fae.data.base import Batch
 from fae.errors import UserError
-from fae.likelihoods import make_likelihood
+from fae.likelihoods import Gaussian, make_likelihood
 from fae.objectives import (
     RECONSTRUCTION_ERRORS,
     grad_z_log_decoder,
@@ -42,6 +51,43 @@ from fae.objectives import (
 )
 from fae.priors import make_prior
 from fae.tracking import log_image_grid
+
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): a latent dimension is active if Var_x(E_q[z_j|x]) > 0.01
+
+
+def active_units(codes: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> Tensor:
+    """#{j : Var_i(codes_ij) > threshold}: latent dimensions whose code varies across the batch (B, d_z)."""
+    return (codes.double().var(0, unbiased=True) > threshold).sum().float()
+
+
+def per_pixel_mse(recon: Tensor, target: Tensor) -> Tensor:
+    """(B,): mean over pixels of (recon - target)^2."""
+    return (recon - target).pow(2).flatten(1).mean(1)
+
+
+class ActiveUnits(Metric):
+    """A_u over a whole split: the per-dimension variance of the codes from running sums (float64),
+    summed across devices, then counted above the threshold."""
+
+    full_state_update = False
+
+    def __init__(self, latent_dim: int, threshold: float = ACTIVE_UNIT_THRESHOLD) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.add_state("total", torch.zeros(latent_dim, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("squares", torch.zeros(latent_dim, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, codes: Tensor) -> None:
+        codes = codes.detach().double()  # (B, d_z)
+        self.total += codes.sum(0)
+        self.squares += codes.pow(2).sum(0)
+        self.count += len(codes)
+
+    def compute(self) -> Tensor:
+        mean = self.total / self.count
+        variance = (self.squares / self.count - mean.pow(2)) * self.count / (self.count - 1).clamp(min=1)
+        return (variance > self.threshold).sum().float()
 
 
 def interleave_rows(top: Tensor, bottom: Tensor, per_row: int) -> Tensor:
@@ -58,6 +104,7 @@ class AutoEncoder(L.LightningModule):
 
     terms: ClassVar[tuple[str, ...]] = ("loss",)
     eval_metrics_extra: ClassVar[tuple[str, ...]] = ()
+    diagnostic_terms: ClassVar[tuple[str, ...]] = ("recon_mse",)  # per-sample diagnostics from model_step
 
     def __init__(
         self,
@@ -92,10 +139,11 @@ class AutoEncoder(L.LightningModule):
         self.lr_scheduler = lr_scheduler
         self.recon_metric = recon_metric
         self.grid_images = grid_images
-        names = dict.fromkeys((*self.terms, *self.eval_metrics_extra, f"recon_{recon_metric}"))
+        names = dict.fromkeys((*self.terms, *self.eval_metrics_extra, *self.diagnostic_terms, f"recon_{recon_metric}"))
         self.eval_metrics = nn.ModuleDict(
             {stage: nn.ModuleDict({name: MeanMetric() for name in names}) for stage in ("val", "test")}
         )
+        self.eval_active_units = nn.ModuleDict({stage: ActiveUnits(self.latent_dim) for stage in ("val", "test")})
 
     def save_config(self) -> None:
         """save_hyperparameters() for the calling family's __init__. Under the CLI that is the config
@@ -121,8 +169,22 @@ class AutoEncoder(L.LightningModule):
         return self.decode(self.encode(x))
 
     def model_step(self, x: Tensor) -> dict[str, Tensor]:
-        """The family's objective on x: per-sample terms {name: (B,)}, the loss under "loss"."""
+        """The family's objective on x: per-sample terms {name: (B,)}, the loss under "loss", with
+        `diagnostics(...)` merged in."""
         raise NotImplementedError
+
+    def diagnostics(self, x: Tensor, recon: Tensor, codes: Tensor, sigma: Tensor | None = None) -> dict[str, Tensor]:
+        """What model_step adds to its terms, from what it computed anyway: recon_mse (B,) of `recon`
+        (B, C, H, W), encoder_sigma (B,) from `sigma` (B, d_z) when the encoder is Gaussian, and the
+        detached codes (B, d_z) under "codes" (for active_units)."""
+        out = {"recon_mse": per_pixel_mse(recon.detach(), x.detach()), "codes": codes.detach()}
+        if sigma is not None:
+            out["encoder_sigma"] = sigma.detach().mean(1)
+        return out
+
+    def decoder_scale(self) -> Tensor | None:
+        """s of a Gaussian decoder N(mu_theta(z), s^2 I), or None when the model has no such scale."""
+        return self.likelihood.log_scale.detach().exp() if isinstance(self.likelihood, Gaussian) else None
 
     def evaluation_terms(self, x: Tensor) -> dict[str, Tensor]:
         """What evaluation averages besides the reconstruction error: the objective's terms by default."""
@@ -147,10 +209,19 @@ class AutoEncoder(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         terms = self.model_step(batch.x)
+        self.log_training_terms(terms)
+        return terms["loss"].mean()
+
+    def log_training_terms(self, terms: dict[str, Tensor]) -> None:
+        """train/<term> batch means, train/active_units over the batch, train/decoder_scale."""
+        codes = terms.pop("codes")
         means = {f"train/{name}": value.mean() for name, value in terms.items()}
+        means["train/active_units"] = active_units(codes)
+        scale = self.decoder_scale()
+        if scale is not None:
+            means["train/decoder_scale"] = scale
         self.log_dict(means, prog_bar=False, on_step=True, on_epoch=False)
         self.log("loss", means["train/loss"], prog_bar=True, logger=False)
-        return means["train/loss"]
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self.evaluation_step(batch, batch_idx, "val")
@@ -161,13 +232,19 @@ class AutoEncoder(L.LightningModule):
     def evaluation_step(self, batch: Batch, batch_idx: int, stage: str) -> None:
         """The objective's terms and the reconstruction error of `batch.x` against `batch.target`."""
         terms = self.evaluation_terms(batch.x)
+        self.eval_active_units[stage].update(terms.pop("codes"))
         recon = self.reconstruct(batch.x)
+        terms["recon_mse"] = per_pixel_mse(recon, batch.target)  # of the paper's reconstruction, not a sample's
         terms[f"recon_{self.recon_metric}"] = RECONSTRUCTION_ERRORS[self.recon_metric](recon, batch.target)
         metrics = self.eval_metrics[stage]
         for name, value in terms.items():
             metrics[name].update(value)
         for name, metric in metrics.items():
             self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "loss")
+        self.log(f"{stage}/active_units", self.eval_active_units[stage], on_step=False, on_epoch=True)
+        scale = self.decoder_scale()
+        if scale is not None:
+            self.log(f"{stage}/decoder_scale", scale, on_step=False, on_epoch=True)
         first = batch_idx == 0 and self.grid_images > 0 and self.trainer.is_global_zero
         if first and not self.trainer.sanity_checking:
             self.log_reconstruction_grid(batch.target[: self.grid_images], recon[: self.grid_images], stage)
@@ -218,6 +295,7 @@ class GaussianAutoEncoder(AutoEncoder):
     """
 
     eval_metrics_extra = ("posterior_fisher",)
+    diagnostic_terms = ("recon_mse", "encoder_sigma")
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: str, prior_degree: int, **kwargs) -> None:
         super().__init__(encoder, decoder, **kwargs)

@@ -10,15 +10,22 @@ one z sample per data point, each term with weight 1, batch loss the mean over t
                                                                          posterior_fisher
     s(x; N(mu, s^2 I)) = ||x - mu||^2 / (2 s^4) - d / s^2
 
-The pieces are fae.objectives.fisher_terms. Two choices, each a named option:
+The pieces are fae.objectives.fisher_terms. Three choices, each a named option:
 
 - `stability`: grad_x log q_phi(z|x) at fixed z (Theorem 1, the default) or "total", the total
   derivative with z = mu(x) + sigma(x) eps still a function of x (the authors' public snapshot).
-- `batchnorm`: "running" (default) evaluates the objective with BatchNorm normalising by running
-  statistics, which the batch statistics then update (fae.nets.batchnorm.running_batchnorm), so
-  every derivative and every term is per sample, as Theorem 1 requires. "batch" keeps ordinary
-  training-mode BatchNorm, whose batch statistics couple the samples: the gradients of the batch
-  sum then carry cross-sample terms (kept to compare with implementations that do this).
+- `batchnorm`: how the paper's BatchNorm layers normalise inside the objective (fae.nets.batchnorm).
+  "detached" uses the current batch's statistics as constants: values as ordinary BatchNorm's, and
+  every term and derivative is that of one sample through the net whose statistics are this batch's,
+  so the derivatives have no cross-sample terms, as Theorem 1 requires. "running" normalises by the
+  lagged running statistics instead (also per sample). "batch" keeps ordinary training-mode BatchNorm,
+  whose batch statistics couple the samples: the gradients of the batch sum then carry cross-sample
+  terms (the authors' CelebA code does this). Nets without BatchNorm (`norm: group` or `none`) are
+  per sample whatever this says.
+- `posterior_trains_decoder`: true differentiates the posterior term through grad_z log p_theta(x|z)
+  (Theorem 1). False takes that score as a constant, as the authors' code does (it is computed
+  without create_graph): the decoder then learns from the Hyvarinen score alone, and the posterior
+  term trains the encoder (through grad_z log q and the prior score) and the prior.
 
 A non-finite loss term or gradient stops training with a message naming the term or parameter and
 the step, before the optimizer step (`on_nonfinite="stop"`), or skips that step (`"skip"`): the
@@ -36,7 +43,7 @@ from torch import Tensor, nn
 
 from fae.errors import UserError
 from fae.models.base import GaussianAutoEncoder
-from fae.nets.batchnorm import running_batchnorm
+from fae.nets.batchnorm import detached_batchnorm, running_batchnorm
 from fae.objectives import fisher_terms
 
 
@@ -54,7 +61,8 @@ class FisherAE(GaussianAutoEncoder):
         prior: Literal["standard_normal", "polynomial"] = "standard_normal",
         prior_degree: int = 4,
         stability: Literal["fixed_z", "total"] = "fixed_z",
-        batchnorm: Literal["running", "batch"] = "running",
+        batchnorm: Literal["detached", "running", "batch"] = "running",
+        posterior_trains_decoder: bool = True,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -71,7 +79,9 @@ class FisherAE(GaussianAutoEncoder):
             prior: "standard_normal", or "polynomial", the learned exponential family of degree prior_degree.
             prior_degree: M, the degree of the polynomial prior (even; 4 on CelebA in the paper).
             stability: "fixed_z" (Theorem 1) or "total" (the authors' snapshot); see the module docstring.
-            batchnorm: "running" (per-sample, default) or "batch"; see the module docstring.
+            batchnorm: "detached" or "running" (per sample), or "batch" (couples samples); see the module docstring.
+            posterior_trains_decoder: differentiate the posterior term through grad_z log p_theta(x|z)
+                (Theorem 1); false treats that score as a constant (the authors' code).
             on_nonfinite: "stop" training with a message, or "skip" the step, on a non-finite loss or gradient.
         """
         super().__init__(
@@ -88,23 +98,24 @@ class FisherAE(GaussianAutoEncoder):
         self.build_likelihood("gaussian", decoder_scale, learn_decoder_scale)
         self.stability = stability
         self.batchnorm = batchnorm
+        self.posterior_trains_decoder = posterior_trains_decoder
         self.on_nonfinite = on_nonfinite
         self.skipped_steps = 0
 
     def fisher_terms(self, x: Tensor, eps: Tensor | None = None) -> dict[str, Tensor]:
-        """Theorem 1's terms on x, each (B,); `eps` (B, d_z) fixes the sample z = mu + sigma eps."""
+        """Theorem 1's terms on x, each (B,), with the diagnostics; `eps` (B, d_z) fixes the sample
+        z = mu + sigma eps."""
         if torch.is_inference_mode_enabled():
             raise UserError("the Fisher objective needs gradients: use Trainer(inference_mode=False) (the CLI does)")
-        norm = (
-            running_batchnorm(self.encoder, self.decoder) if self.batchnorm == "running" else contextlib.nullcontext()
-        )
+        per_sample = {"detached": detached_batchnorm, "running": running_batchnorm}.get(self.batchnorm)
+        norm = per_sample(self.encoder, self.decoder) if per_sample else contextlib.nullcontext()
         with torch.enable_grad(), norm:
             x = x.detach().requires_grad_(True)  # (B, C, H, W): the objective differentiates in x
             mu, log_sigma = self.encode_gaussian(x)  # (B, d_z) each
             eps = torch.randn_like(mu) if eps is None else eps
             z = mu + log_sigma.exp() * eps  # (B, d_z)
             mean = self.likelihood.mean(self.decoder(z))  # (B, C, H, W)
-            return fisher_terms(
+            terms = fisher_terms(
                 x,
                 mu,
                 log_sigma,
@@ -115,7 +126,9 @@ class FisherAE(GaussianAutoEncoder):
                 self.prior.score(z),
                 stability=self.stability,
                 create_graph=torch.is_grad_enabled() and self.training,
+                likelihood_score_constant=not self.posterior_trains_decoder,
             )
+        return {**terms, **self.diagnostics(x, mean, mu, log_sigma.exp())}
 
     def model_step(self, x: Tensor) -> dict[str, Tensor]:
         terms = self.fisher_terms(x)
@@ -132,7 +145,7 @@ class FisherAE(GaussianAutoEncoder):
         """Stop (naming the term and step) on a non-finite term, in "stop" mode, agreed across devices."""
         if self.on_nonfinite != "stop" or self._trainer is None:
             return
-        bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
+        bad = [name for name in self.terms if not torch.isfinite(terms[name]).all()]
         if self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
             raise UserError(
                 f"non-finite Fisher loss term {', '.join(bad) or '(on another device)'} at step "

@@ -61,6 +61,8 @@ class VAE(GaussianAutoEncoder):
     def model_step(self, x: Tensor) -> dict[str, Tensor]:
         mu, log_sigma = self.encode_gaussian(x)  # (B, d_z) each
         z, _ = self.reparameterise(mu, log_sigma)  # (B, d_z)
-        nll = self.likelihood.nll(self.decoder(z), x)  # (B,)
+        out = self.decoder(z)  # (B, C, H, W)
+        nll = self.likelihood.nll(out, x)  # (B,)
         kl = kl_to_standard_normal(mu, 2.0 * log_sigma)  # (B,)
-        return {"loss": nll + kl, "nll": nll, "kl": kl}
+        terms = {"loss": nll + kl, "nll": nll, "kl": kl}
+        return {**terms, **self.diagnostics(x, self.likelihood.mean(out), mu, log_sigma.exp())}

@@ -118,13 +118,18 @@ class WAEGAN(AutoEncoder):
     def model_step(self, x: Tensor) -> dict[str, Tensor]:
         """The encoder/decoder objective: gamma c(x, G(Q(x))) - lambda log D(Q(x)), per sample."""
         codes = self.encode(x)  # (B, d_z)
-        reconstruction = per_sample_sum((x - self.decode(codes)).pow(2))
+        recon = self.decode(codes)  # (B, C, H, W)
+        reconstruction = per_sample_sum((x - recon).pow(2))
         adversarial = -nn.functional.logsigmoid(self.discriminator(codes))  # -log D(Q(x))
-        return {
+        terms = {
             "loss": self.cost_scale * reconstruction + self.penalty_weight * adversarial,
             "reconstruction": reconstruction,
             "adversarial": adversarial,
         }
+        return {**terms, **self.diagnostics(x, recon, codes)}
+
+    def decoder_scale(self) -> None:
+        return None  # G(z) is a deterministic decoder: no likelihood scale
 
     def discriminator_terms(self, x: Tensor, codes: Tensor | None = None) -> dict[str, Tensor]:
         codes = self.encode(x) if codes is None else codes
@@ -136,26 +141,29 @@ class WAEGAN(AutoEncoder):
             "disc_codes": torch.sigmoid(logit_codes),
         }
 
-    def step(self, optimizer, loss: Tensor) -> None:
+    def compute_gradients(self, optimizer, loss: Tensor) -> None:
+        """Gradients of `loss` for `optimizer`'s parameters, clipped when gradient_clip_val is set."""
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if self.gradient_clip_val is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
-        optimizer.step()
 
     def training_step(self, batch: Batch, batch_idx: int) -> None:
+        """One batch, two updates. Lightning counts every LightningOptimizer.step in global_step; the
+        discriminator's update goes to the strategy directly (the same precision handling, not counted),
+        so that global_step, max_steps and every step-based schedule count batches, as in every family."""
         opt_ae, opt_disc = self.optimizers()
         # 1. discriminator: prior codes against encoded codes (the encoder is not updated here)
         with torch.no_grad():
             codes = self.encode(batch.x)
         disc = self.discriminator_terms(batch.x, codes)
-        self.step(opt_disc, disc["disc_loss"].mean())
+        self.compute_gradients(opt_disc, disc["disc_loss"].mean())
+        self.trainer.strategy.optimizer_step(opt_disc.optimizer, closure=lambda: None)
         # 2. encoder and decoder: reconstruction + lambda * adversarial (the discriminator is not updated)
         terms = self.model_step(batch.x)
-        self.step(opt_ae, terms["loss"].mean())
-        logged = {**terms, "disc_loss": disc["disc_loss"]}
-        self.log_dict({f"train/{k}": v.mean() for k, v in logged.items()}, on_step=True, on_epoch=False)
-        self.log("loss", terms["loss"].mean(), prog_bar=True, logger=False)
+        self.compute_gradients(opt_ae, terms["loss"].mean())
+        opt_ae.step()
+        self.log_training_terms({**terms, "disc_loss": disc["disc_loss"]})
 
     def on_train_epoch_end(self) -> None:
         schedulers = self.lr_schedulers()  # None, one scheduler, or a list
@@ -166,7 +174,7 @@ class WAEGAN(AutoEncoder):
 
     def evaluation_terms(self, x: Tensor) -> dict[str, Tensor]:
         terms = self.model_step(x)
-        codes = self.encode(x)
+        codes = terms["codes"]
         terms.update(self.discriminator_terms(x, codes))
         mmd = mmd_imq(codes, self.sample_prior(len(codes)), scale=2.0 * self.latent_dim * self.prior_std**2)
         terms["mmd"] = mmd.expand(len(x))

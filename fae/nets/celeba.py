@@ -29,7 +29,8 @@ Two inconsistencies of the tables (DESIGN.md section 2), resolved here:
 The decoder's per-layer channels halve from 8w, as the encoder's double, down to w, which the last
 block keeps; the final convolution maps w channels to the 3 colour channels. LReLU slope 0.2, as in
 the MNIST nets. `image_size` (default 64, a multiple of 16) adapts both nets to the data module's
-resize; the tables' nets are image_size = 64.
+resize; the tables' nets are image_size = 64. `norm` swaps the BatchNorm (BN) for a per-sample
+GroupNorm or removes it (fae.nets.norm).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 
 from fae.errors import UserError
 from fae.nets.mnist import LEAKY_SLOPE
+from fae.nets.norm import Norm, norm_layer
 
 
 def check_image_size(image_size: int) -> None:
@@ -48,7 +50,9 @@ def check_image_size(image_size: int) -> None:
 class CelebAEncoder(nn.Module):
     """(B, 3, S, S) -> (B, heads * d_z): heads = 2 (mean, log-variance) for a Gaussian encoder."""
 
-    def __init__(self, latent_dim: int = 64, width: int = 64, gaussian: bool = True, image_size: int = 64) -> None:
+    def __init__(
+        self, latent_dim: int = 64, width: int = 64, gaussian: bool = True, image_size: int = 64, norm: Norm = "batch"
+    ) -> None:
         """
         Args:
             latent_dim: d_z (64 in the paper).
@@ -56,6 +60,7 @@ class CelebAEncoder(nn.Module):
             gaussian: two heads (mean, log-variance) for a Gaussian q_phi(z|x); one (the code) for the
                 deterministic WAE-GAN encoder (Table 4).
             image_size: S, the side of the square input images (64 in the paper; a multiple of 16).
+            norm: the normalisation layers: "batch" (the paper's BatchNorm), "group" or "none".
         """
         super().__init__()
         check_image_size(image_size)
@@ -68,15 +73,15 @@ class CelebAEncoder(nn.Module):
             nn.LeakyReLU(LEAKY_SLOPE),
             nn.AvgPool2d(2),  # (w, S/2, S/2)
             nn.Conv2d(w, 2 * w, 5, 1, 2),
-            nn.BatchNorm2d(2 * w),
+            norm_layer(norm, 2 * w),
             nn.LeakyReLU(LEAKY_SLOPE),
             nn.AvgPool2d(2),  # (2w, S/4, S/4)
             nn.Conv2d(2 * w, 4 * w, 5, 1, 2),
-            nn.BatchNorm2d(4 * w),
+            norm_layer(norm, 4 * w),
             nn.LeakyReLU(LEAKY_SLOPE),
             nn.AvgPool2d(2),  # (4w, S/8, S/8)
             nn.Conv2d(4 * w, 8 * w, 5, 1, 2),
-            nn.BatchNorm2d(8 * w),
+            norm_layer(norm, 8 * w),
             nn.LeakyReLU(LEAKY_SLOPE),  # (8w, S/8, S/8)
             nn.Flatten(),
             nn.Linear(8 * w * (image_size // 8) ** 2, heads * latent_dim),  # see the module docstring, point 1
@@ -91,12 +96,13 @@ class CelebADecoder(nn.Module):
 
     output_activation = "tanh"
 
-    def __init__(self, latent_dim: int = 64, width: int = 64, image_size: int = 64) -> None:
+    def __init__(self, latent_dim: int = 64, width: int = 64, image_size: int = 64, norm: Norm = "batch") -> None:
         """
         Args:
             latent_dim: d_z (64 in the paper).
             width: channels of the last hidden layers; earlier layers have 2, 4, 8 times as many.
             image_size: S, the side of the square output images (64 in the paper; a multiple of 16).
+            norm: the normalisation layers: "batch" (the paper's BatchNorm), "group" or "none".
         """
         super().__init__()
         check_image_size(image_size)
@@ -108,7 +114,7 @@ class CelebADecoder(nn.Module):
             # first block: 1x1 -> S/16 (see the module docstring, point 2); then doublings up to S
             resize = {"size": image_size // 16} if i == 0 else {"scale_factor": 2}
             up = nn.Upsample(**resize, mode="bilinear", align_corners=False)
-            layers += [up, nn.Conv2d(channels, out, 5, 1, 2), nn.BatchNorm2d(out), nn.ReLU()]
+            layers += [up, nn.Conv2d(channels, out, 5, 1, 2), norm_layer(norm, out), nn.ReLU()]
             channels = out
         layers.append(nn.Conv2d(w, 3, 5, 1, 2))  # (3, S, S)
         self.layers = nn.Sequential(*layers)

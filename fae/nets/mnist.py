@@ -18,12 +18,15 @@ Decoder, input (d_z, 1, 1), spatial sizes 1 -> 3 -> 5 -> 11 -> 13 -> 28:
 The decoder returns the pre-activation (logits); the model applies `output_activation` (the table's
 Sigmoid), so that a Bernoulli likelihood can use the numerically stable BCE-with-logits.
 
-LReLU has slope 0.2 (the DCGAN convention; the table gives none).
+LReLU has slope 0.2 (the DCGAN convention; the table gives none). BN is the paper's BatchNorm;
+`norm` swaps it for a per-sample GroupNorm or removes it (fae.nets.norm).
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
+
+from fae.nets.norm import Norm, norm_layer
 
 LEAKY_SLOPE = 0.2
 
@@ -33,13 +36,14 @@ class MNISTEncoder(nn.Module):
 
     image_shape = (1, 28, 28)
 
-    def __init__(self, latent_dim: int = 8, width: int = 64, gaussian: bool = True) -> None:
+    def __init__(self, latent_dim: int = 8, width: int = 64, gaussian: bool = True, norm: Norm = "batch") -> None:
         """
         Args:
             latent_dim: d_z (8 in the paper).
             width: channels of the first conv; later layers have 2, 4, 8 times as many (64 in the paper).
             gaussian: two heads (mean, log-variance) for a Gaussian q_phi(z|x); one (the code) for the
                 deterministic WAE-GAN encoder.
+            norm: the normalisation layers: "batch" (the paper's BatchNorm), "group" or "none".
         """
         super().__init__()
         self.latent_dim = latent_dim
@@ -50,13 +54,13 @@ class MNISTEncoder(nn.Module):
             nn.Conv2d(1, w, 3, 2, 2),  # (w, 15, 15)
             nn.LeakyReLU(LEAKY_SLOPE),
             nn.Conv2d(w, 2 * w, 3, 2, 2),  # (2w, 9, 9)
-            nn.BatchNorm2d(2 * w),
+            norm_layer(norm, 2 * w),
             nn.LeakyReLU(LEAKY_SLOPE),
             nn.Conv2d(2 * w, 4 * w, 3, 2, 2),  # (4w, 6, 6)
-            nn.BatchNorm2d(4 * w),
+            norm_layer(norm, 4 * w),
             nn.LeakyReLU(LEAKY_SLOPE),
             nn.Conv2d(4 * w, 8 * w, 3, 2, 1),  # (8w, 3, 3)
-            nn.BatchNorm2d(8 * w),
+            norm_layer(norm, 8 * w),
             nn.LeakyReLU(LEAKY_SLOPE),
             nn.Conv2d(8 * w, heads * latent_dim, 3, 2 if gaussian else 1, 0),  # (heads d_z, 1, 1)
         )
@@ -70,27 +74,28 @@ class MNISTDecoder(nn.Module):
 
     output_activation = "sigmoid"
 
-    def __init__(self, latent_dim: int = 8, width: int = 64) -> None:
+    def __init__(self, latent_dim: int = 8, width: int = 64, norm: Norm = "batch") -> None:
         """
         Args:
             latent_dim: d_z (8 in the paper).
             width: channels of the last hidden layer; earlier layers have 2, 4, 8 times as many.
+            norm: the normalisation layers: "batch" (the paper's BatchNorm), "group" or "none".
         """
         super().__init__()
         self.latent_dim = latent_dim
         w = width
         self.layers = nn.Sequential(
             nn.ConvTranspose2d(latent_dim, 8 * w, 5, 1, 1),  # (8w, 3, 3)
-            nn.BatchNorm2d(8 * w),
+            norm_layer(norm, 8 * w),
             nn.ReLU(),
             nn.ConvTranspose2d(8 * w, 4 * w, 5, 1, 1),  # (4w, 5, 5)
-            nn.BatchNorm2d(4 * w),
+            norm_layer(norm, 4 * w),
             nn.ReLU(),
             nn.ConvTranspose2d(4 * w, 2 * w, 5, 2, 1),  # (2w, 11, 11)
-            nn.BatchNorm2d(2 * w),
+            norm_layer(norm, 2 * w),
             nn.ReLU(),
             nn.ConvTranspose2d(2 * w, w, 5, 1, 1),  # (w, 13, 13)
-            nn.BatchNorm2d(w),
+            norm_layer(norm, w),
             nn.ReLU(),
             nn.ConvTranspose2d(w, 1, 4, 2, 0),  # (1, 28, 28)
         )
