@@ -169,14 +169,20 @@ def summarise_run(job: Job, spec: dict) -> dict[str, float]:
     return out
 
 
-def cell(values: list[float]) -> str:
+def mean_std(values: list[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for one value) and count of the values that are not NaN."""
     values = [v for v in values if not math.isnan(v)]
     if not values:
+        return math.nan, math.nan, 0
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def cell(values: list[float]) -> str:
+    mean, std, n = mean_std(values)
+    if n == 0:
         return "–"
-    digits = 4 if max(abs(v) for v in values) < 10 else 1
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    digits = 4 if abs(mean) < 10 else 1
+    return f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def write_table(jobs: list[Job], spec: dict, out: Path) -> Path:
@@ -198,11 +204,7 @@ def write_table(jobs: list[Job], spec: dict, out: Path) -> Path:
         for variant, runs in per_variant.items():
             cells = [cell([r[c] for r in runs]) for c in columns]
             lines.append(f"| {variant} | {len(runs)} | " + " | ".join(cells) + " |")
-            stats = []
-            for c in columns:
-                values = [r[c] for r in runs]
-                stats += [statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
-            writer.writerow([variant, len(runs), *stats])
+            writer.writerow([variant, len(runs), *[v for c in columns for v in mean_std([r[c] for r in runs])[:2]]])
     table = out / "table.md"
     table.write_text("\n".join(lines) + "\n")
     return table
@@ -213,8 +215,7 @@ def main() -> None:
     parser.add_argument("spec", type=Path, help="an experiment file, e.g. experiments/mnist_ablation.yaml")
     parser.add_argument("--out", type=Path, help="where the runs, the table and the report go (default runs/<spec>)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
-    parser.add_argument("--data_dir", default=os.environ.get("FAE_MNIST_ROOT") or None,
-                        help="the data set's folder (default: FAE_MNIST_ROOT)")  # fmt: skip
+    parser.add_argument("--data_dir", help="passed to every run as --data.data_dir (default: the configs')")
     args = parser.parse_args()
     spec = yaml.safe_load(args.spec.read_text())
     out = (args.out or Path("runs") / args.spec.stem).resolve()

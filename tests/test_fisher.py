@@ -12,6 +12,7 @@ from fae.data import DigitsDataModule
 from fae.errors import UserError
 from fae.models import VAE, FisherAE
 from fae.nets import MNISTDecoder, MNISTEncoder
+from fae.objectives import fisher_terms
 
 from .conftest import QUIET
 
@@ -44,6 +45,95 @@ def test_terms_are_per_sample_with_running_batchnorm():
     for name in FisherAE.terms:
         torch.testing.assert_close(before[name][:5], after[name][:5], rtol=1e-6, atol=1e-6)
         assert not torch.allclose(before[name][5], after[name][5])
+
+
+def loss_jacobian_in_x(model: FisherAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """d L_i / d x_j for every pair: (B, B) norms of the per-pair gradient blocks, through the model's
+    normalisation mode (what fisher_terms computes, with x kept in the graph)."""
+    x = x.clone().requires_grad_(True)
+    with model.normalisation():
+        mu, log_sigma = model.encode_gaussian(x)
+        z = mu + log_sigma.exp() * eps
+        mean = model.likelihood.mean(model.decoder(z))
+        loss = fisher_terms(x, mu, log_sigma, eps, z, mean, model.likelihood.log_scale, -z)["loss"]
+    rows = [torch.autograd.grad(loss[i], x, retain_graph=True)[0].flatten(1).norm(dim=1) for i in range(len(x))]
+    return torch.stack(rows)  # (B, B): row i, column j = || d L_i / d x_j ||
+
+
+@pytest.mark.parametrize("batchnorm", ["detached", "running"])
+def test_per_sample_batchnorm_modes_have_no_cross_sample_derivatives(batchnorm):
+    torch.manual_seed(0)
+    model = small_fisher(batchnorm=batchnorm).train()
+    warm_up_running_statistics(model)
+    jacobian = loss_jacobian_in_x(model, torch.rand(5, 1, 28, 28), torch.randn(5, 8))
+    off_diagonal = jacobian[~torch.eye(5, dtype=torch.bool)]
+    assert (off_diagonal == 0).all() and (jacobian.diagonal() > 0).all()
+
+
+def test_ordinary_batchnorm_has_cross_sample_derivatives():
+    torch.manual_seed(0)
+    model = small_fisher(batchnorm="batch").train()
+    jacobian = loss_jacobian_in_x(model, torch.rand(5, 1, 28, 28), torch.randn(5, 8))
+    assert (jacobian[~torch.eye(5, dtype=torch.bool)] > 1e-6).all()
+
+
+def test_detached_batchnorm_equals_one_sample_at_a_time_through_the_net_holding_the_batch_statistics():
+    """The contract of "detached": each sample's terms are those of the test-time net whose BatchNorm
+    statistics are this batch's (biased variance, as training-mode BatchNorm normalises with)."""
+    torch.manual_seed(0)
+    model = small_fisher(batchnorm="detached", learn_decoder_scale=True).train()
+    x, eps = torch.rand(6, 1, 28, 28), torch.randn(6, 8)
+    reference = copy.deepcopy(model)
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, i: seen.update({m: i[0].detach().clone()})) for m in layers]
+    batch = model.fisher_terms(x, eps)
+    for hook in hooks:
+        hook.remove()
+    for original, layer in zip(layers, [m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)],
+                               strict=True):  # fmt: skip
+        h = seen[original]
+        layer.running_mean = h.mean((0, 2, 3))
+        layer.running_var = h.var((0, 2, 3), unbiased=False)
+    reference.eval()
+    for i in range(6):
+        alone = reference.fisher_terms(x[i : i + 1], eps[i : i + 1])
+        for name in FisherAE.terms:
+            torch.testing.assert_close(alone[name][0], batch[name][i], rtol=1e-5, atol=1e-5)
+    # and the values are ordinary training-mode BatchNorm's: the decoder score depends on no derivative
+    ordinary = copy.deepcopy(reference).train()
+    ordinary.batchnorm = "batch"
+    torch.testing.assert_close(ordinary.fisher_terms(x, eps)["decoder_score"], batch["decoder_score"])
+
+
+def test_detached_batchnorm_updates_the_running_statistics_like_batchnorm():
+    model = small_fisher(batchnorm="detached").train()
+    plain = copy.deepcopy(model)
+    plain.batchnorm = "batch"
+    x, eps = torch.rand(32, 1, 28, 28), torch.randn(32, 8)
+    model.fisher_terms(x, eps)
+    plain.fisher_terms(x, eps)
+    for (name, a), b in zip(model.named_buffers(), plain.buffers(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    assert model.encoder.layers[3].num_batches_tracked == 1 and model.encoder.layers[3].training
+
+
+def test_posterior_term_trains_the_decoder_only_when_asked():
+    torch.manual_seed(0)
+    x, eps = torch.rand(6, 1, 28, 28), torch.randn(6, 8)
+    grads, values = {}, {}
+    for trains in (True, False):
+        torch.manual_seed(1)
+        model = small_fisher(batchnorm="detached", posterior_trains_decoder=trains).train()
+        terms = model.fisher_terms(x, eps)
+        values[trains] = terms["posterior_fisher"].detach()
+        grads[trains] = torch.autograd.grad(terms["posterior_fisher"].sum(), list(model.decoder.parameters()),
+                                            allow_unused=True, retain_graph=True)  # fmt: skip
+        encoder = torch.autograd.grad(terms["posterior_fisher"].sum(), list(model.encoder.parameters()))
+        assert any(g.abs().sum() > 0 for g in encoder)  # the encoder is trained by the posterior term either way
+    torch.testing.assert_close(values[True], values[False])  # the same values, other gradients
+    assert any(g is not None and g.abs().sum() > 0 for g in grads[True])
+    assert all(g is None or g.abs().sum() == 0 for g in grads[False])
 
 
 def test_training_mode_batchnorm_couples_the_samples():
@@ -96,7 +186,7 @@ def test_non_finite_loss_stops_training_naming_term_and_step_with_weights_intact
         assert torch.equal(value, weights["before"][name]), name
 
 
-@pytest.mark.parametrize("batchnorm", ["running", "batch"])
+@pytest.mark.parametrize("batchnorm", ["detached", "running", "batch"])
 def test_non_finite_step_is_skipped_on_request(batchnorm):
     model = small_fisher(on_nonfinite="skip", batchnorm=batchnorm)
     original = model.fisher_terms

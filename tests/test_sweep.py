@@ -98,9 +98,11 @@ def test_report_makes_figures_and_table_and_rejects_malformed_files(tmp_path):
     report_main([str(tmp_path / "vae"), str(tmp_path / "wae"), "--out", str(tmp_path / "report")])
     for figure in ("robustness_gaussian.png", "robustness_mask.png"):
         assert (tmp_path / "report" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = (tmp_path / "report" / "robustness.md").read_text().splitlines()
-    assert table[0] == "| noise | level | VAE (vae) | WAEGAN (wae) |" and len(table) == 2 + 4
-    assert "±" in table[2]
+    table = (tmp_path / "report" / "robustness.md").read_text().split("\n\n")
+    summary, levels = table[0].splitlines(), table[2].splitlines()
+    assert summary[0] == "| run | runs | gaussian AUC | mask AUC |" and len(summary) == 2 + 2
+    assert levels[0] == "| noise | level | VAE (vae) | WAEGAN (wae) |" and len(levels) == 2 + 4
+    assert "±" in levels[2]
     broken = tmp_path / "broken" / "robustness.json"
     broken.parent.mkdir()
     broken.write_text(json.dumps([{"model": "VAE", "kind": "mask", "level": 0.1, "std": 0.0, "n": 3}]))
@@ -132,3 +134,45 @@ def test_fae_test_writes_sweep_files_grids_and_a_wandb_table_offline(tmp_path):
     assert (tmp_path / "cmp" / "reconstructions_mask_0.8.png").is_file()
     bad = run_fae("report", str(tmp_path / "nowhere"), cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("fae: error: no robustness.json in")
+
+
+def fake_run(folder, model: str, means: dict[tuple[str, float], float], clean: float | None = None):
+    """A run folder as `fae test` leaves it: test-*/robustness.json and, optionally, metrics.csv."""
+    test = folder / "test-20260101-000000"
+    test.mkdir(parents=True)
+    rows = [{"model": model, "kind": k, "level": lv, "metric": "bce", "mean": m, "std": 0.1, "n": 10}
+            for (k, lv), m in means.items()]  # fmt: skip
+    (test / "robustness.json").write_text(json.dumps(rows))
+    if clean is not None:
+        (test / "metrics.csv").write_text(f"step,test/recon_bce,test/posterior_fisher\n0,{clean},{2 * clean}\n")
+
+
+def test_report_pools_seeds_by_folder_with_the_spread_across_runs(tmp_path):
+    from fae.evaluation.report import main as report_main
+
+    levels = [("mask", 0.0), ("mask", 0.5), ("mask", 1.0)]
+    runs = {"fisher": [[1.0, 2.0, 4.0], [3.0, 2.0, 6.0], [2.0, 5.0, 5.0]], "vae": [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]}
+    for family, seeds in runs.items():
+        for seed, means in enumerate(seeds):
+            fake_run(tmp_path / "exp" / family / f"seed{seed}", family, dict(zip(levels, means, strict=True)),
+                     clean=0.1 * (seed + 1))  # fmt: skip
+    paths = [str(p) for p in sorted((tmp_path / "exp").glob("*/seed*"))]
+    report_main([*paths, "--group_by", "parent", "--out", str(tmp_path / "report")])
+    summary, _, levels_table = (tmp_path / "report" / "robustness.md").read_text().split("\n\n")[:3]
+    # fisher: per level, mean and sample standard deviation of the three runs' means
+    assert "| mask | 0.5 | 3.0000 ± 1.7321 | 1.5000 ± 0.7071 |" in levels_table
+    assert "| mask | 1 | 5.0000 ± 1.0000 | 1.5000 ± 0.7071 |" in levels_table
+    # summary: clean error across seeds, and the normalised area under the curve (trapezoids / level range)
+    auc = [(0.5 * (a + b) + 0.5 * (b + c)) / 2 for a, b, c in runs["fisher"]]
+    expected = f"{sum(auc) / 3:.4g} ± {torch.tensor(auc).std().item():.2g}"
+    assert summary.splitlines()[2] == f"| fisher | 3 | 0.2 ± 0.1 | 0.4 ± 0.2 | {expected} |"
+
+
+def test_report_labels_runs_with_the_same_folder_name_apart(tmp_path):
+    from fae.evaluation.report import main as report_main
+
+    for parent, mean in (("a", 1.0), ("b", 2.0)):
+        fake_run(tmp_path / parent / "fisher", "FisherAE", {("mask", 0.1): mean, ("mask", 0.2): mean})
+    report_main([str(tmp_path / "a" / "fisher"), str(tmp_path / "b" / "fisher"), "--out", str(tmp_path / "r")])
+    table = (tmp_path / "r" / "robustness.md").read_text()
+    assert "| FisherAE (a/fisher) | 1 |" in table and "| FisherAE (b/fisher) | 1 |" in table

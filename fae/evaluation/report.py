@@ -1,19 +1,33 @@
-"""`fae report RUN_DIR... [--out DIR]`: the paper's robustness figures from saved sweep results.
+"""`fae report RUN_DIR... [--out DIR] [--group_by run|parent|model]`: the paper's robustness figures
+from saved sweep results.
 
 Reads robustness.json of each run (the file itself, a folder holding it, or a training run whose
-newest `test-*` folder holds it), and writes to --out:
-  robustness_gaussian.png   error vs sigma, one curve per run, a band of +- one standard deviation
+newest `test-*` folder holds it), and the clean test metrics beside it (that folder's metrics.csv),
+and writes to --out:
+  robustness_gaussian.png   error vs sigma, one curve per run or group, with a band of +- one standard
+                            deviation
   robustness_mask.png       error vs nu, likewise (supplement Figs 1 and 3)
-  robustness.md             a markdown table of mean +- std per level and run
+  robustness.md             a summary table (clean error, posterior Fisher divergence, active units,
+                            and the area under each error curve divided by its level range), then a
+                            table of the error per level
   reconstructions_<kind>_<level>.png   the runs' grids of reconstructions from corrupted images (true
                             images on odd rows, reconstructions on even rows; supplement Figs 2 and 4),
                             side by side, for every level all runs have a grid of
+
+--group_by pools runs: "run" (default) keeps each run apart, its band and +- the standard deviation
+over test images; "parent" pools the runs of one folder (OUT/<variant>/seed0, seed1, ...: the seeds
+of one setting) and "model" the runs of one model class. A pooled curve is the mean over its runs of
+each run's mean error, and its band and +- are the standard deviation ACROSS RUNS (the seed spread).
 No network and no W&B are needed.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import math
+import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fae.errors import UserError
@@ -52,12 +66,92 @@ def load_results(path: Path) -> list[dict]:
     return rows
 
 
-def run_label(path: Path, rows: list[dict]) -> str:
-    folder = path if path.is_dir() else path.parent
-    return f"{rows[0]['model']} ({folder.name})"
+SUMMARY_METRICS = ("posterior_fisher", "active_units")  # test/<name>, beside the clean error
 
 
-def plot_kind(runs: dict[str, list[dict]], kind: str, file: Path) -> None:
+@dataclass
+class Curves:
+    """The sweep of one run, or of a group of runs pooled (see the module docstring)."""
+
+    rows: list[dict]  # one per (kind, level): mean, std, n
+    summary: dict[str, list[float]] = field(default_factory=dict)  # column -> one value per run
+    runs: int = 1
+
+
+def clean_metrics(results_file: Path, metric: str) -> dict[str, float]:
+    """The clean test set's error and diagnostics from the metrics.csv beside a robustness.json."""
+    path = results_file.parent / "metrics.csv"
+    if not path.is_file():
+        return {}
+    values: dict[str, float] = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            values.update({k: float(v) for k, v in row.items() if k and k.startswith("test/") and v})
+    names = {f"clean {metric}": f"test/recon_{metric}", **{n: f"test/{n}" for n in SUMMARY_METRICS}}
+    return {column: values[key] for column, key in names.items() if key in values}
+
+
+def area_under_curve(rows: list[dict], kind: str) -> float:
+    """Trapezoidal area under error(level) of one noise kind, divided by the level range: the mean
+    error over the range, comparable between runs swept on the same levels."""
+    points = sorted((r["level"], r["mean"]) for r in rows if r["kind"] == kind)
+    if len(points) < 2:
+        return math.nan
+    area = sum((b[0] - a[0]) * (a[1] + b[1]) / 2 for a, b in zip(points[:-1], points[1:], strict=True))
+    return area / (points[-1][0] - points[0][0])
+
+
+def run_curves(path: Path) -> Curves:
+    file = find_results(path)
+    rows = load_results(path)
+    summary = clean_metrics(file, rows[0].get("metric", "error"))
+    for kind in sorted({r["kind"] for r in rows}):
+        summary[f"{kind} AUC"] = area_under_curve(rows, kind)
+    return Curves(rows, {k: [v] for k, v in summary.items()})
+
+
+def pool(runs: list[Curves]) -> Curves:
+    """Runs of one setting as one curve: per level the mean and standard deviation across runs of
+    their mean errors; the summary keeps every run's value."""
+    levels = sorted({(r["kind"], r["level"]) for c in runs for r in c.rows})
+    rows = []
+    for kind, level in levels:
+        means = [r["mean"] for c in runs for r in c.rows if (r["kind"], r["level"]) == (kind, level)]
+        if len(means) != len(runs):
+            continue  # a level not every run was swept at
+        template = next(r for r in runs[0].rows if (r["kind"], r["level"]) == (kind, level))
+        std = statistics.stdev(means) if len(means) > 1 else 0.0
+        rows.append({**template, "mean": statistics.mean(means), "std": std, "n": len(means)})
+    columns = dict.fromkeys(k for c in runs for k in c.summary)
+    summary = {k: [v for c in runs for v in c.summary.get(k, [])] for k in columns}
+    return Curves(rows, summary, runs=len(runs))
+
+
+def labels_for(paths: list[Path]) -> list[str]:
+    """Each run's folder name, lengthened by parent folders until every label is unique."""
+    folders = [(p if p.is_dir() else p.parent).resolve() for p in paths]
+    depth = 1
+    while True:
+        labels = ["/".join(f.parts[-depth:]) for f in folders]
+        if len(set(labels)) == len(labels) or depth >= max(len(f.parts) for f in folders):
+            return labels
+        depth += 1
+
+
+def group_key(path: Path, rows: list[dict], label: str, group_by: str) -> str:
+    folder = (path if path.is_dir() else path.parent).resolve()
+    if folder.name.startswith("test-") and not (folder / "checkpoints").is_dir():
+        folder = folder.parent  # a test folder belongs to its training run
+    if group_by == "run":
+        return f"{rows[0]['model']} ({label})"
+    if group_by == "parent":
+        return folder.parent.name
+    if group_by == "model":
+        return rows[0]["model"]
+    raise UserError(f"--group_by must be 'run', 'parent' or 'model', got {group_by!r}")
+
+
+def plot_kind(runs: dict[str, Curves], kind: str, file: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,20 +159,22 @@ def plot_kind(runs: dict[str, list[dict]], kind: str, file: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     metric = ""
-    for label, rows in runs.items():
-        rows = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["level"])
+    pooled = any(c.runs > 1 for c in runs.values())
+    for label, curves in runs.items():
+        rows = sorted((r for r in curves.rows if r["kind"] == kind), key=lambda r: r["level"])
         if not rows:
             continue
         metric = rows[0].get("metric", "error")
         levels = [r["level"] for r in rows]
         means = [r["mean"] for r in rows]
         stds = [r["std"] for r in rows]
-        ax.plot(levels, means, marker="o", ms=3, label=label)
+        ax.plot(levels, means, marker="o", ms=3, label=f"{label} (n={curves.runs})" if pooled else label)
         low = [m - s for m, s in zip(means, stds, strict=True)]
         high = [m + s for m, s in zip(means, stds, strict=True)]
         ax.fill_between(levels, low, high, alpha=0.2)
     ax.set_xlabel(KIND_LABELS.get(kind, kind))
     ax.set_ylabel(f"reconstruction {metric.upper()} vs clean image")
+    ax.set_title(f"band: ±1 sd {'across runs (n = runs)' if pooled else 'over test images'}", fontsize=8)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -86,14 +182,38 @@ def plot_kind(runs: dict[str, list[dict]], kind: str, file: Path) -> None:
     plt.close(fig)
 
 
-def markdown_table(runs: dict[str, list[dict]]) -> str:
+def format_values(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
+
+
+def markdown_table(runs: dict[str, Curves]) -> str:
     labels = list(runs)
-    keys = sorted({(r["kind"], r["level"]) for rows in runs.values() for r in rows})
-    lines = ["| noise | level | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    pooled = any(c.runs > 1 for c in runs.values())
+    spread = "standard deviation across runs" if pooled else "standard deviation over test images"
+    columns = list(dict.fromkeys(k for c in runs.values() for k in c.summary))
+    lines = [
+        "| run | runs | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+        *(
+            f"| {label} | {c.runs} | " + " | ".join(format_values(c.summary.get(k, [])) for k in columns) + " |"
+            for label, c in runs.items()
+        ),
+        "",
+        f"Error per noise level, mean ± {spread}:",
+        "",
+        "| noise | level | " + " | ".join(labels) + " |",
+        "|---|---|" + "---|" * len(labels),
+    ]
+    keys = sorted({(r["kind"], r["level"]) for c in runs.values() for r in c.rows})
     for kind, level in keys:
         cells = []
         for label in labels:
-            row = next((r for r in runs[label] if (r["kind"], r["level"]) == (kind, level)), None)
+            row = next((r for r in runs[label].rows if (r["kind"], r["level"]) == (kind, level)), None)
             cells.append(f"{row['mean']:.4f} ± {row['std']:.4f}" if row else "")
         lines.append(f"| {kind} | {level:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -116,9 +236,9 @@ def combine_grids(grids: dict[str, Path], file: Path) -> None:
     plt.close(fig)
 
 
-def write_report(runs: dict[str, list[dict]], out: Path, grids: dict[str, dict[str, Path]] | None = None) -> list[Path]:
-    """Figures per noise kind, the markdown table and, given {run: {grid name: png}}, the combined
-    grids of every name all runs have, in `out`; returns the files written."""
+def write_report(runs: dict[str, Curves], out: Path, grids: dict[str, dict[str, Path]] | None = None) -> list[Path]:
+    """Figures per noise kind, the markdown tables and, given {label: {grid name: png}}, the combined
+    grids of every name all of them have, in `out`; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if grids and len(grids) == len(runs):
@@ -126,7 +246,7 @@ def write_report(runs: dict[str, list[dict]], out: Path, grids: dict[str, dict[s
             file = out / f"{name}.png"
             combine_grids({label: g[name] for label, g in grids.items()}, file)
             written.append(file)
-    for kind in sorted({r["kind"] for rows in runs.values() for r in rows}):
+    for kind in sorted({r["kind"] for c in runs.values() for r in c.rows}):
         file = out / f"robustness_{kind}.png"
         plot_kind(runs, kind, file)
         written.append(file)
@@ -135,19 +255,23 @@ def write_report(runs: dict[str, list[dict]], out: Path, grids: dict[str, dict[s
     return [*written, table]
 
 
-def report(run_dirs: list[Path], out: Path = Path("reports/latest")) -> None:
+def report(run_dirs: list[Path], out: Path = Path("reports/latest"), group_by: str = "run") -> None:
     """Compare the robustness sweeps of several runs.
 
     Args:
         run_dirs: run folders (or test folders, or robustness.json files) to compare.
-        out: where the figures and the table are written.
+        out: where the figures and the tables are written.
+        group_by: "run", "parent" or "model": which runs are pooled into one curve (module docstring).
     """
-    runs, grids = {}, {}
-    for path in map(Path, run_dirs):
-        rows = load_results(path)
-        label = run_label(path, rows)
-        runs[label] = rows
-        grids[label] = {p.stem: p for p in find_results(path).parent.glob("reconstructions_*.png")}
+    groups: dict[str, list[Curves]] = {}
+    grids: dict[str, dict[str, Path]] = {}
+    for path, label in zip(run_dirs, labels_for(run_dirs), strict=True):
+        curves = run_curves(path)
+        key = group_key(path, curves.rows, label, group_by)
+        groups.setdefault(key, []).append(curves)
+        # a group's grid: its first run's (the same test images in every run)
+        grids.setdefault(key, {p.stem: p for p in find_results(path).parent.glob("reconstructions_*.png")})
+    runs = {key: members[0] if len(members) == 1 else pool(members) for key, members in groups.items()}
     for file in write_report(runs, Path(out), grids):
         print(f"fae report: wrote {file}")
 
@@ -157,6 +281,12 @@ def main(args: list[str]) -> None:
 
     parser = ArgumentParser(prog="fae report", description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+", help="run folders, test folders or robustness.json files")
-    parser.add_argument("--out", default="reports/latest", help="where the figures and the table go")
+    parser.add_argument("--out", default="reports/latest", help="where the figures and the tables go")
+    parser.add_argument(
+        "--group_by",
+        default="run",
+        choices=["run", "parent", "model"],
+        help="pool runs into one curve: each run apart, the runs of one folder (seeds), or of one model class",
+    )
     config = parser.parse_args(args)
-    report([Path(p) for p in config.run_dirs], Path(config.out))
+    report([Path(p) for p in config.run_dirs], Path(config.out), config.group_by)

@@ -30,7 +30,7 @@ from torchvision.utils import make_grid, save_image
 
 from fae.data.base import Batch
 from fae.data.noise import BinaryMask, Corruption, GaussianNoise
-from fae.evaluation.report import write_report
+from fae.evaluation.report import run_curves, write_report
 from fae.models.base import interleave_rows
 from fae.objectives import RECONSTRUCTION_ERRORS
 
@@ -160,8 +160,7 @@ class RobustnessSweep(L.Callback):
         if trainer.is_global_zero and trainer.loggers:  # a Trainer without loggers writes no files
             folder = Path(folder)
             write_results(self.results, folder)
-            rows = [asdict(r) for r in self.results]
-            write_report({f"{rows[0]['model']} ({folder.name})": rows}, folder)  # this run's figures
+            write_report({f"{self.results[0].model} ({folder.name})": run_curves(folder)}, folder)  # its figures
             for name, grid in self.grids.items():
                 save_image(grid, folder / f"{name}.png")
             log_to_loggers(trainer, self.results, self.grids, folder)

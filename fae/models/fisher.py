@@ -102,14 +102,17 @@ class FisherAE(GaussianAutoEncoder):
         self.on_nonfinite = on_nonfinite
         self.skipped_steps = 0
 
+    def normalisation(self) -> contextlib.AbstractContextManager:
+        """The context in which the nets' BatchNorm layers normalise as the `batchnorm` option says."""
+        per_sample = {"detached": detached_batchnorm, "running": running_batchnorm}.get(self.batchnorm)
+        return per_sample(self.encoder, self.decoder) if per_sample else contextlib.nullcontext()
+
     def fisher_terms(self, x: Tensor, eps: Tensor | None = None) -> dict[str, Tensor]:
         """Theorem 1's terms on x, each (B,), with the diagnostics; `eps` (B, d_z) fixes the sample
         z = mu + sigma eps."""
         if torch.is_inference_mode_enabled():
             raise UserError("the Fisher objective needs gradients: use Trainer(inference_mode=False) (the CLI does)")
-        per_sample = {"detached": detached_batchnorm, "running": running_batchnorm}.get(self.batchnorm)
-        norm = per_sample(self.encoder, self.decoder) if per_sample else contextlib.nullcontext()
-        with torch.enable_grad(), norm:
+        with torch.enable_grad(), self.normalisation():
             x = x.detach().requires_grad_(True)  # (B, C, H, W): the objective differentiates in x
             mu, log_sigma = self.encode_gaussian(x)  # (B, d_z) each
             eps = torch.randn_like(mu) if eps is None else eps

@@ -10,8 +10,11 @@ batch takes two optimizer steps, by hand (manual optimisation, two optimizers):
 with the WAE paper's cost c(x, y) = ||x - y||^2 (summed over pixels; G's output is its mean image) and
 gamma = `cost_scale`, 1 by default (c as the WAE paper writes it). The WAE authors' code scales c by
 0.05, which makes their lambda 20x stronger relative to the cost; `cost_scale: 0.05` reproduces that.
-Schedulers are stepped by hand once per epoch; gradients are clipped by hand (Lightning's
-`gradient_clip_val` does not apply under manual optimisation: set this module's instead).
+A step is a batch, as in every family: Lightning counts each LightningOptimizer.step in global_step,
+so the discriminator's update goes to the strategy directly and is not counted, and max_steps,
+step-based checkpoints and logged steps mean batches. Schedulers are stepped by hand once per epoch;
+gradients are clipped by hand (Lightning's `gradient_clip_val` does not apply under manual
+optimisation: set this module's instead).
 Validation adds the discriminator's loss, its mean outputs on prior and encoded codes, and an
 MMD estimate between encoded codes and prior samples (how close the codes are to the prior).
 """

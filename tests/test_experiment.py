@@ -1,0 +1,74 @@
+"""scripts/experiment.py: variants trained at one budget, each swept by `fae test`, one table and one
+report; finished runs are reused, unfinished ones are never written into."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from .conftest import CONFIGS
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "experiment.py"
+
+
+def run_experiment(spec: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), str(spec), "--out", str(out), "--jobs", "2"],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def test_experiment_trains_tests_and_tabulates_every_variant_at_one_budget(tmp_path):
+    spec = {
+        "budget": {"batches": 4, "val_every": 2},
+        "seeds": [0, 1],
+        "flags": {
+            "--model.encoder.width": 4,
+            "--model.decoder.width": 4,
+            "--trainer.logger": False,
+            "--sweep.sigmas": [0.5],
+            "--sweep.nus": [0.8],
+        },  # fmt: skip
+        "table": {"val_at": [2, 4], "levels": {"mask": [0.8]}},
+        "variants": {
+            "vae": {"config": str(CONFIGS / "quickstart" / "digits_vae.yaml")},
+            "wae": {"config": str(CONFIGS / "quickstart" / "digits_wae_gan.yaml")},
+        },
+    }
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "exp"
+    first = run_experiment(spec_file, out)
+    assert first.returncode == 0, first.stdout + first.stderr
+    for variant in ("vae", "wae"):
+        for seed in (0, 1):
+            run = out / variant / f"seed{seed}"
+            ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+            assert ckpt["global_step"] == 4  # the same budget in batches for both families
+            assert len(list(run.glob("test-*/robustness.json"))) == 1
+    rows = {r["variant"]: r for r in csv.DictReader(open(out / "table.csv"))}
+    assert set(rows) == {"vae", "wae"} and rows["vae"]["seed_count"] == "2"
+    clean = []
+    for seed in (0, 1):
+        (test_dir,) = (out / "vae" / f"seed{seed}").glob("test-*")
+        values = [
+            r["test/recon_bce"] for r in csv.DictReader(open(test_dir / "metrics.csv")) if r.get("test/recon_bce")
+        ]
+        clean.append(float(values[-1]))
+    assert abs(float(rows["vae"]["test recon_bce mean"]) - sum(clean) / 2) < 1e-6
+    mask = json.loads(next((out / "wae" / "seed0").glob("test-*/robustness.json")).read_text())
+    assert "| wae | 2 |" in (out / "table.md").read_text() and mask[-1]["level"] == 0.8
+    assert "| vae | 2 |" in (out / "report" / "robustness.md").read_text()  # the seeds pooled per variant
+
+    again = run_experiment(spec_file, out)  # finished runs are reused, not trained again
+    assert again.returncode == 0 and again.stdout.count("done earlier, reused") == 4
+    assert len(list((out / "vae" / "seed0").glob("test-*"))) == 1
+
+    for test_dir in (out / "vae" / "seed0").glob("test-*"):  # as if the run had stopped before its test
+        test_dir.rename(test_dir.with_name("moved-" + test_dir.name))
+    refused = run_experiment(spec_file, out)
+    assert refused.returncode != 0 and "exists but has no finished test" in refused.stdout + refused.stderr
