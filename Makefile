@@ -10,7 +10,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 MNIST_ROOT ?= $(abspath ../shared/data)
 export FAE_MNIST_ROOT ?= $(if $(wildcard $(MNIST_ROOT)/MNIST/raw),$(MNIST_ROOT),)
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench ablation-mnist reproduce-mnist clean
 
 install: $(STAMP)
 
@@ -27,11 +27,23 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check fae tests benchmarks
-	$(BIN)/ruff format --check fae tests benchmarks
+	$(BIN)/ruff check fae tests benchmarks scripts
+	$(BIN)/ruff format --check fae tests benchmarks scripts
 
 bench: $(STAMP)
 	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
-clean:
-	rm -rf $(VENV) runs reports .pytest_cache
+# Experiments on real MNIST (MNIST_ROOT): hours on 2 CPU cores, not part of `make test`. Each writes its runs,
+# table.md and a `fae report` under runs/<name>/ and copies the table and the figures to docs/results/mnist/.
+MNIST_DIR = $(or $(FAE_MNIST_ROOT),$(error real MNIST not found in $(MNIST_ROOT): set MNIST_ROOT=<folder holding MNIST/raw>))
+
+ablation-mnist: $(STAMP)
+	$(BIN)/python scripts/experiment.py experiments/mnist_ablation.yaml --data_dir $(MNIST_DIR) \
+		--out runs/ablation-mnist --publish docs/results/mnist/ablation
+
+reproduce-mnist: $(STAMP)
+	$(BIN)/python scripts/experiment.py experiments/mnist_reproduce.yaml --data_dir $(MNIST_DIR) \
+		--out runs/reproduce-mnist --publish docs/results/mnist
+
+clean:  # the venv and caches; runs/ and reports/ hold results and are never deleted by make
+	rm -rf $(VENV) .pytest_cache

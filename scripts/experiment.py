@@ -15,7 +15,8 @@ runs finish several times sooner than two two-thread ones). The output of each i
 OUT/VARIANT/seedS.log. Then it writes OUT/table.md (and table.csv): per variant, the mean and the
 standard deviation across seeds of the validation error during training, the clean test error and
 diagnostics, and the error at chosen noise levels; and `fae report OUT/*/seed* --group_by parent`
-in OUT/report.
+in OUT/report. `--publish DIR` copies the tables and the report's figures and tables to DIR (small
+files, for docs/results/).
 
 A run that has finished its test is kept and reused, so an interrupted experiment continues where it
 stopped; a run folder left unfinished stops this script with the folder's name (fae never writes into
@@ -29,6 +30,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -215,6 +217,7 @@ def main() -> None:
     parser.add_argument("spec", type=Path, help="an experiment file, e.g. experiments/mnist_ablation.yaml")
     parser.add_argument("--out", type=Path, help="where the runs, the table and the report go (default runs/<spec>)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    parser.add_argument("--publish", type=Path, help="copy the tables and the report's figures here")
     parser.add_argument("--data_dir", help="passed to every run as --data.data_dir (default: the configs')")
     args = parser.parse_args()
     spec = yaml.safe_load(args.spec.read_text())
@@ -229,6 +232,11 @@ def main() -> None:
     runs = [str(job.run_dir) for job in jobs if finished(job)]
     subprocess.run([sys.executable, "-m", "fae.cli", "report", *runs, "--group_by", "parent",
                     "--out", str(out / "report")], check=True, cwd=ROOT)  # fmt: skip
+    if args.publish:
+        args.publish.mkdir(parents=True, exist_ok=True)
+        for file in [out / "table.md", out / "table.csv", *sorted((out / "report").iterdir())]:
+            shutil.copy2(file, args.publish / file.name)
+        print(f"experiment: copied the tables and figures to {args.publish}")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from .conftest import CONFIGS
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "experiment.py"
 
 
-def run_experiment(spec: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), str(spec), "--out", str(out), "--jobs", "2"],
+def run_experiment(spec: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), str(spec), "--out", str(out), "--jobs", "2", *extra],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
 
 
@@ -42,7 +42,7 @@ def test_experiment_trains_tests_and_tabulates_every_variant_at_one_budget(tmp_p
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec))
     out = tmp_path / "exp"
-    first = run_experiment(spec_file, out)
+    first = run_experiment(spec_file, out, "--publish", str(tmp_path / "docs"))
     assert first.returncode == 0, first.stdout + first.stderr
     for variant in ("vae", "wae"):
         for seed in (0, 1):
@@ -63,6 +63,8 @@ def test_experiment_trains_tests_and_tabulates_every_variant_at_one_budget(tmp_p
     mask = json.loads(next((out / "wae" / "seed0").glob("test-*/robustness.json")).read_text())
     assert "| wae | 2 |" in (out / "table.md").read_text() and mask[-1]["level"] == 0.8
     assert "| vae | 2 |" in (out / "report" / "robustness.md").read_text()  # the seeds pooled per variant
+    published = sorted(p.name for p in (tmp_path / "docs").iterdir())
+    assert published == ["robustness.md", "robustness_gaussian.png", "robustness_mask.png", "table.csv", "table.md"]
 
     again = run_experiment(spec_file, out)  # finished runs are reused, not trained again
     assert again.returncode == 0 and again.stdout.count("done earlier, reused") == 4

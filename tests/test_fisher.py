@@ -51,7 +51,7 @@ def loss_jacobian_in_x(model: FisherAE, x: torch.Tensor, eps: torch.Tensor) -> t
     """d L_i / d x_j for every pair: (B, B) norms of the per-pair gradient blocks, through the model's
     normalisation mode (what fisher_terms computes, with x kept in the graph)."""
     x = x.clone().requires_grad_(True)
-    with model.normalisation():
+    with model.normalisation(x, eps):
         mu, log_sigma = model.encode_gaussian(x)
         z = mu + log_sigma.exp() * eps
         mean = model.likelihood.mean(model.decoder(z))
@@ -60,7 +60,7 @@ def loss_jacobian_in_x(model: FisherAE, x: torch.Tensor, eps: torch.Tensor) -> t
     return torch.stack(rows)  # (B, B): row i, column j = || d L_i / d x_j ||
 
 
-@pytest.mark.parametrize("batchnorm", ["detached", "running"])
+@pytest.mark.parametrize("batchnorm", ["per_sample", "detached", "running"])
 def test_per_sample_batchnorm_modes_have_no_cross_sample_derivatives(batchnorm):
     torch.manual_seed(0)
     model = small_fisher(batchnorm=batchnorm).train()
@@ -77,16 +77,21 @@ def test_ordinary_batchnorm_has_cross_sample_derivatives():
     assert (jacobian[~torch.eye(5, dtype=torch.bool)] > 1e-6).all()
 
 
-def test_detached_batchnorm_equals_one_sample_at_a_time_through_the_net_holding_the_batch_statistics():
-    """The contract of "detached": each sample's terms are those of the test-time net whose BatchNorm
-    statistics are this batch's (biased variance, as training-mode BatchNorm normalises with)."""
+@pytest.mark.parametrize("batchnorm", ["per_sample", "detached"])
+def test_batch_statistics_modes_equal_one_sample_at_a_time_through_the_net_holding_them(batchnorm):
+    """The contract of "per_sample" and "detached": each sample's terms are those of the test-time net
+    whose BatchNorm statistics are this batch's (biased variance, as training-mode BatchNorm uses)."""
     torch.manual_seed(0)
-    model = small_fisher(batchnorm="detached", learn_decoder_scale=True).train()
+    model = small_fisher(batchnorm=batchnorm, learn_decoder_scale=True).train()
     x, eps = torch.rand(6, 1, 28, 28), torch.randn(6, 8)
     reference = copy.deepcopy(model)
     layers = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     seen = {}
-    hooks = [m.register_forward_pre_hook(lambda m, i: seen.update({m: i[0].detach().clone()})) for m in layers]
+
+    def record(layer, inputs):  # the first call's input: the batch statistics' pass
+        seen.setdefault(layer, inputs[0].detach().clone())
+
+    hooks = [m.register_forward_pre_hook(record) for m in layers]
     batch = model.fisher_terms(x, eps)
     for hook in hooks:
         hook.remove()
@@ -106,8 +111,24 @@ def test_detached_batchnorm_equals_one_sample_at_a_time_through_the_net_holding_
     torch.testing.assert_close(ordinary.fisher_terms(x, eps)["decoder_score"], batch["decoder_score"])
 
 
-def test_detached_batchnorm_updates_the_running_statistics_like_batchnorm():
-    model = small_fisher(batchnorm="detached").train()
+def test_per_sample_batchnorm_trains_the_weights_through_the_statistics_as_batchnorm_does():
+    """A term with no derivative in x or z inside (the decoder score) has the weight gradient of ordinary
+    training-mode BatchNorm under "per_sample"; "detached" drops the statistics' part of it."""
+    torch.manual_seed(0)
+    x, eps = torch.rand(8, 1, 28, 28), torch.randn(8, 8)
+    gradients = {}
+    for mode in ("per_sample", "batch", "detached"):
+        torch.manual_seed(1)
+        model = small_fisher(batchnorm=mode).train()
+        score = model.fisher_terms(x, eps)["decoder_score"].sum()
+        gradients[mode] = torch.cat([g.flatten() for g in torch.autograd.grad(score, list(model.encoder.parameters()))])
+    torch.testing.assert_close(gradients["per_sample"], gradients["batch"], rtol=1e-4, atol=1e-4)
+    assert (gradients["detached"] - gradients["batch"]).abs().max() > 1e-2 * gradients["batch"].abs().max()
+
+
+@pytest.mark.parametrize("batchnorm", ["per_sample", "detached"])
+def test_batch_statistics_modes_update_the_running_statistics_like_batchnorm(batchnorm):
+    model = small_fisher(batchnorm=batchnorm).train()
     plain = copy.deepcopy(model)
     plain.batchnorm = "batch"
     x, eps = torch.rand(32, 1, 28, 28), torch.randn(32, 8)
@@ -186,7 +207,7 @@ def test_non_finite_loss_stops_training_naming_term_and_step_with_weights_intact
         assert torch.equal(value, weights["before"][name]), name
 
 
-@pytest.mark.parametrize("batchnorm", ["detached", "running", "batch"])
+@pytest.mark.parametrize("batchnorm", ["per_sample", "detached", "running", "batch"])
 def test_non_finite_step_is_skipped_on_request(batchnorm):
     model = small_fisher(on_nonfinite="skip", batchnorm=batchnorm)
     original = model.fisher_terms

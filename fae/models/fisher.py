@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from fae.errors import UserError
 from fae.models.base import GaussianAutoEncoder
-from fae.nets.batchnorm import detached_batchnorm, running_batchnorm
+from fae.nets.batchnorm import BatchStatistics, detached_batchnorm, running_batchnorm
 from fae.objectives import fisher_terms
 
 
@@ -61,7 +61,7 @@ class FisherAE(GaussianAutoEncoder):
         prior: Literal["standard_normal", "polynomial"] = "standard_normal",
         prior_degree: int = 4,
         stability: Literal["fixed_z", "total"] = "fixed_z",
-        batchnorm: Literal["detached", "running", "batch"] = "running",
+        batchnorm: Literal["per_sample", "detached", "running", "batch"] = "running",
         posterior_trains_decoder: bool = True,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -102,20 +102,30 @@ class FisherAE(GaussianAutoEncoder):
         self.on_nonfinite = on_nonfinite
         self.skipped_steps = 0
 
-    def normalisation(self) -> contextlib.AbstractContextManager:
-        """The context in which the nets' BatchNorm layers normalise as the `batchnorm` option says."""
-        per_sample = {"detached": detached_batchnorm, "running": running_batchnorm}.get(self.batchnorm)
-        return per_sample(self.encoder, self.decoder) if per_sample else contextlib.nullcontext()
+    def normalisation(self, x: Tensor, eps: Tensor) -> contextlib.AbstractContextManager:
+        """The context in which the nets' BatchNorm layers normalise as the `batchnorm` option says, for
+        the objective on x with z = mu + sigma eps. "per_sample" first records the batch statistics by an
+        ordinary training-mode pass on the detached x (and the z it gives), whose graph the weights'
+        gradient later flows through."""
+        if self.batchnorm == "per_sample":
+            statistics = BatchStatistics(self.encoder, self.decoder)
+            if statistics.layers:
+                with torch.enable_grad(), statistics.record():
+                    mu, log_sigma = self.encode_gaussian(x.detach())
+                    self.decoder(mu + log_sigma.exp() * eps)
+            return statistics.replay()
+        single_pass = {"detached": detached_batchnorm, "running": running_batchnorm}.get(self.batchnorm)
+        return single_pass(self.encoder, self.decoder) if single_pass else contextlib.nullcontext()
 
     def fisher_terms(self, x: Tensor, eps: Tensor | None = None) -> dict[str, Tensor]:
         """Theorem 1's terms on x, each (B,), with the diagnostics; `eps` (B, d_z) fixes the sample
         z = mu + sigma eps."""
         if torch.is_inference_mode_enabled():
             raise UserError("the Fisher objective needs gradients: use Trainer(inference_mode=False) (the CLI does)")
-        with torch.enable_grad(), self.normalisation():
+        eps = torch.randn(len(x), self.latent_dim, device=x.device, dtype=x.dtype) if eps is None else eps
+        with torch.enable_grad(), self.normalisation(x, eps):
             x = x.detach().requires_grad_(True)  # (B, C, H, W): the objective differentiates in x
             mu, log_sigma = self.encode_gaussian(x)  # (B, d_z) each
-            eps = torch.randn_like(mu) if eps is None else eps
             z = mu + log_sigma.exp() * eps  # (B, d_z)
             mean = self.likelihood.mean(self.decoder(z))  # (B, C, H, W)
             terms = fisher_terms(

@@ -4,32 +4,36 @@ In training mode BatchNorm normalises each sample with statistics of the whole b
 output depends on every x_j, and a gradient of a batch sum with respect to x (or z) picks up
 cross-sample terms: grad_{x_i} sum_k f(x_k) != grad_{x_i} f(x_i). The Fisher objective's
 grad_x log q_phi(z|x) and grad_z log p_theta(x|z) are per-sample derivatives, so they would be wrong.
-Two context managers fix that without changing the architecture. Inside either, every BatchNorm layer
-in training mode normalises sample i as
+Three ways out, none changing the architecture. In each, every BatchNorm layer in training mode
+normalises sample i as
 
-    y_i = gamma (h_i - m) / sqrt(v + eps) + beta        with (m, v) CONSTANTS,
+    y_i = gamma (h_i - m) / sqrt(v + eps) + beta        with (m, v) constant in x and z,
 
-a per-sample function of h_i, as at test time; they differ in which constants:
+a per-sample function of h_i, as at test time; they differ in what (m, v) are:
 
-- `detached_batchnorm`: (m, v) are the current batch's mean and biased variance, the values ordinary
-  training-mode BatchNorm uses, but detached: every value equals ordinary BatchNorm's, and no
-  derivative (in x, in z or in a weight) passes through the statistics. Each sample's terms are
-  exactly those of the test-time net whose statistics are set to this batch's.
+- `BatchStatistics` (two passes): (m, v) are the current batch's mean and biased variance, recorded by
+  an ordinary training-mode pass on the DETACHED inputs (x, and the code z computed from it), then
+  replayed by the pass that the objective differentiates. Every value equals ordinary BatchNorm's; the
+  derivatives in x and z are per sample (the statistics do not depend on the differentiated inputs);
+  and the weights' gradient still flows through the statistics, as in ordinary BatchNorm training.
+- `detached_batchnorm`: the same (m, v), detached: no derivative, in the inputs or the weights, passes
+  through the statistics (a single pass; the weights' gradient misses the statistics' part).
 - `running_batchnorm`: (m, v) are the RUNNING statistics (lagged moving averages), as at test time.
 
-Both then update the running statistics with the batch statistics (the usual momentum, unbiased
-variance), so the net evaluates as an ordinary BatchNorm net. A batch whose statistics are not finite
-leaves them unchanged.
+In all three, each sample's terms are exactly those of the test-time net holding these statistics. The
+running statistics are updated once per training step with the batch statistics (the usual momentum,
+unbiased variance), so the net evaluates as an ordinary BatchNorm net; a batch whose statistics are not
+finite leaves them unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
@@ -57,26 +61,27 @@ def update_running_statistics(layer: _BatchNorm, mean: Tensor, var: Tensor) -> N
     layer.num_batches_tracked += 1
 
 
+def normalise(layer: _BatchNorm, h: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    """gamma (h - mean) / sqrt(var + eps) + beta per channel (dim 1), differentiable in every argument."""
+    shape = (1, -1) + (1,) * (h.dim() - 2)
+    y = (h - mean.view(shape)) * torch.rsqrt(var.view(shape) + layer.eps)
+    if layer.affine:
+        y = y * layer.weight.view(shape) + layer.bias.view(shape)
+    return y
+
+
 def forward_with_detached_statistics(layer: _BatchNorm, h: Tensor) -> Tensor:
     """y = gamma (h - m) / sqrt(v + eps) + beta with the batch's (m, v) as constants; updates the running ones."""
     with torch.no_grad():
         mean, biased_var = batch_statistics(h.detach(), unbiased=False)
         n = h.numel() // h.shape[1]
         update_running_statistics(layer, mean, biased_var * n / max(n - 1, 1))
-    return F.batch_norm(h, mean, biased_var, layer.weight, layer.bias, training=False, momentum=0.0, eps=layer.eps)
+    return normalise(layer, h, mean, biased_var)
 
 
-@contextmanager
-def detached_batchnorm(*modules: nn.Module) -> Iterator[None]:
+def detached_batchnorm(*modules: nn.Module) -> contextlib.AbstractContextManager:
     """Training-mode BatchNorm layers normalise with the batch's statistics as constants (module docstring)."""
-    layers = training_batchnorm_layers(*modules)
-    for layer in layers:  # an instance attribute shadows the class's forward for this layer only
-        layer.forward = lambda h, _layer=layer: forward_with_detached_statistics(_layer, h)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
+    return layer_forwards(training_batchnorm_layers(*modules), forward_with_detached_statistics)
 
 
 @contextmanager
@@ -107,3 +112,44 @@ def running_batchnorm(*modules: nn.Module) -> Iterator[None]:
             layer.running_mean, layer.running_var = buffers[layer]
             if layer in seen:
                 update_running_statistics(layer, *seen[layer])
+
+
+@contextmanager
+def layer_forwards(layers: list[_BatchNorm], forward: Callable[[_BatchNorm, Tensor], Tensor]) -> Iterator[None]:
+    """Inside, each layer computes forward(layer, h): an instance attribute shadows the class's forward."""
+    for layer in layers:
+        layer.forward = lambda h, _layer=layer: forward(_layer, h)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+class BatchStatistics:
+    """The two-pass mode (module docstring): `record()` around an ordinary training-mode pass on the
+    detached inputs, then `replay()` around the pass the objective differentiates, which normalises with
+    the recorded statistics, still in the graph of the weights. Each layer replays its calls in order."""
+
+    def __init__(self, *modules: nn.Module) -> None:
+        self.layers = training_batchnorm_layers(*modules)
+        self.statistics: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {layer: [] for layer in self.layers}
+
+    def record(self) -> contextlib.AbstractContextManager:
+        def forward(layer: _BatchNorm, h: Tensor) -> Tensor:
+            mean, biased_var = batch_statistics(h, unbiased=False)  # in the graph of the weights
+            self.statistics[layer].append((mean, biased_var))
+            n = h.numel() // h.shape[1]
+            update_running_statistics(layer, mean.detach(), biased_var.detach() * n / max(n - 1, 1))
+            return normalise(layer, h, mean, biased_var)
+
+        return layer_forwards(self.layers, forward)
+
+    def replay(self) -> contextlib.AbstractContextManager:
+        calls = {layer: iter(recorded) for layer, recorded in self.statistics.items()}
+
+        def forward(layer: _BatchNorm, h: Tensor) -> Tensor:
+            mean, biased_var = next(calls[layer])
+            return normalise(layer, h, mean, biased_var)
+
+        return layer_forwards(self.layers, forward)
