@@ -26,7 +26,7 @@ def make(kind: str, width: int):
     if kind == "vae-gaussian":
         return VAE(*nets, likelihood="gaussian", grid_images=0)
     stability = "total" if kind == "fisher-total" else "fixed_z"
-    batchnorm = "batch" if kind == "fisher-batchbn" else "running"
+    batchnorm = {"fisher-batchbn": "batch", "fisher-running": "running"}.get(kind, "per_sample")
     return FisherAE(*nets, stability=stability, batchnorm=batchnorm, grid_images=0)
 
 
@@ -48,7 +48,7 @@ def main() -> None:
     dm = DigitsDataModule()
     dm.setup()
     x = dm.to_float(dm.splits["train"][: args.batch])
-    kinds = ["vae", "vae-gaussian", "fisher", "fisher-total", "fisher-batchbn"]
+    kinds = ["vae", "vae-gaussian", "fisher", "fisher-running", "fisher-total", "fisher-batchbn"]
     models = {k: make(k, args.width).train() for k in kinds}
     optimizers = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in models.items()}
     times: dict[str, list[float]] = {k: [] for k in kinds}

@@ -3,8 +3,9 @@ and one `fae report`.
 
     python scripts/experiment.py experiments/mnist_ablation.yaml [--out DIR] [--jobs 2] [--data_dir DIR]
 
-An experiment file (experiments/*.yaml) names the variants, each a config plus flags, the seeds, and
-the budget in batches, the same for every variant (for every family a step is a batch). For every
+An experiment file (experiments/*.yaml) names the variants, each a config plus flags (and, optionally,
+its own seeds), the seeds, and the budget in batches, the same for every variant (for every family a
+step is a batch). For every
 (variant, seed) this runs, as a new user would,
 
     fae fit  --config C FLAGS --seed_everything S --trainer.max_steps BUDGET --run_dir OUT/VARIANT/seedS
@@ -76,7 +77,7 @@ def plan(spec: dict, out: Path, data_dir: str | None) -> list[Job]:
         common += ["--data.data_dir", data_dir]
     jobs = []
     for variant, entry in spec["variants"].items():
-        for seed in spec.get("seeds", [0]):
+        for seed in entry.get("seeds", spec.get("seeds", [0])):
             flags = [*common, *flag_list(entry.get("flags")), "--seed_everything", str(seed)]
             jobs.append(Job(variant, seed, entry["config"], flags, out / variant / f"seed{seed}"))
     return jobs

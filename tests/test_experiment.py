@@ -64,7 +64,8 @@ def test_experiment_trains_tests_and_tabulates_every_variant_at_one_budget(tmp_p
     assert "| wae | 2 |" in (out / "table.md").read_text() and mask[-1]["level"] == 0.8
     assert "| vae | 2 |" in (out / "report" / "robustness.md").read_text()  # the seeds pooled per variant
     published = sorted(p.name for p in (tmp_path / "docs").iterdir())
-    assert published == ["robustness.md", "robustness_gaussian.png", "robustness_mask.png", "table.csv", "table.md"]
+    assert published == ["reconstructions_clean.png", "reconstructions_mask_0.8.png", "robustness.md",
+                         "robustness_gaussian.png", "robustness_mask.png", "table.csv", "table.md"]  # fmt: skip
 
     again = run_experiment(spec_file, out)  # finished runs are reused, not trained again
     assert again.returncode == 0 and again.stdout.count("done earlier, reused") == 4

@@ -165,7 +165,7 @@ def test_training_mode_batchnorm_couples_the_samples():
 
 
 def test_running_batchnorm_updates_the_running_statistics_like_batchnorm():
-    model = small_fisher().train()
+    model = small_fisher(batchnorm="running").train()
     layer = model.encoder.layers[3]  # the first BatchNorm
     x = torch.rand(32, 1, 28, 28)
     with torch.no_grad():

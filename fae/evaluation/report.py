@@ -13,6 +13,7 @@ and writes to --out:
   reconstructions_<kind>_<level>.png   the runs' grids of reconstructions from corrupted images (true
                             images on odd rows, reconstructions on even rows; supplement Figs 2 and 4),
                             side by side, for every level all runs have a grid of
+  reconstructions_clean.png the same for the clean test images (the test's images/ grid)
 
 --group_by pools runs: "run" (default) keeps each run apart, its band and +- the standard deviation
 over test images; "parent" pools the runs of one folder (OUT/<variant>/seed0, seed1, ...: the seeds
@@ -236,6 +237,17 @@ def combine_grids(grids: dict[str, Path], file: Path) -> None:
     plt.close(fig)
 
 
+def grids_of(results_file: Path) -> dict[str, Path]:
+    """A test's reconstruction grids by name: the sweep's (reconstructions_<kind>_<level>) and the
+    clean test images' (reconstructions_clean, from images/test_reconstructions_*.png)."""
+    folder = results_file.parent
+    grids = {p.stem: p for p in folder.glob("reconstructions_*.png")}
+    clean = sorted(folder.glob("images/test_reconstructions_*.png"))
+    if clean:
+        grids["reconstructions_clean"] = clean[-1]
+    return grids
+
+
 def write_report(runs: dict[str, Curves], out: Path, grids: dict[str, dict[str, Path]] | None = None) -> list[Path]:
     """Figures per noise kind, the markdown tables and, given {label: {grid name: png}}, the combined
     grids of every name all of them have, in `out`; returns the files written."""
@@ -269,8 +281,7 @@ def report(run_dirs: list[Path], out: Path = Path("reports/latest"), group_by: s
         curves = run_curves(path)
         key = group_key(path, curves.rows, label, group_by)
         groups.setdefault(key, []).append(curves)
-        # a group's grid: its first run's (the same test images in every run)
-        grids.setdefault(key, {p.stem: p for p in find_results(path).parent.glob("reconstructions_*.png")})
+        grids.setdefault(key, grids_of(find_results(path)))  # a group's grids: its first run's
     runs = {key: members[0] if len(members) == 1 else pool(members) for key, members in groups.items()}
     for file in write_report(runs, Path(out), grids):
         print(f"fae report: wrote {file}")

@@ -14,14 +14,17 @@ The pieces are fae.objectives.fisher_terms. Three choices, each a named option:
 
 - `stability`: grad_x log q_phi(z|x) at fixed z (Theorem 1, the default) or "total", the total
   derivative with z = mu(x) + sigma(x) eps still a function of x (the authors' public snapshot).
-- `batchnorm`: how the paper's BatchNorm layers normalise inside the objective (fae.nets.batchnorm).
-  "detached" uses the current batch's statistics as constants: values as ordinary BatchNorm's, and
-  every term and derivative is that of one sample through the net whose statistics are this batch's,
-  so the derivatives have no cross-sample terms, as Theorem 1 requires. "running" normalises by the
-  lagged running statistics instead (also per sample). "batch" keeps ordinary training-mode BatchNorm,
-  whose batch statistics couple the samples: the gradients of the batch sum then carry cross-sample
-  terms (the authors' CelebA code does this). Nets without BatchNorm (`norm: group` or `none`) are
-  per sample whatever this says.
+- `batchnorm`: how the paper's BatchNorm layers normalise inside the objective (fae.nets.batchnorm),
+  whose derivatives in x and z must be those of each sample alone. "per_sample" (the default)
+  normalises with the current batch's statistics, recorded by an ordinary pass on the detached
+  inputs and replayed as constants in x and z: values as ordinary BatchNorm's, derivatives in x and z
+  without cross-sample terms, and the weights' gradient flowing through the statistics as in ordinary
+  BatchNorm training (one extra forward pass). "detached" uses the same statistics as constants
+  everywhere, "running" the lagged running statistics; both are per sample too, but their weight
+  gradients ignore the normalisation and they train far worse (measured: README, "Experiments").
+  "batch" keeps ordinary training-mode BatchNorm, whose batch statistics couple the samples: the
+  gradients of the batch sum then carry cross-sample terms (the authors' CelebA code does this). Nets
+  without BatchNorm (`norm: group` or `none`) are per sample whatever this says.
 - `posterior_trains_decoder`: true differentiates the posterior term through grad_z log p_theta(x|z)
   (Theorem 1). False takes that score as a constant, as the authors' code does (it is computed
   without create_graph): the decoder then learns from the Hyvarinen score alone, and the posterior
@@ -61,7 +64,7 @@ class FisherAE(GaussianAutoEncoder):
         prior: Literal["standard_normal", "polynomial"] = "standard_normal",
         prior_degree: int = 4,
         stability: Literal["fixed_z", "total"] = "fixed_z",
-        batchnorm: Literal["per_sample", "detached", "running", "batch"] = "running",
+        batchnorm: Literal["per_sample", "detached", "running", "batch"] = "per_sample",
         posterior_trains_decoder: bool = True,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -79,7 +82,8 @@ class FisherAE(GaussianAutoEncoder):
             prior: "standard_normal", or "polynomial", the learned exponential family of degree prior_degree.
             prior_degree: M, the degree of the polynomial prior (even; 4 on CelebA in the paper).
             stability: "fixed_z" (Theorem 1) or "total" (the authors' snapshot); see the module docstring.
-            batchnorm: "detached" or "running" (per sample), or "batch" (couples samples); see the module docstring.
+            batchnorm: "per_sample" (default), "detached" or "running" (per sample), or "batch" (couples the
+                samples); see the module docstring.
             posterior_trains_decoder: differentiate the posterior term through grad_z log p_theta(x|z)
                 (Theorem 1); false treats that score as a constant (the authors' code).
             on_nonfinite: "stop" training with a message, or "skip" the step, on a non-finite loss or gradient.
