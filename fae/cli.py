@@ -16,7 +16,8 @@ anything is built. What fae adds to LightningCLI:
     that DDP starts receive it through FAE_RUN_DIR; on several nodes set `--run_dir` explicitly;
   - every run writes its metrics to RUN/metrics.csv (a CSVLogger is always added), beside the loggers
     of the config (W&B by default, fae.tracking.WandbLogger);
-  - checkpoints RUN/checkpoints/last.ckpt and the best by `--checkpoint.monitor` (val/loss);
+  - checkpoints RUN/checkpoints/last.ckpt (the newest state, fae.checkpoint) and the best by
+    `--checkpoint.monitor` (val/loss);
   - under `fae test`, the robustness sweep (`--sweep.*`, fae.evaluation.RobustnessSweep), written to
     robustness.json and robustness.csv in the test's folder;
   - user errors (fae.errors.UserError, a missing checkpoint) end the command with one line.
@@ -34,11 +35,11 @@ from argparse import ArgumentError
 from pathlib import Path
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_info
 
+from fae.checkpoint import Checkpoint
 from fae.data.base import InMemoryImageDataModule
 from fae.errors import UserError, user_message
 from fae.evaluation import RobustnessSweep
@@ -107,7 +108,7 @@ class FaeCLI(LightningCLI):
             default=None,
             help=f"Use this exact run folder (default: a new one; {RUN_DIR_ENV} also sets it).",
         )
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.add_lightning_class_args(RobustnessSweep, "sweep")  # acts under `fae test` only
         parser.set_defaults(
             {

@@ -20,8 +20,10 @@ in OUT/report. `--publish DIR` copies the tables and the report's figures and ta
 files, for docs/results/).
 
 A run that has finished its test is kept and reused, so an interrupted experiment continues where it
-stopped; a run folder left unfinished stops this script with the folder's name (fae never writes into
-an earlier run's folder: remove it, or choose another --out).
+stopped, and several processes of one experiment share its runs (each takes a run by its lock file,
+OUT/VARIANT/seedS.lock, and leaves those taken by another out of its own table). A run folder left
+unfinished is never written into: it is left out of the table, named, until it is removed. The script
+exits non-zero when a run is left out or failed.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ class Job:
     @property
     def log(self) -> Path:
         return self.run_dir.parent / f"{self.run_dir.name}.log"
+
+    @property
+    def lock(self) -> Path:
+        return self.run_dir.parent / f"{self.run_dir.name}.lock"
 
     @property
     def timing(self) -> Path:
@@ -95,15 +101,27 @@ def fae(args: list[str], log, env: dict) -> int:
 
 
 def run(job: Job, spec: dict) -> str:
-    """Fit then test one (variant, seed); returns a one-line status."""
+    """Fit then test one (variant, seed), unless it is done or taken; returns a one-line status."""
     if finished(job):
         return f"{job.variant} seed {job.seed}: done earlier, reused ({job.run_dir})"
-    if job.run_dir.exists():
-        raise SystemExit(
-            f"experiment: {job.run_dir} exists but has no finished test: remove it or choose another --out "
-            "(runs are never overwritten)"
-        )
     job.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:  # the run belongs to this process while its lock file exists
+        lock = os.open(job.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return f"{job.variant} seed {job.seed}: LEFT OUT, another experiment process is running it ({job.lock})"
+    try:
+        if job.run_dir.exists():
+            return (
+                f"{job.variant} seed {job.seed}: LEFT OUT, {job.run_dir} exists but has no finished test (an "
+                "interrupted run?): remove it to train it again (runs are never overwritten)"
+            )
+        return fit_and_test(job, spec)
+    finally:
+        os.close(lock)
+        job.lock.unlink()
+
+
+def fit_and_test(job: Job, spec: dict) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.setdefault("WANDB_MODE", "offline")
     env.pop("FAE_RUN_DIR", None)
@@ -180,11 +198,11 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
 
 
-def cell(values: list[float]) -> str:
+def cell(values: list[float], column: str) -> str:
     mean, std, n = mean_std(values)
     if n == 0:
         return "–"
-    digits = 4 if abs(mean) < 10 else 1
+    digits = 1 if column.endswith(("min", "active_units")) or abs(mean) >= 10 else 4
     return f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
@@ -205,7 +223,7 @@ def write_table(jobs: list[Job], spec: dict, out: Path) -> Path:
         writer = csv.writer(f)
         writer.writerow(["variant", "seed_count", *[f"{c} {s}" for c in columns for s in ("mean", "std")]])
         for variant, runs in per_variant.items():
-            cells = [cell([r[c] for r in runs]) for c in columns]
+            cells = [cell([r[c] for r in runs], c) for c in columns]
             lines.append(f"| {variant} | {len(runs)} | " + " | ".join(cells) + " |")
             writer.writerow([variant, len(runs), *[v for c in columns for v in mean_std([r[c] for r in runs])[:2]]])
     table = out / "table.md"
@@ -226,11 +244,15 @@ def main() -> None:
     jobs = plan(spec, out, args.data_dir)
     print(f"experiment: {len(jobs)} runs of {spec['budget']['batches']} batches into {out}", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        statuses = []
         for status in pool.map(lambda job: run(job, spec), jobs):
             print(f"experiment: {status}", flush=True)
+            statuses.append(status)
+    runs = [str(job.run_dir) for job in jobs if finished(job)]
+    if not runs:
+        raise SystemExit("experiment: no run has finished, so there is no table")
     table = write_table(jobs, spec, out)
     print(f"experiment: wrote {table}")
-    runs = [str(job.run_dir) for job in jobs if finished(job)]
     subprocess.run([sys.executable, "-m", "fae.cli", "report", *runs, "--group_by", "parent",
                     "--out", str(out / "report")], check=True, cwd=ROOT)  # fmt: skip
     if args.publish:
@@ -238,6 +260,9 @@ def main() -> None:
         for file in [out / "table.md", out / "table.csv", *sorted((out / "report").iterdir())]:
             shutil.copy2(file, args.publish / file.name)
         print(f"experiment: copied the tables and figures to {args.publish}")
+    left_out = [status for status in statuses if "LEFT OUT" in status or "FAILED" in status]
+    if left_out:
+        raise SystemExit(f"experiment: {len(left_out)} of {len(jobs)} runs are not in the table (see above)")
 
 
 if __name__ == "__main__":

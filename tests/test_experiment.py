@@ -75,3 +75,7 @@ def test_experiment_trains_tests_and_tabulates_every_variant_at_one_budget(tmp_p
         test_dir.rename(test_dir.with_name("moved-" + test_dir.name))
     refused = run_experiment(spec_file, out)
     assert refused.returncode != 0 and "exists but has no finished test" in refused.stdout + refused.stderr
+    assert not list((out / "vae" / "seed0").glob("test-*"))  # nothing written into it
+    (out / "vae" / "seed0.lock").touch()  # as while another process of the experiment trains it
+    taken = run_experiment(spec_file, out)
+    assert taken.returncode != 0 and "another experiment process is running it" in taken.stdout

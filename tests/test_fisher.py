@@ -12,7 +12,7 @@ from fae.data import DigitsDataModule
 from fae.errors import UserError
 from fae.models import VAE, FisherAE
 from fae.nets import MNISTDecoder, MNISTEncoder
-from fae.objectives import fisher_terms
+from fae.objectives import fisher_terms, reconstruction_bce
 
 from .conftest import QUIET
 
@@ -250,14 +250,21 @@ def test_vae_logs_the_posterior_fisher_divergence_per_sample():
     assert metrics["val/posterior_fisher"] > 0
 
 
-def test_training_on_real_digits_lowers_loss_and_reconstruction_error():
+def test_training_on_real_digits_beats_the_mean_image_clearly():
+    """The shipped settings (per-sample BatchNorm, learned s from 0.5) learn digits, not the mean image."""
     L.seed_everything(0)
-    model = FisherAE(MNISTEncoder(8, 8), MNISTDecoder(8, 8), learn_decoder_scale=True, grid_images=0,
-                     optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))  # fmt: skip
+    model = FisherAE(MNISTEncoder(8, 8), MNISTDecoder(8, 8), learn_decoder_scale=True, decoder_scale=0.5,
+                     grid_images=0, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))  # fmt: skip
     dm = DigitsDataModule(batch_size=64)
+    dm.setup()
+    val = dm.to_float(dm.splits["val"])
+    mean_image = dm.to_float(dm.splits["train"]).mean(0, keepdim=True).expand_as(val)
+    mean_bce = reconstruction_bce(mean_image, val).mean().item()  # about 0.265
     before = L.Trainer(**QUIET).validate(model, datamodule=dm, verbose=False)[0]
     L.Trainer(max_steps=300, limit_val_batches=0, **QUIET).fit(model, datamodule=dm)
     after = L.Trainer(**QUIET).validate(model, datamodule=dm, verbose=False)[0]
     assert after["val/loss"] < before["val/loss"] - 0.1 * abs(before["val/loss"])
-    assert after["val/recon_bce"] < 0.7 * before["val/recon_bce"]
-    assert model.likelihood.log_scale.exp() < 0.9  # the learned scale moves toward ||x - mu||^2 / d
+    assert after["val/recon_bce"] < 0.8 * mean_bce  # measured: 0.184 after 300 batches
+    assert after["val/recon_mse"] < 0.6 * (mean_image - val).pow(2).mean().item()
+    assert after["val/active_units"] >= 4
+    assert model.likelihood.log_scale.exp() < 0.45  # the learned scale moves toward ||x - mu||^2 / d
