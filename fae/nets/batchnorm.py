@@ -61,6 +61,15 @@ def update_running_statistics(layer: _BatchNorm, mean: Tensor, var: Tensor) -> N
     layer.num_batches_tracked += 1
 
 
+def statistics_of_batch(layer: _BatchNorm, h: Tensor) -> tuple[Tensor, Tensor]:
+    """The per-channel mean and biased variance of h, in h's graph (what training-mode BatchNorm
+    normalises with); the layer's running statistics are updated with them."""
+    mean, biased_var = batch_statistics(h, unbiased=False)
+    n = h.numel() // h.shape[1]
+    update_running_statistics(layer, mean.detach(), biased_var.detach() * n / max(n - 1, 1))
+    return mean, biased_var
+
+
 def normalise(layer: _BatchNorm, h: Tensor, mean: Tensor, var: Tensor) -> Tensor:
     """gamma (h - mean) / sqrt(var + eps) + beta per channel (dim 1), differentiable in every argument."""
     shape = (1, -1) + (1,) * (h.dim() - 2)
@@ -70,18 +79,46 @@ def normalise(layer: _BatchNorm, h: Tensor, mean: Tensor, var: Tensor) -> Tensor
     return y
 
 
-def forward_with_detached_statistics(layer: _BatchNorm, h: Tensor) -> Tensor:
-    """y = gamma (h - m) / sqrt(v + eps) + beta with the batch's (m, v) as constants; updates the running ones."""
-    with torch.no_grad():
-        mean, biased_var = batch_statistics(h.detach(), unbiased=False)
-        n = h.numel() // h.shape[1]
-        update_running_statistics(layer, mean, biased_var * n / max(n - 1, 1))
-    return normalise(layer, h, mean, biased_var)
+@contextmanager
+def layer_forwards(layers: list[_BatchNorm], forward: Callable[[_BatchNorm, Tensor], Tensor]) -> Iterator[None]:
+    """Inside, each layer computes forward(layer, h): an instance attribute shadows the class's forward."""
+    for layer in layers:
+        layer.forward = lambda h, _layer=layer: forward(_layer, h)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+class BatchStatistics:
+    """The two-pass mode (module docstring): `record()` around an ordinary training-mode pass on the
+    detached inputs, then `replay()` around the pass the objective differentiates, which normalises with
+    the recorded statistics, still in the graph of the weights. Each layer replays its calls in order."""
+
+    def __init__(self, *modules: nn.Module) -> None:
+        self.layers = training_batchnorm_layers(*modules)
+        self.statistics: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {layer: [] for layer in self.layers}
+
+    def record(self) -> contextlib.AbstractContextManager:
+        def forward(layer: _BatchNorm, h: Tensor) -> Tensor:
+            self.statistics[layer].append(statistics_of_batch(layer, h))
+            return normalise(layer, h, *self.statistics[layer][-1])
+
+        return layer_forwards(self.layers, forward)
+
+    def replay(self) -> contextlib.AbstractContextManager:
+        calls = {layer: iter(recorded) for layer, recorded in self.statistics.items()}
+        return layer_forwards(self.layers, lambda layer, h: normalise(layer, h, *next(calls[layer])))
 
 
 def detached_batchnorm(*modules: nn.Module) -> contextlib.AbstractContextManager:
     """Training-mode BatchNorm layers normalise with the batch's statistics as constants (module docstring)."""
-    return layer_forwards(training_batchnorm_layers(*modules), forward_with_detached_statistics)
+
+    def forward(layer: _BatchNorm, h: Tensor) -> Tensor:
+        return normalise(layer, h, *statistics_of_batch(layer, h.detach()))
+
+    return layer_forwards(training_batchnorm_layers(*modules), forward)
 
 
 @contextmanager
@@ -112,44 +149,3 @@ def running_batchnorm(*modules: nn.Module) -> Iterator[None]:
             layer.running_mean, layer.running_var = buffers[layer]
             if layer in seen:
                 update_running_statistics(layer, *seen[layer])
-
-
-@contextmanager
-def layer_forwards(layers: list[_BatchNorm], forward: Callable[[_BatchNorm, Tensor], Tensor]) -> Iterator[None]:
-    """Inside, each layer computes forward(layer, h): an instance attribute shadows the class's forward."""
-    for layer in layers:
-        layer.forward = lambda h, _layer=layer: forward(_layer, h)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
-
-
-class BatchStatistics:
-    """The two-pass mode (module docstring): `record()` around an ordinary training-mode pass on the
-    detached inputs, then `replay()` around the pass the objective differentiates, which normalises with
-    the recorded statistics, still in the graph of the weights. Each layer replays its calls in order."""
-
-    def __init__(self, *modules: nn.Module) -> None:
-        self.layers = training_batchnorm_layers(*modules)
-        self.statistics: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {layer: [] for layer in self.layers}
-
-    def record(self) -> contextlib.AbstractContextManager:
-        def forward(layer: _BatchNorm, h: Tensor) -> Tensor:
-            mean, biased_var = batch_statistics(h, unbiased=False)  # in the graph of the weights
-            self.statistics[layer].append((mean, biased_var))
-            n = h.numel() // h.shape[1]
-            update_running_statistics(layer, mean.detach(), biased_var.detach() * n / max(n - 1, 1))
-            return normalise(layer, h, mean, biased_var)
-
-        return layer_forwards(self.layers, forward)
-
-    def replay(self) -> contextlib.AbstractContextManager:
-        calls = {layer: iter(recorded) for layer, recorded in self.statistics.items()}
-
-        def forward(layer: _BatchNorm, h: Tensor) -> Tensor:
-            mean, biased_var = next(calls[layer])
-            return normalise(layer, h, mean, biased_var)
-
-        return layer_forwards(self.layers, forward)
