@@ -4,6 +4,11 @@ One step = forward, backward and Adam update on a batch of 64 real digits (the e
 the nets of supplement Table 1 at the paper's width (64; `--width` to change). The variants are timed
 interleaved, the median of `--steps` steps each after warm-up, and printed with their ratio to the
 VAE. Target (issue 3): the Fisher step at most 1.5x the VAE step at batch 64 on a 2-core CPU.
+
+"fisher" is the default (per_sample BatchNorm: an extra pass records the batch statistics, and the
+weights' gradient flows back through it); "fisher-batchbn" is ordinary BatchNorm (not per sample) and
+"fisher-running" the running-statistics mode (per sample, trains poorly): their difference to
+"fisher" is the price of exact per-sample derivatives with the paper's BatchNorm nets.
 """
 
 from __future__ import annotations

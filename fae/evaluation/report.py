@@ -233,7 +233,7 @@ def combine_grids(grids: dict[str, Path], file: Path) -> None:
         ax.set_title(label, fontsize=8)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(file, dpi=150)
+    fig.savefig(file, dpi=150, bbox_inches="tight")
     plt.close(fig)
 
 
