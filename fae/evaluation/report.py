@@ -153,15 +153,19 @@ def group_key(path: Path, rows: list[dict], label: str, group_by: str) -> str:
 
 
 def plot_kind(runs: dict[str, Curves], kind: str, file: Path) -> None:
+    """Error against level, one curve and band per run; a log scale when the errors span more than a
+    factor of 20 (a diverged run beside working ones), the legend beside the axes for many runs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    metric = ""
+    many = len(runs) > 6
+    fig, ax = plt.subplots(figsize=(7.5 if many else 5, 3.6))
+    colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10")
+    metric, plotted = "", []
     pooled = any(c.runs > 1 for c in runs.values())
-    for label, curves in runs.items():
+    for i, (label, curves) in enumerate(runs.items()):
         rows = sorted((r for r in curves.rows if r["kind"] == kind), key=lambda r: r["level"])
         if not rows:
             continue
@@ -169,14 +173,21 @@ def plot_kind(runs: dict[str, Curves], kind: str, file: Path) -> None:
         levels = [r["level"] for r in rows]
         means = [r["mean"] for r in rows]
         stds = [r["std"] for r in rows]
-        ax.plot(levels, means, marker="o", ms=3, label=f"{label} (n={curves.runs})" if pooled else label)
+        color = colors(i % colors.N)
+        ax.plot(levels, means, marker="o", ms=3, color=color, label=f"{label} (n={curves.runs})" if pooled else label)
         low = [m - s for m, s in zip(means, stds, strict=True)]
         high = [m + s for m, s in zip(means, stds, strict=True)]
-        ax.fill_between(levels, low, high, alpha=0.2)
+        ax.fill_between(levels, low, high, alpha=0.2, color=color)
+        plotted += means
+    if plotted and min(plotted) > 0 and max(plotted) / min(plotted) > 20:
+        ax.set_yscale("log")
     ax.set_xlabel(KIND_LABELS.get(kind, kind))
     ax.set_ylabel(f"reconstruction {metric.upper()} vs clean image")
     ax.set_title(f"band: ±1 sd {'across runs (n = runs)' if pooled else 'over test images'}", fontsize=8)
-    ax.legend(fontsize=7)
+    if many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(file, dpi=120)
