@@ -123,7 +123,6 @@ def run(job: Job, spec: dict) -> str:
 
 def fit_and_test(job: Job, spec: dict) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    env.setdefault("WANDB_MODE", "offline")
     env.pop("FAE_RUN_DIR", None)
     budget = spec["budget"]
     quiet = ["--trainer.enable_progress_bar", "false"]
@@ -241,7 +240,7 @@ def main() -> None:
     args = parser.parse_args()
     spec = yaml.safe_load(args.spec.read_text())
     out = (args.out or Path("runs") / args.spec.stem).resolve()
-    jobs = plan(spec, out, args.data_dir)
+    jobs = plan(spec, out, str(Path(args.data_dir).resolve()) if args.data_dir else None)  # runs start in ROOT
     print(f"experiment: {len(jobs)} runs of {spec['budget']['batches']} batches into {out}", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         statuses = []
