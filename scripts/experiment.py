@@ -243,10 +243,8 @@ def main() -> None:
     jobs = plan(spec, out, str(Path(args.data_dir).resolve()) if args.data_dir else None)  # runs start in ROOT
     print(f"experiment: {len(jobs)} runs of {spec['budget']['batches']} batches into {out}", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        statuses = []
         for status in pool.map(lambda job: run(job, spec), jobs):
             print(f"experiment: {status}", flush=True)
-            statuses.append(status)
     runs = [str(job.run_dir) for job in jobs if finished(job)]
     if not runs:
         raise SystemExit("experiment: no run has finished, so there is no table")
@@ -259,9 +257,9 @@ def main() -> None:
         for file in [out / "table.md", out / "table.csv", *sorted((out / "report").iterdir())]:
             shutil.copy2(file, args.publish / file.name)
         print(f"experiment: copied the tables and figures to {args.publish}")
-    left_out = [status for status in statuses if "LEFT OUT" in status or "FAILED" in status]
-    if left_out:
-        raise SystemExit(f"experiment: {len(left_out)} of {len(jobs)} runs are not in the table (see above)")
+    missing = [f"{job.variant} seed {job.seed}" for job in jobs if not finished(job)]
+    if missing:
+        raise SystemExit(f"experiment: {len(missing)} of {len(jobs)} runs are not in the table: {', '.join(missing)}")
 
 
 if __name__ == "__main__":
