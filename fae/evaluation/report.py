@@ -231,20 +231,25 @@ def markdown_table(runs: dict[str, Curves]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def combine_grids(grids: dict[str, Path], file: Path) -> None:
-    """The runs' grid images side by side, titled by run."""
+def combine_grids(grids: dict[str, Path], file: Path, per_row: int = 4) -> None:
+    """The runs' grid images side by side, up to `per_row` to a row, titled by run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6), squeeze=False)
-    for ax, (label, path) in zip(axes[0], grids.items(), strict=True):
-        ax.imshow(plt.imread(path), cmap="gray")
-        ax.set_title(label, fontsize=8)
+    images = {label: plt.imread(path) for label, path in grids.items()}
+    height, width = next(iter(images.values())).shape[:2]
+    rows, columns = math.ceil(len(grids) / per_row), min(per_row, len(grids))
+    figsize = (3.2 * columns, (3.2 * height / width + 0.3) * rows)
+    fig, axes = plt.subplots(rows, columns, figsize=figsize, squeeze=False)
+    for ax in axes.flat:
         ax.axis("off")
+    for ax, (label, image) in zip(axes.flat, images.items(), strict=False):
+        ax.imshow(image, cmap="gray", interpolation="nearest")
+        ax.set_title(label, fontsize=8)
     fig.tight_layout()
-    fig.savefig(file, dpi=150, bbox_inches="tight")
+    fig.savefig(file, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
