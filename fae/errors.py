@@ -9,7 +9,22 @@ from __future__ import annotations
 
 
 class UserError(Exception):
-    """A mistake the user can fix; its message is shown alone, as one line."""
+    """A mistake the user can fix; its message is shown alone, as one line. The newest one raised is
+    kept in `UserError.latest`: jsonargparse turns an error raised in a class's constructor into its
+    own, quoting only the message, and fae.cli.main recognises it by that."""
+
+    latest: UserError | None = None
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        UserError.latest = self
+
+
+def require_positive(owner: str, **values: int | float) -> None:
+    """A UserError naming the first of `values` that is not > 0, e.g. a net's width of 0."""
+    for name, value in values.items():
+        if not value > 0:
+            raise UserError(f"{owner}: {name} must be > 0, got {value}")
 
 
 def short_reason(err: BaseException) -> str:

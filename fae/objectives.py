@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fae.errors import UserError
+
 
 def per_sample_sum(t: Tensor) -> Tensor:
     """Sum over every dimension but the first: (B, ...) -> (B,)."""
@@ -159,7 +161,7 @@ def fisher_terms(
     elif stability == "total":
         grad_x_log_q = grad_x_log_encoder_total(log_sigma, x, create_graph)
     else:
-        raise ValueError(f"stability must be 'fixed_z' or 'total', got {stability!r}")
+        raise UserError(f"stability must be 'fixed_z' or 'total', got {stability!r}")
     decoder_score = gaussian_hyvarinen_score(x, decoder_mean, log_scale)
     stab = stability_term(grad_x_log_q)
     nll = gaussian_nll(decoder_mean, x, log_scale)

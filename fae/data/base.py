@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fae.data.noise import Corruption
+from fae.errors import UserError
 
 
 class Batch(NamedTuple):
@@ -120,7 +121,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
         """
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers

@@ -156,7 +156,7 @@ class CelebADataModule(InMemoryImageDataModule):
         """
         super().__init__(batch_size, eval_batch_size, num_workers, corruption)
         if crop < 1 or image_size < 1:
-            raise ValueError(f"crop and image_size must be positive, got {crop} and {image_size}")
+            raise UserError(f"crop and image_size must be positive, got {crop} and {image_size}")
         self.data_dir = Path(data_dir)
         self.crop = crop
         self.image_size = image_size

@@ -55,7 +55,7 @@ class MNISTDataModule(InMemoryImageDataModule):
         """
         super().__init__(batch_size, eval_batch_size, num_workers, corruption)
         if not 0 < val_size < 60000:
-            raise ValueError(f"val_size must be in (0, 60000), got {val_size}")
+            raise UserError(f"val_size must be in (0, 60000), got {val_size}")
         self.data_dir = Path(data_dir)
         self.download = download
         self.val_size = val_size

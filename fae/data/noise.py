@@ -23,6 +23,8 @@ import struct
 import torch
 from torch import Tensor
 
+from fae.errors import UserError
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -92,7 +94,7 @@ class GaussianNoise(Corruption):
 
     def __init__(self, sigma: float, seed: int = 0) -> None:
         if not sigma >= 0:
-            raise ValueError(f"GaussianNoise: sigma must be >= 0, got {sigma}")
+            raise UserError(f"GaussianNoise: sigma must be >= 0, got {sigma}")
         self.level = float(sigma)
         self.seed = int(seed)
 
@@ -111,7 +113,7 @@ class BinaryMask(Corruption):
 
     def __init__(self, nu: float, seed: int = 0) -> None:
         if not 0.0 <= nu <= 1.0:
-            raise ValueError(f"BinaryMask: nu must be a probability in [0, 1], got {nu}")
+            raise UserError(f"BinaryMask: nu must be a probability in [0, 1], got {nu}")
         self.level = float(nu)
         self.seed = int(seed)
 

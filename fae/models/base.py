@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import inspect
 import random
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import lightning as L
 import torch
@@ -114,6 +114,8 @@ class AutoEncoder(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         recon_metric: str = "bce",
         grid_images: int = 16,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
+        max_consecutive_skips: int = 20,
     ) -> None:
         """
         Args:
@@ -123,6 +125,9 @@ class AutoEncoder(L.LightningModule):
             lr_scheduler: an optional learning-rate scheduler, stepped every epoch.
             recon_metric: reconstruction error against the clean image: "bce" (MNIST) or "mse" (CelebA).
             grid_images: validation images shown in the reconstruction grid (0 for none).
+            on_nonfinite: on a non-finite loss term or gradient, "stop" training with one line naming it,
+                or "skip" that step; either way the weights are never updated from it.
+            max_consecutive_skips: in "skip" mode, give up after this many skipped steps in a row.
         """
         super().__init__()
         if getattr(encoder, "latent_dim", None) != getattr(decoder, "latent_dim", None):
@@ -139,6 +144,16 @@ class AutoEncoder(L.LightningModule):
         self.lr_scheduler = lr_scheduler
         self.recon_metric = recon_metric
         self.grid_images = grid_images
+        if on_nonfinite not in ("stop", "skip"):
+            raise UserError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+        if max_consecutive_skips < 1:
+            raise UserError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
+        self.on_nonfinite = on_nonfinite
+        self.max_consecutive_skips = max_consecutive_skips
+        self.skipped_steps = 0  # in this process's training, for the log
+        self.skips_in_a_row = 0
+        self._skipped_this_batch = False
+        self._buffers_before_step: dict[str, Tensor] = {}
         names = dict.fromkeys((*self.terms, *self.eval_metrics_extra, *self.diagnostic_terms, f"recon_{recon_metric}"))
         self.eval_metrics = nn.ModuleDict(
             {stage: nn.ModuleDict({name: MeanMetric() for name in names}) for stage in ("val", "test")}
@@ -207,10 +222,68 @@ class AutoEncoder(L.LightningModule):
                 "data module's image_size)"
             )
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         terms = self.model_step(batch.x)
+        if not self.finite_or_skip(terms):
+            return None  # Lightning skips backward and the optimizer step
         self.log_training_terms(terms)
         return terms["loss"].mean()
+
+    # --- non-finite values: no update is ever made from one ------------------------------------------
+    def finite_or_skip(self, terms: dict[str, Tensor], names: tuple[str, ...] | None = None) -> bool:
+        """True when the objective's terms (`names`, default `self.terms`) are finite on every device.
+        Otherwise, before any update: "stop" raises a UserError naming the term and the step; "skip"
+        restores the buffers (BatchNorm statistics) and returns False."""
+        if self._trainer is None:
+            return True
+        names = [name for name in (names or self.terms) if name in terms]
+        finite = torch.stack([torch.isfinite(terms[name]).all() for name in names]).tolist()  # one sync
+        bad = [name for name, ok in zip(names, finite, strict=True) if not ok]
+        if not self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            return True
+        self.non_finite(f"loss term {', '.join(bad) or '(on another device)'}")
+        return False
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A non-finite gradient (after the devices' reduction, so every device decides alike)."""
+        grads = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+        if not grads or torch.stack([torch.isfinite(g).all() for _, g in grads]).all():
+            return
+        bad = [n for n, g in grads if not torch.isfinite(g).all()]
+        self.non_finite(f"gradient of {bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}")
+        for p in self.parameters():  # an optimizer makes no update for a parameter without a gradient
+            p.grad = None
+
+    def non_finite(self, what: str) -> None:
+        where = f"at step {self.global_step} (epoch {self.current_epoch})"
+        callback = self.trainer.checkpoint_callback
+        last = getattr(callback, "last_model_path", "") or "no checkpoint was written yet"
+        if self.on_nonfinite == "stop":
+            raise UserError(
+                f"non-finite {what} {where}; stopped before the optimizer step, so no weight was updated from it "
+                f"(last saved state: {last}). Lower the learning rate, or set --model.on_nonfinite skip"
+            )
+        if self._buffers_before_step:
+            self.load_state_dict(self._buffers_before_step, strict=False)  # e.g. BatchNorm statistics
+        self._skipped_this_batch = True
+        self.skipped_steps += 1
+        self.skips_in_a_row += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        if self.skips_in_a_row >= self.max_consecutive_skips:
+            raise UserError(
+                f"{self.skips_in_a_row} steps in a row skipped, the last for a non-finite {what} {where}: "
+                f"training is not recovering (last saved state: {last}); resume from an earlier checkpoint "
+                "with a lower learning rate, or check the data"
+            )
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._skipped_this_batch = False
+        if self.on_nonfinite == "skip":  # restored if this step is skipped
+            self._buffers_before_step = {name: b.clone() for name, b in self.named_buffers()}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if not self._skipped_this_batch:
+            self.skips_in_a_row = 0
 
     def log_training_terms(self, terms: dict[str, Tensor]) -> None:
         """train/<term> batch means, train/active_units over the batch, train/decoder_scale."""

@@ -30,9 +30,8 @@ The pieces are fae.objectives.fisher_terms. Three choices, each a named option:
   without create_graph): the decoder then learns from the Hyvarinen score alone, and the posterior
   term trains the encoder (through grad_z log q and the prior score) and the prior.
 
-A non-finite loss term or gradient stops training with a message naming the term or parameter and
-the step, before the optimizer step (`on_nonfinite="stop"`), or skips that step (`"skip"`): the
-weights are never updated from a non-finite value.
+A non-finite loss term or gradient stops training (or skips the step), as in every family
+(`on_nonfinite`, fae.models.base).
 """
 
 from __future__ import annotations
@@ -67,6 +66,7 @@ class FisherAE(GaussianAutoEncoder):
         batchnorm: Literal["per_sample", "detached", "running", "batch"] = "per_sample",
         posterior_trains_decoder: bool = True,
         on_nonfinite: Literal["stop", "skip"] = "stop",
+        max_consecutive_skips: int = 20,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         recon_metric: Literal["bce", "mse"] = "bce",
@@ -87,6 +87,7 @@ class FisherAE(GaussianAutoEncoder):
             posterior_trains_decoder: differentiate the posterior term through grad_z log p_theta(x|z)
                 (Theorem 1); false treats that score as a constant (the authors' code).
             on_nonfinite: "stop" training with a message, or "skip" the step, on a non-finite loss or gradient.
+            max_consecutive_skips: in "skip" mode, give up after this many skipped steps in a row.
         """
         super().__init__(
             encoder,
@@ -97,14 +98,14 @@ class FisherAE(GaussianAutoEncoder):
             lr_scheduler=lr_scheduler,
             recon_metric=recon_metric,
             grid_images=grid_images,
+            on_nonfinite=on_nonfinite,
+            max_consecutive_skips=max_consecutive_skips,
         )
         self.save_config()
         self.build_likelihood("gaussian", decoder_scale, learn_decoder_scale)
         self.stability = stability
         self.batchnorm = batchnorm
         self.posterior_trains_decoder = posterior_trains_decoder
-        self.on_nonfinite = on_nonfinite
-        self.skipped_steps = 0
 
     def normalisation(self, x: Tensor, eps: Tensor) -> contextlib.AbstractContextManager:
         """The context in which the nets' BatchNorm layers normalise as the `batchnorm` option says, for
@@ -148,41 +149,4 @@ class FisherAE(GaussianAutoEncoder):
         return {**terms, **self.diagnostics(x, mean, mu, log_sigma.exp())}
 
     def model_step(self, x: Tensor) -> dict[str, Tensor]:
-        terms = self.fisher_terms(x)
-        if self.training:
-            self.check_finite(terms)
-        return terms
-
-    # --- numerical safety ----------------------------------------------------------------------
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        if self.on_nonfinite == "skip":  # restored if this step is skipped
-            self._buffers_before_step = {name: b.clone() for name, b in self.named_buffers()}
-
-    def check_finite(self, terms: dict[str, Tensor]) -> None:
-        """Stop (naming the term and step) on a non-finite term, in "stop" mode, agreed across devices."""
-        if self.on_nonfinite != "stop" or self._trainer is None:
-            return
-        bad = [name for name in self.terms if not torch.isfinite(terms[name]).all()]
-        if self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
-            raise UserError(
-                f"non-finite Fisher loss term {', '.join(bad) or '(on another device)'} at step "
-                f"{self.global_step} (epoch {self.current_epoch}); stopped before the optimizer step, so the "
-                "weights are intact (last.ckpt holds the last saved state). Lower the learning rate or the "
-                "decoder scale's range, or set --model.init_args.on_nonfinite skip"
-            )
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        bad = [n for n, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-        if not bad:
-            return
-        if self.on_nonfinite == "stop":
-            raise UserError(
-                f"non-finite gradient of {bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} at step "
-                f"{self.global_step} (epoch {self.current_epoch}); stopped before the optimizer step, so the "
-                "weights are intact. Lower the learning rate, or set --model.init_args.on_nonfinite skip"
-            )
-        for p in self.parameters():  # an optimizer skips parameters without a gradient
-            p.grad = None
-        self.load_state_dict(self._buffers_before_step, strict=False)  # e.g. BatchNorm statistics
-        self.skipped_steps += 1
-        self.log("train/skipped_steps", float(self.skipped_steps))
+        return self.fisher_terms(x)

@@ -36,6 +36,8 @@ class VAE(GaussianAutoEncoder):
         lr_scheduler: LRSchedulerCallable | None = None,
         recon_metric: Literal["bce", "mse"] = "bce",
         grid_images: int = 16,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
+        max_consecutive_skips: int = 20,
     ) -> None:
         """
         Args:
@@ -44,6 +46,8 @@ class VAE(GaussianAutoEncoder):
             likelihood: the decoder family p_theta(x|z).
             decoder_scale: s of a Gaussian decoder (its initial value when learned).
             learn_decoder_scale: learn log s with the other parameters.
+            on_nonfinite: "stop" training with a message, or "skip" the step, on a non-finite loss or gradient.
+            max_consecutive_skips: in "skip" mode, give up after this many skipped steps in a row.
         """
         super().__init__(
             encoder,
@@ -54,6 +58,8 @@ class VAE(GaussianAutoEncoder):
             lr_scheduler=lr_scheduler,
             recon_metric=recon_metric,
             grid_images=grid_images,
+            on_nonfinite=on_nonfinite,
+            max_consecutive_skips=max_consecutive_skips,
         )
         self.save_config()
         self.build_likelihood(likelihood, decoder_scale, learn_decoder_scale)

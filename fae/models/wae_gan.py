@@ -71,6 +71,8 @@ class WAEGAN(AutoEncoder):
         gradient_clip_val: float | None = None,
         recon_metric: Literal["bce", "mse"] = "bce",
         grid_images: int = 16,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
+        max_consecutive_skips: int = 20,
     ) -> None:
         """
         Args:
@@ -84,8 +86,12 @@ class WAEGAN(AutoEncoder):
             discriminator_optimizer: for the discriminator.
             lr_scheduler, discriminator_lr_scheduler: optional, stepped by hand once per epoch.
             gradient_clip_val: clip each optimizer's gradient norm to this value (None: no clipping).
+            on_nonfinite: "stop" training with a message, or "skip" the step, on a non-finite loss or gradient.
+            max_consecutive_skips: in "skip" mode, give up after this many skipped steps in a row.
         """
-        super().__init__(encoder, decoder, optimizer, lr_scheduler, recon_metric, grid_images)
+        super().__init__(
+            encoder, decoder, optimizer, lr_scheduler, recon_metric, grid_images, on_nonfinite, max_consecutive_skips
+        )
         if getattr(encoder, "gaussian", True):
             raise UserError("the WAE-GAN needs a deterministic encoder: set the encoder's init_args.gaussian: false")
         self.save_config()
@@ -154,19 +160,30 @@ class WAEGAN(AutoEncoder):
     def training_step(self, batch: Batch, batch_idx: int) -> None:
         """One batch, two updates. Lightning counts every LightningOptimizer.step in global_step; the
         discriminator's update goes to the strategy directly (the same precision handling, not counted),
-        so that global_step, max_steps and every step-based schedule count batches, as in every family."""
+        so that global_step, max_steps and every step-based schedule count batches, as in every family.
+        A non-finite loss skips the rest of the batch, or stops training (`on_nonfinite`)."""
         opt_ae, opt_disc = self.optimizers()
         # 1. discriminator: prior codes against encoded codes (the encoder is not updated here)
         with torch.no_grad():
             codes = self.encode(batch.x)
         disc = self.discriminator_terms(batch.x, codes)
+        if not self.finite_or_skip(disc, ("disc_loss",)):
+            return self.skip_batch(opt_ae)
         self.compute_gradients(opt_disc, disc["disc_loss"].mean())
         self.trainer.strategy.optimizer_step(opt_disc.optimizer, closure=lambda: None)
         # 2. encoder and decoder: reconstruction + lambda * adversarial (the discriminator is not updated)
         terms = self.model_step(batch.x)
+        if not self.finite_or_skip(terms):
+            return self.skip_batch(opt_ae)
         self.compute_gradients(opt_ae, terms["loss"].mean())
         opt_ae.step()
         self.log_training_terms({**terms, "disc_loss": disc["disc_loss"]})
+
+    @staticmethod
+    def skip_batch(opt_ae) -> None:
+        """A skipped batch still counts as one step (no parameter has a gradient: nothing changes)."""
+        opt_ae.zero_grad(set_to_none=True)
+        opt_ae.step()
 
     def on_train_epoch_end(self) -> None:
         schedulers = self.lr_schedulers()  # None, one scheduler, or a list

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fae.errors import UserError
+from fae.errors import UserError, require_positive
 from fae.nets.mnist import LEAKY_SLOPE
 from fae.nets.norm import Norm, norm_layer
 
@@ -64,6 +64,7 @@ class CelebAEncoder(nn.Module):
         """
         super().__init__()
         check_image_size(image_size)
+        require_positive(type(self).__name__, latent_dim=latent_dim, width=width)
         self.latent_dim = latent_dim
         self.gaussian = gaussian
         self.image_shape = (3, image_size, image_size)
@@ -106,6 +107,7 @@ class CelebADecoder(nn.Module):
         """
         super().__init__()
         check_image_size(image_size)
+        require_positive(type(self).__name__, latent_dim=latent_dim, width=width)
         self.latent_dim = latent_dim
         w = width
         layers: list[nn.Module] = []

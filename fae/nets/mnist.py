@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from fae.errors import require_positive
 from fae.nets.norm import Norm, norm_layer
 
 LEAKY_SLOPE = 0.2
@@ -46,6 +47,7 @@ class MNISTEncoder(nn.Module):
             norm: the normalisation layers: "batch" (the paper's BatchNorm), "group" or "none".
         """
         super().__init__()
+        require_positive(type(self).__name__, latent_dim=latent_dim, width=width)
         self.latent_dim = latent_dim
         self.gaussian = gaussian
         w = width
@@ -82,6 +84,7 @@ class MNISTDecoder(nn.Module):
             norm: the normalisation layers: "batch" (the paper's BatchNorm), "group" or "none".
         """
         super().__init__()
+        require_positive(type(self).__name__, latent_dim=latent_dim, width=width)
         self.latent_dim = latent_dim
         w = width
         self.layers = nn.Sequential(
