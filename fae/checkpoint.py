@@ -1,30 +1,141 @@
-"""The checkpoint callback of every fae run: Lightning's ModelCheckpoint whose last.ckpt is always the
-newest state.
+"""Checkpoints a run can trust: written atomically, read with a one-line error, last.ckpt always the
+newest state, saved every few minutes mid-epoch and when the run is stopped by a signal.
 
-Lightning 2.6 rewrites last.ckpt at a validation only when a top-k checkpoint is saved at the same
-step, and at the end of training only when none was ever written. A run whose monitored metric stops
-improving therefore keeps a stale last.ckpt, and `fae test --ckpt_path .../last.ckpt` would score old
-weights (seen here: a run of 3000 batches whose last.ckpt held step 1000). `Checkpoint` saves last.ckpt
-after each of Lightning's saving points and when training ends, unless it already holds that step. It
-relies on three of ModelCheckpoint's own methods (`_monitor_candidates`, `_save_last_checkpoint`,
-`_should_save_on_train_epoch_end`); tests/test_checkpoint.py pins the behaviour.
+`AtomicCheckpointIO` (the CLI installs it on every Trainer) writes a checkpoint beside its destination
+(`.<name>.partial-<pid>`), fsyncs it and renames it over the destination: the previous file stays whole
+until the new one is complete, on any filesystem and when the disk fills (Lightning's own writer
+stages the file in the temp folder and copies it across filesystems, truncating the destination
+first). A checkpoint that cannot be read is named in one line (`read_checkpoint`).
+
+`Checkpoint` is Lightning's ModelCheckpoint (same arguments) plus:
+  - last.ckpt is always the newest state. Lightning 2.6 rewrites last.ckpt at a validation only when
+    a top-k checkpoint is saved at the same step, and at the end of training only when none was ever
+    written, so a run whose monitored metric stops improving keeps a stale last.ckpt (seen here: a run
+    of 3000 batches whose last.ckpt held step 1000). `Checkpoint` saves last.ckpt after each of
+    Lightning's saving points and when training ends, unless it already holds that step;
+  - `last_every_minutes`: last.ckpt is also written mid-epoch once that many minutes have passed
+    since it was last written (at most that much work is lost to a crash);
+  - preemption: SIGTERM (what schedulers and `kill` send) and SIGINT (Ctrl-C) let the current batch
+    and its validation finish, then last.ckpt is written and the run stops with `Preempted` (the CLI
+    exits with 128 + the signal's number, saying how to resume). A second SIGINT stops at once.
+Both act at the start of a batch, where the state is exactly that after the previous batch and its
+validation (what an uninterrupted run continues from), and the devices decide together (one
+all-reduce per step). During training fae's handlers replace Lightning's for SIGTERM and SIGINT:
+Lightning's would stop inside a validation.
+It relies on ModelCheckpoint's `_monitor_candidates`, `_save_last_checkpoint` and
+`_should_save_on_train_epoch_end`; tests/test_checkpoint.py and tests/test_runs.py pin the behaviour.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
+import shutil
+import signal
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
 import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+
+from fae.errors import UserError, short_reason
+
+UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError)
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """torch.load of a Lightning checkpoint, or one UserError naming the file when it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path} (give the path of a .ckpt file)")
+    try:
+        # mmap: only what is read is paged in, so checking a large checkpoint costs little
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+    except UNREADABLE as err:
+        reason = short_reason(err).split(". ")[0][:100]
+        raise UserError(
+            f"checkpoint {path} cannot be read, it is truncated or corrupt ({reason}): "
+            "use another checkpoint, e.g. a best-*.ckpt beside it"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(f"{path} is not a Lightning checkpoint (no state_dict): give a .ckpt written by `fae fit`")
+    return checkpoint
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint writes that never leave a partial file in place of a good one; see the module docstring."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        try:
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        except BaseException as err:
+            partial.unlink(missing_ok=True)
+            if not isinstance(err, (OSError, RuntimeError)):  # torch.save reports a failed write as RuntimeError
+                raise
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else "the write was cut short"
+            free = shutil.disk_usage(path.parent).free / 2**20
+            kept = f"the previous {path.name} is intact" if path.exists() else "no existing checkpoint was changed"
+            raise UserError(
+                f"could not write checkpoint {path} ({reason}; {free:.0f} MiB free on its disk); {kept}"
+            ) from None
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power loss
+        finally:
+            os.close(directory)
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        return read_checkpoint(path, map_location=map_location or "cpu")
+
+
+class Preempted(SystemExit):
+    """Training stopped by a signal after writing a resumable last.ckpt."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: str) -> None:
+        super().__init__(128 + getattr(signal, signal_name))
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
 
 
 class Checkpoint(ModelCheckpoint):
-    """ModelCheckpoint (same arguments) with last.ckpt kept current; see the module docstring."""
+    """ModelCheckpoint (same arguments) with last.ckpt kept current, written every few minutes and on
+    SIGTERM/SIGINT; see the module docstring."""
 
     _last_step_saved_as_last: int | None = None
 
+    def __init__(self, *args: Any, last_every_minutes: float | None = 10.0, **kwargs: Any) -> None:
+        """
+        Args:
+            last_every_minutes: write last.ckpt mid-epoch once this many minutes have passed since it
+                was last written (None: only at Lightning's own saving points and the end).
+            *args, **kwargs: ModelCheckpoint's arguments.
+        """
+        super().__init__(*args, **kwargs)
+        if last_every_minutes is not None and last_every_minutes <= 0:
+            raise UserError(f"checkpoint.last_every_minutes must be > 0 (or null), got {last_every_minutes}")
+        self.last_every_minutes = last_every_minutes
+        self._last_written_at = time.monotonic()
+        self._signal: dict = {}
+        self._previous_handlers: dict = {}
+
+    # --- last.ckpt: the newest state -------------------------------------------------------------
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
         if self.save_last:
             self._last_step_saved_as_last = trainer.global_step
+            self._last_written_at = time.monotonic()
 
     def save_last_if_stale(self, trainer: L.Trainer) -> None:
         if not self.save_last or trainer.fast_dev_run or trainer.sanity_checking or trainer.global_step == 0:
@@ -47,3 +158,37 @@ class Checkpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         self.save_last_if_stale(trainer)
+
+    # --- mid-epoch: every few minutes, and on a signal -------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_written_at = time.monotonic()
+        self._signal = {}
+        if self.save_last and threading.current_thread() is threading.main_thread():
+            self._previous_handlers = {
+                signum: signal.signal(signum, self._on_signal) for signum in (signal.SIGTERM, signal.SIGINT)
+            }
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self._signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self._signal.setdefault("name", signal.Signals(signum).name)
+        rank_zero_info(f"fae: {self._signal['name']} received; saving last.ckpt after this batch, then stopping")
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if not self.save_last or trainer.sanity_checking or trainer.global_step == 0:
+            return
+        due = self.last_every_minutes is not None and (
+            time.monotonic() - self._last_written_at >= 60.0 * self.last_every_minutes
+        )
+        decisions = torch.tensor([float(bool(self._signal)), float(due)], device=pl_module.device)
+        stop, due = (trainer.strategy.reduce(decisions, reduce_op="max") > 0).tolist()  # the devices act together
+        if stop or due:
+            self.save_last_if_stale(trainer)
+        if stop:
+            last = self.last_model_path or str(Path(self.dirpath or ".") / f"{self.CHECKPOINT_NAME_LAST}.ckpt")
+            raise Preempted(self._signal.get("name", "SIGTERM"), trainer.global_step, last)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}

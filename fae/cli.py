@@ -10,17 +10,28 @@ Arguments are the `__init__` signatures of the model, the data module and the Tr
 `fae fit --help` and `--print_config`); jsonargparse rejects an unknown key or a wrong type before
 anything is built. What fae adds to LightningCLI:
 
-  - a run folder per invocation, RUNS_DIR/<run_name>-<timestamp> for `fit`, and
-    <training run>/<subcommand>-<timestamp> for an evaluation of a checkpoint that lives in a run
-    folder. It holds config.yaml, metrics.csv, checkpoints/, images/ and wandb/. Worker processes
-    that DDP starts receive it through FAE_RUN_DIR; on several nodes set `--run_dir` explicitly;
-  - every run writes its metrics to RUN/metrics.csv (a CSVLogger is always added), beside the loggers
-    of the config (W&B by default, fae.tracking.WandbLogger);
-  - checkpoints RUN/checkpoints/last.ckpt (the newest state, fae.checkpoint) and the best by
-    `--checkpoint.monitor` (val/loss);
+  - a run folder per training run, RUNS_DIR/<run_name>-<timestamp>, or `--run_dir` exactly. It holds
+    config.yaml, metrics.csv, checkpoints/, images/ and wandb/, and is never shared or overwritten:
+    a new run in a folder that holds an earlier run's results is refused, and so is a second live
+    run (fae.runs.RunLock). `fae fit --ckpt_path RUN/checkpoints/last.ckpt` resumes in RUN, appending
+    to its metrics.csv (fae.runs.RunCSVLogger); `--ckpt_path last` with `--run_dir RUN` resumes RUN
+    if it has a last.ckpt and starts it otherwise (what a requeued job wants);
+  - an evaluation (validate, test, predict) of a checkpoint gets its own folder,
+    <training run>/<subcommand>-<timestamp> (or <--run_dir>/<subcommand>-<timestamp>), and needs a
+    trained checkpoint (`--ckpt_path`, or `last`/`best` with `--run_dir`) unless `--allow_untrained`;
+  - every run writes its metrics to RUN/metrics.csv (a CSV logger is always added), beside the
+    loggers of the config (W&B by default, fae.tracking.WandbLogger);
+  - checkpoints RUN/checkpoints/last.ckpt (the newest state, written every few minutes, on SIGTERM
+    and SIGINT and at the end, atomically: fae.checkpoint) and the best by `--checkpoint.monitor`;
+    a signal ends the command with status 128+signal and the line that resumes it;
   - under `fae test`, the robustness sweep (`--sweep.*`, fae.evaluation.RobustnessSweep), written to
     robustness.json and robustness.csv in the test's folder;
-  - user errors (fae.errors.UserError, a missing checkpoint) end the command with one line.
+  - on several processes, only global rank zero writes into the run folder. Worker processes that
+    Lightning starts receive the folder through FAE_RUN_DIR; under torchrun or on several nodes give
+    `--run_dir` on storage every node sees;
+  - user errors (fae.errors.UserError, a missing or corrupt checkpoint, Lightning's configuration
+    errors) end the command with one line, before anything is written where possible; a start that
+    fails leaves no run folder behind.
 """
 
 from __future__ import annotations
@@ -28,22 +39,26 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
+import shutil
 import sys
 import time
 import warnings
 from argparse import ArgumentError
 from pathlib import Path
 
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from fae.checkpoint import Checkpoint
+from fae.checkpoint import AtomicCheckpointIO, Checkpoint, Preempted, read_checkpoint
 from fae.data.base import InMemoryImageDataModule
-from fae.errors import UserError, user_message
+from fae.errors import UserError, short_reason, user_message
 from fae.evaluation import RobustnessSweep
 from fae.models.base import AutoEncoder
+from fae.runs import METRICS_NAME, RunCSVLogger, RunLock, global_rank_from_env, holds_results
 
 RUN_DIR_ENV = "FAE_RUN_DIR"
 # Lightning advertises a cloud logger at every start; fae's output stays about the run.
@@ -52,7 +67,9 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
 )
 # ... and trips a deprecated torch pytree call at every run, which is nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-CHECKPOINT_ALIASES = {"last", "best", "hpc", "registry"}
+EVALUATIONS = ("validate", "test", "predict")
+# run folders this process made and that a failed start must not leave behind (see main)
+_CREATED: list[Path] = []
 
 
 def timestamp() -> str:
@@ -60,8 +77,7 @@ def timestamp() -> str:
 
 
 def new_run_dir(parent: Path, name: str) -> Path:
-    """parent/name, made unique with a numeric suffix. Not created here: the loggers and the
-    checkpoint callback create it when they first write, so a command that fails early leaves none."""
+    """parent/name, made unique with a numeric suffix (not created here)."""
     path = parent / name
     suffix = 1
     while path.exists():
@@ -70,10 +86,43 @@ def new_run_dir(parent: Path, name: str) -> Path:
     return path
 
 
+def make_run_dir(path: Path) -> None:
+    """Create a new run folder (recorded, so that a failed start removes it) or explain in one line why not."""
+    top = next((p for p in reversed([path, *path.parents]) if not p.exists()), None)  # the first folder made
+    fix = "choose another --runs_dir or --run_dir"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"cannot make the run folder {path}: a file is in the way ({fix})") from None
+    except OSError as err:
+        raise UserError(f"cannot make the run folder {path}: {err.strerror} ({fix})") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"cannot write in the run folder {path}: permission denied ({fix})")
+    if top is not None:
+        _CREATED.append(top)
+
+
+def checkpoint_run_dir(ckpt: Path) -> Path | None:
+    """The run folder a checkpoint belongs to: RUN for RUN/checkpoints/*.ckpt."""
+    return ckpt.resolve().parent.parent if ckpt.resolve().parent.name == "checkpoints" else None
+
+
+def best_checkpoint(last: Path) -> Path:
+    """The best-by-monitor checkpoint recorded in a run's last.ckpt."""
+    states = read_checkpoint(last).get("callbacks", {})
+    paths = [state.get("best_model_path") for key, state in states.items() if "Checkpoint" in key]
+    best = next((path for path in paths if path), None)
+    if not best or not Path(best).is_file():
+        raise UserError(f"{last} records no best checkpoint that still exists: give --ckpt_path a .ckpt file")
+    return Path(best)
+
+
 class FaeCLI(LightningCLI):
     """LightningCLI with run folders, an always-on CSV log and checkpoints; see the module docstring."""
 
     def __init__(self, args=None, run: bool = True) -> None:
+        self.lock: RunLock | None = None
+        self.run_dir: Path | None = None
         super().__init__(
             model_class=AutoEncoder,
             subclass_mode_model=True,
@@ -106,7 +155,13 @@ class FaeCLI(LightningCLI):
             "--run_dir",
             type=str | None,
             default=None,
-            help=f"Use this exact run folder (default: a new one; {RUN_DIR_ENV} also sets it).",
+            help=f"Use this exact run folder ({RUN_DIR_ENV} also sets it); an evaluation goes in a subfolder.",
+        )
+        parser.add_argument(
+            "--allow_untrained",
+            type=bool,
+            default=False,
+            help="validate/test/predict without --ckpt_path: evaluate the untrained model on purpose.",
         )
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.add_lightning_class_args(RobustnessSweep, "sweep")  # acts under `fae test` only
@@ -117,62 +172,205 @@ class FaeCLI(LightningCLI):
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "best-epoch{epoch:03d}-step{step:07d}",
                 "checkpoint.auto_insert_metric_name": False,
+                # a resumed run writes over its own files; fae never starts a new run in a used folder
+                "checkpoint.enable_version_counter": False,
             }
         )
 
     # --- before anything is built ----------------------------------------------------------------
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads the model's hyperparameters from --ckpt_path here: a corrupt file is one line."""
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            read_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path and ckpt_path not in CHECKPOINT_ALIASES and not Path(ckpt_path).is_file():
-            raise UserError(f"checkpoint not found: {ckpt_path} (give the path of a .ckpt file)")
-        self.run_dir = self.resolve_run_dir(config, ckpt_path)
-        os.environ[RUN_DIR_ENV] = str(self.run_dir)  # DDP's worker processes inherit it
+        check_trainer_settings(config.trainer)
+        self.rank_zero = global_rank_from_env() == 0
+        explicit = config.get("run_dir") or os.environ.get(RUN_DIR_ENV)
+        several = (config.trainer.get("num_nodes") or 1) > 1 or int(os.environ.get("WORLD_SIZE", 1)) > 1
+        if several and not explicit:
+            raise UserError(
+                "with several nodes or under torchrun every process must write to one run folder: give "
+                "--run_dir on storage that every node sees"
+            )
+        if not self.rank_zero:  # a worker of a run that rank zero has set up and checked
+            self.run_dir = Path(explicit)
+            ckpt = config.get("ckpt_path")
+            config.ckpt_path = self.resolve_alias(ckpt, Path(explicit)) if ckpt in ("last", "best") else ckpt
+        elif self.subcommand == "fit":
+            self.run_dir, config.ckpt_path = self.training_run_dir(config, explicit)
+        else:
+            self.run_dir, config.ckpt_path = self.evaluation_run_dir(config, explicit)
+        os.environ[RUN_DIR_ENV] = str(self.run_dir)  # Lightning's worker processes inherit it
         config.trainer.default_root_dir = str(self.run_dir)
         if config.checkpoint.dirpath is None:  # evaluations keep pointing at the checkpoints they read
-            is_file = bool(ckpt_path) and Path(ckpt_path).is_file()
-            evaluated = Path(ckpt_path).parent if is_file and self.subcommand != "fit" else None
+            ckpt = config.ckpt_path
+            evaluated = Path(ckpt).parent if ckpt and self.subcommand != "fit" else None
             config.checkpoint.dirpath = str(evaluated or self.run_dir / "checkpoints")
 
-    def resolve_run_dir(self, config, ckpt_path: str | None) -> Path:
-        explicit = config.get("run_dir") or os.environ.get(RUN_DIR_ENV)
+    def resolve_alias(self, alias: str, run_dir: Path | None) -> str | None:
+        """`last` or `best` as a file of run_dir's checkpoints/ (`last` under fit: None if not there yet)."""
+        if run_dir is None:
+            raise UserError(f"--ckpt_path {alias} needs --run_dir RUN: the run whose checkpoint to use")
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if alias == "last":  # the newest state: last.ckpt, or a SLURM requeue checkpoint written after it
+            candidates = [path for path in (last, *run_dir.glob("hpc_ckpt_*.ckpt")) if path.is_file()]
+            if candidates:
+                return str(max(candidates, key=lambda path: (self.checkpoint_step(str(path)), path == last)))
+            if self.subcommand == "fit":
+                return None
+        if not last.is_file():
+            raise UserError(f"--ckpt_path {alias}: {last} does not exist, {run_dir} has no trained checkpoint")
+        return str(best_checkpoint(last))
+
+    def training_run_dir(self, config, explicit: str | None) -> tuple[Path, str | None]:
+        """The folder of a `fit` and the checkpoint it resumes from; refuses to mix two runs' results."""
+        ckpt = config.get("ckpt_path")
+        if ckpt in ("last", "best"):
+            ckpt = self.resolve_alias(ckpt, Path(explicit) if explicit else None)
+            if ckpt is None:
+                rank_zero_info(f"fae: {explicit} has no last.ckpt yet: starting the run there")
+        elif ckpt == "hpc":
+            return Path(explicit or "."), ckpt  # Lightning's SLURM requeue checkpoint in the run folder
+        step = self.checkpoint_step(ckpt)
+        if ckpt is not None:
+            check_budget_left(ckpt, config.trainer)
         if explicit:
-            return Path(explicit)
-        if self.subcommand != "fit" and ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
-            return new_run_dir(Path(ckpt_path).parent.parent, f"{self.subcommand}-{timestamp()}")
+            run_dir = Path(explicit)
+        elif ckpt and Path(ckpt).name.startswith("last") and (owner := checkpoint_run_dir(Path(ckpt))):
+            run_dir = owner  # resume a run in its own folder
+        else:
+            configs = config.get("config") or []
+            name = config.get("run_name") or (Path(str(configs[-1])).stem if configs else "run")
+            return new_run_dir(Path(config.runs_dir), f"{name}-{timestamp()}"), ckpt
+        if holds_results(run_dir):
+            last = run_dir / "checkpoints" / "last.ckpt"
+            if ckpt is None:
+                raise UserError(
+                    f"{run_dir} already holds a run: resume it with --ckpt_path {last} (or last), or start a "
+                    "new run in a new folder (omit --run_dir)"
+                )
+            if checkpoint_run_dir(Path(ckpt)) != run_dir.resolve():
+                raise UserError(
+                    f"{run_dir} already holds a run, and {ckpt} is not one of its checkpoints: continue from it in "
+                    "a new folder (omit --run_dir), or resume this folder's own last.ckpt"
+                )
+            newest = self.checkpoint_step(str(last)) if last.is_file() else -1
+            if newest > step:
+                raise UserError(
+                    f"{last} holds step {newest}, newer than {Path(ckpt).name} (step {step}): resuming here would "
+                    "overwrite it; continue from the older checkpoint in a new folder (omit --run_dir)"
+                )
+        return run_dir, ckpt
+
+    def evaluation_run_dir(self, config, explicit: str | None) -> tuple[Path, str | None]:
+        """An evaluation's own folder, inside the run it evaluates, and its checkpoint."""
+        ckpt = config.get("ckpt_path")
+        if ckpt in ("last", "best"):
+            ckpt = self.resolve_alias(ckpt, Path(explicit) if explicit else None)
+        elif ckpt is None and not config.get("allow_untrained"):
+            raise UserError(
+                f"`fae {self.subcommand}` needs a trained model: give --ckpt_path RUN/checkpoints/last.ckpt "
+                "(or last/best with --run_dir RUN); --allow_untrained true evaluates an untrained model on purpose"
+            )
+        elif ckpt is not None and ckpt != "hpc":
+            self.checkpoint_step(ckpt)  # readable, or one line naming it
+        owner = checkpoint_run_dir(Path(ckpt)) if ckpt else None
+        if explicit or owner:
+            return new_run_dir(Path(explicit) if explicit else owner, f"{self.subcommand}-{timestamp()}"), ckpt
         configs = config.get("config") or []
         name = config.get("run_name") or (Path(str(configs[-1])).stem if configs else "run")
-        return new_run_dir(Path(config.runs_dir), f"{name}-{timestamp()}")
+        return new_run_dir(Path(config.runs_dir), f"{name}-{self.subcommand}-{timestamp()}"), ckpt
+
+    @staticmethod
+    def checkpoint_step(ckpt: str | None) -> int:
+        """The global step a checkpoint holds (-1 for none); one line if it is missing or unreadable."""
+        return -1 if ckpt is None else int(read_checkpoint(ckpt).get("global_step", 0))
 
     def after_instantiate_classes(self) -> None:
-        """Fail on missing data now, before loggers start a run (W&B would record an empty one)."""
+        """Fail on missing data before anything is written, then claim the run folder (rank zero)."""
         self.datamodule.check_available()
+        if self.rank_zero:
+            make_run_dir(self.run_dir)
+            self.lock = RunLock(self.run_dir, self.subcommand)
 
     # --- the trainer: CSV first (its folder is the run folder), then the config's loggers ----------
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
-        loggers = [logger for logger in trainer.loggers if not isinstance(logger, CSVLogger)]
+        loggers = [logger for logger in trainer.loggers if not isinstance(logger, RunCSVLogger)]
         for logger in loggers:
             if hasattr(logger, "set_run_folder"):
                 logger.set_run_folder(self.run_dir)
-        # The run folder already holds config.yaml and checkpoints/: CSVLogger's warning about a
-        # non-empty folder is expected (it only ever rewrites its own metrics.csv).
-        warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
-        csv: Logger = CSVLogger(save_dir=self.run_dir, name="", version="")
-        trainer.loggers = [csv, *loggers]
+        trainer.loggers = [RunCSVLogger(self.run_dir), *loggers]
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the user chose
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
-    def after_fit(self) -> None:
-        best = Path(self.trainer.checkpoint_callback.best_model_path or "").name or "none yet"
-        rank_zero_info(
-            f"fae: run folder {self.run_dir}\n"
-            f"  metrics:     {self.run_dir / 'metrics.csv'}\n"
-            f"  checkpoints: {self.run_dir / 'checkpoints' / 'last.ckpt'} (best by {self.checkpoint_monitor}: {best})"
-        )
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
-    @property
-    def checkpoint_monitor(self) -> str:
-        return self.config[self.subcommand].checkpoint.monitor
+    def after_fit(self) -> None:
+        self.print_written("fit")
+
+    def after_validate(self) -> None:
+        self.print_written("validate")
+
+    def after_test(self) -> None:
+        self.print_written("test")
+
+    def print_written(self, subcommand: str) -> None:
+        """The files this command wrote, as they are on disk."""
+        if not self.trainer.is_global_zero:
+            return
+        lines = [f"fae: {subcommand} done; run folder {self.run_dir}"]
+        metrics = self.run_dir / METRICS_NAME
+        if metrics.is_file():
+            lines.append(f"  metrics:     {metrics}")
+        callback = self.trainer.checkpoint_callback
+        if subcommand == "fit" and callback is not None:
+            last, best = Path(callback.last_model_path or ""), Path(callback.best_model_path or "")
+            if last.is_file():
+                lines.append(f"  last:        {last} (step {self.checkpoint_step(str(last))})")
+            if best.is_file():
+                lines.append(f"  best:        {best} (by {callback.monitor})")
+        for name in ("robustness.json", "robustness.csv"):
+            if (self.run_dir / name).is_file():
+                lines.append(f"  robustness:  {self.run_dir / name}")
+        images = sorted((self.run_dir / "images").glob("*.png")) if (self.run_dir / "images").is_dir() else []
+        if images:
+            lines.append(f"  images:      {self.run_dir / 'images'} ({len(images)} files)")
+        print("\n".join(lines), flush=True)
+
+
+def check_budget_left(ckpt: str, trainer) -> None:
+    """A resumed fit must have something left to train: its checkpoint is below max_steps and max_epochs."""
+    checkpoint = read_checkpoint(ckpt)
+    step = int(checkpoint.get("global_step", 0))
+    epochs_done = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    epochs_done = int(epochs_done.get("completed", checkpoint.get("epoch", 0)))
+    max_steps, max_epochs = trainer.get("max_steps"), trainer.get("max_epochs")
+    if max_steps is not None and max_steps >= 0 and step >= max_steps:
+        raise UserError(f"{ckpt} is at step {step}, not below trainer.max_steps={max_steps}: raise it to train on")
+    if max_epochs is not None and max_epochs >= 0 and epochs_done >= max_epochs:
+        raise UserError(f"{ckpt} has {epochs_done} epochs done, not below trainer.max_epochs={max_epochs}: raise it")
+
+
+def check_trainer_settings(trainer) -> None:
+    """Trainer values Lightning would reject only after starting (or with a traceback), as one line."""
+    for key, lowest in (("max_epochs", -1), ("max_steps", -1), ("min_epochs", 0), ("min_steps", 0)):
+        value = trainer.get(key)
+        if value is not None and value < lowest:
+            raise UserError(f"trainer.{key} must be >= {lowest} (-1: no limit), got {value}")
+    devices = trainer.get("devices")
+    if isinstance(devices, int) and devices < -1 or devices == 0:
+        raise UserError(f"trainer.devices must be a positive number, -1 or 'auto', got {devices}")
 
 
 _PARSE_NOISE = (
@@ -209,22 +407,91 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the `fae` console script."""
     inherited = os.environ.get(RUN_DIR_ENV)
     argv = sys.argv[1:] if args is None else args
+    subcommand = next((a for a in argv if a in FaeCLI.subcommands()), "")
+    failed = True
     try:
         if argv[:1] == ["report"]:
             from fae.evaluation.report import main as report_main
 
-            return report_main(argv[1:])
-        FaeCLI(args=args)
+            report_main(argv[1:])
+        else:
+            FaeCLI(args=args)
+        failed = False
     except ArgumentError as err:
-        subcommand = next((f" {a}" for a in argv if a in FaeCLI.subcommands()), "")
-        print(f"fae: error: {summarize_parse_error(str(err))} (see `fae{subcommand} --help`)", file=sys.stderr)
-        sys.exit(2)
-    except UserError as err:
-        print(f"fae: error: {user_message(err)}", file=sys.stderr)
-        sys.exit(2)
-    finally:  # a later invocation in this process must not reuse this run's folder
-        if inherited is None:
+        fail(f"{summarize_parse_error(str(err))} (see `fae{' ' + subcommand if subcommand else ''} --help`)")
+    except Preempted as stop:
+        if global_rank_from_env() != 0:  # rank zero says it once
+            sys.exit(stop.code)
+        print(
+            f"fae: stopped by {stop.signal_name} at step {stop.step}; {stop.checkpoint} holds that state. "
+            f"Resume with: {resume_command(argv, stop.checkpoint)}",
+            file=sys.stderr,
+        )
+        sys.exit(stop.code)
+    except Exception as err:
+        user = find_user_error(err)
+        if user is not None:
+            fail(user_message(user))
+        if isinstance(err, RuntimeError) and str(err).startswith("Error(s) in loading state_dict"):
+            fail(
+                f"the checkpoint does not fit this model ({short_reason(err).strip()[:150]}): use the config it was "
+                "trained with (config.yaml in its run folder)"
+            )
+        if isinstance(err, MisconfigurationException) or is_trainer_setting_error(err):
+            fail(short_reason(err) if len(str(err)) > 400 else " ".join(str(err).split()))
+        raise
+    finally:
+        if failed:
+            remove_failed_starts()
+        _CREATED.clear()
+        if inherited is None:  # a later invocation in this process must not reuse this run's folder
             os.environ.pop(RUN_DIR_ENV, None)
+
+
+def is_trainer_setting_error(err: BaseException) -> bool:
+    """Lightning's ValueErrors about a Trainer setting (their messages start with the `argument`),
+    such as a val_check_interval beyond the epoch, which it can only tell once the data is known."""
+    return isinstance(err, ValueError) and re.match(r"\s*`\w+`", str(err)) is not None
+
+
+def fail(message: str) -> None:
+    print(f"fae: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def find_user_error(err: BaseException) -> UserError | None:
+    """The UserError behind `err`: itself, one in its chain of causes, or the one jsonargparse folded
+    into the message of its own error when a constructor raised it."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, UserError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    latest = UserError.latest
+    return latest if latest is not None and str(latest) and str(latest) in str(err) else None
+
+
+def remove_failed_starts() -> None:
+    """Remove the folders this command made, when it failed before writing any result into them."""
+    for path in _CREATED:
+        results = [*path.rglob("*.ckpt"), *path.rglob(METRICS_NAME)] if path.is_dir() else [None]
+        if not results:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def resume_command(argv: list[str], checkpoint: str) -> str:
+    """The command line that resumes a stopped `fae fit`: the same arguments, --ckpt_path the checkpoint."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--ckpt_path", "--run_dir", "--run_name"):
+            skip = True
+            continue
+        if not arg.startswith(("--ckpt_path=", "--run_dir=", "--run_name=")):
+            kept.append(arg)
+    return shlex.join(["fae", *kept, "--ckpt_path", checkpoint])
 
 
 if __name__ == "__main__":

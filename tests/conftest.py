@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -21,7 +22,9 @@ def mnist_root() -> Path:
 
 def run_fae(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `fae ARGS` in a subprocess (DDP re-executes sys.argv, so the CLI is never run in-process)."""
-    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    root = str(Path(__file__).resolve().parent.parent)  # so that --trainer.callbacks can name tests.callbacks
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": path, **(env or {})}
     full_env.pop("FAE_RUN_DIR", None)
     return subprocess.run(
         [sys.executable, "-m", "fae.cli", *args],
@@ -31,6 +34,34 @@ def run_fae(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture
+def fae_here(monkeypatch, capfd):
+    """Run `fae ARGS` in this process (for commands on one device: Lightning's DDP re-executes sys.argv);
+    returns a CompletedProcess with the exit status and the captured output. Saves the interpreter's
+    start for each command."""
+    from fae.cli import main
+
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", ["fae"])
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        monkeypatch.delenv("FAE_RUN_DIR", raising=False)
+        capfd.readouterr()
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # handlers hold the stderr of their import
+            for handler in logging.getLogger(name).handlers:
+                if isinstance(handler, logging.StreamHandler):
+                    handler.stream = sys.stderr  # not setStream: it flushes the old one, maybe closed
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run
 
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -205,7 +205,8 @@ def test_cli_fit_and_robustness_sweep_with_mse_on_the_tanh_scale(tiny_celeba, tm
     sweep = ["--sweep.sigmas", "[0.1, 1.0]", "--sweep.nus", "[0.5]", "--sweep.grid_images", "4"]
     test = run_fae("test", *config, *small, *sweep, "--ckpt_path", ckpt, "--run_dir", "runs/t", cwd=tmp_path)
     assert test.returncode == 0, test.stderr[-2000:]
-    rows = json.loads((tmp_path / "runs" / "t" / "robustness.json").read_text())
+    (test_dir,) = (tmp_path / "runs" / "t").glob("test-*")  # an evaluation gets its own folder
+    rows = json.loads((test_dir / "robustness.json").read_text())
     assert [(r["kind"], r["level"], r["metric"], r["n"]) for r in rows] == [
         ("gaussian", 0.1, "mse", 5),
         ("gaussian", 1.0, "mse", 5),
@@ -218,7 +219,7 @@ def test_cli_fit_and_robustness_sweep_with_mse_on_the_tanh_scale(tiny_celeba, tm
     for row, corruption in zip(rows, [GaussianNoise(0.1), GaussianNoise(1.0), BinaryMask(0.5)], strict=True):
         errors = (model.reconstruct(corruption(clean, index)) - clean).pow(2).flatten(1).mean(1).double()
         assert abs(row["mean"] - errors.mean().item()) < 1e-6 and abs(row["std"] - errors.std().item()) < 1e-6
-    assert (tmp_path / "runs" / "t" / "reconstructions_mask_0.8.png").read_bytes()[:4] == b"\x89PNG"
+    assert (test_dir / "reconstructions_mask_0.8.png").read_bytes()[:4] == b"\x89PNG"
     bad = root / IMAGES / "000001.jpg"
     bad.write_bytes(b"not a jpeg")
     for array in (root / "fae-cache").glob("*.npy"):

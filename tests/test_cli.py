@@ -52,7 +52,8 @@ def test_print_config_shows_the_paper_setting(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_bad_input_gives_one_line_errors_before_anything_runs(tmp_path):
+def test_bad_input_gives_one_line_errors_before_anything_runs(tmp_path, fae_here):
+    run_fae = fae_here  # in this process: nothing here trains
     cases = {
         ("--model.init_args.nope", "1"): "fae: error: model: Option 'nope' is not accepted",
         (
@@ -96,7 +97,7 @@ def test_fit_then_test_round_trip(tmp_path):
     assert fit.returncode == 0, fit.stderr
     (run,) = (tmp_path / "runs").iterdir()
     assert run.name.startswith("tiny-")
-    assert f"fae: run folder runs/{run.name}" in fit.stdout + fit.stderr
+    assert f"fae: fit done; run folder runs/{run.name}" in fit.stdout
     last = run / "checkpoints" / "last.ckpt"
     assert last.is_file() and list((run / "checkpoints").glob("best-*.ckpt"))
     assert (run / "config.yaml").is_file() and list((run / "images").glob("val_reconstructions_*.png"))

@@ -77,13 +77,14 @@ def test_sweep_on_two_ddp_processes_equals_one(tmp_path):
                   "--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.init_args.eval_batch_size", "64",
                   cwd=tmp_path, timeout=400)  # fmt: skip
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
-    rows_one = json.loads((tmp_path / "runs" / "one" / "robustness.json").read_text())
-    rows_two = json.loads((tmp_path / "runs" / "two" / "robustness.json").read_text())
+    (one_dir,), (two_dir,) = ((tmp_path / "runs" / name).glob("test-*") for name in ("one", "two"))
+    rows_one = json.loads((one_dir / "robustness.json").read_text())
+    rows_two = json.loads((two_dir / "robustness.json").read_text())
     assert [r["n"] for r in rows_two] == [500] * 4  # 500 test digits: the padded duplicates count once
     for a, b in zip(rows_one, rows_two, strict=True):
         assert (a["kind"], a["level"]) == (b["kind"], b["level"])
         assert abs(a["mean"] - b["mean"]) < 1e-6 and abs(a["std"] - b["std"]) < 1e-6
-    assert (tmp_path / "runs" / "one" / "robustness.csv").read_text().startswith("model,dataset,checkpoint,kind")
+    assert (one_dir / "robustness.csv").read_text().startswith("model,dataset,checkpoint,kind")
 
 
 def test_report_makes_figures_and_table_and_rejects_malformed_files(tmp_path):

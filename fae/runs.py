@@ -1,0 +1,134 @@
+"""Run folders: what a folder holds, that one live run owns it, and that a resumed run continues the
+metrics of the run it resumes.
+
+  - `holds_results(folder)`: metrics or checkpoints of an earlier run are there (a new run may not
+    start in it; only a resume of its own newest checkpoint may);
+  - `RunLock`: an exclusive lock on RUN/.fae.lock (flock, released by the kernel when the process
+    ends, however it ends), held by the process of global rank zero while the command runs; a second
+    run in the same folder is refused in one line naming the holder;
+  - `RunCSVLogger`: Lightning's CSVLogger, which deletes an existing metrics.csv when it starts in a
+    non-empty folder, made to append instead. A resumed run replays nothing twice: the rows of steps
+    at or after the first step it logs (written after the checkpoint it resumes from, before the
+    interruption) move to metrics-superseded-<time>.csv, so metrics.csv is one continuous record
+    with each step once, and no row is lost;
+  - `global_rank_from_env()`: the rank of this process before Lightning has set up, from the
+    variables its launchers and torchrun set.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import os
+import socket
+import time
+from pathlib import Path
+
+from lightning.fabric.loggers.csv_logs import _ExperimentWriter
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from fae.errors import UserError
+
+LOCK_NAME = ".fae.lock"
+METRICS_NAME = _ExperimentWriter.NAME_METRICS_FILE
+
+
+def holds_results(folder: Path) -> bool:
+    """True when `folder` holds an earlier run's metrics or checkpoints."""
+    checkpoints = [*folder.glob("checkpoints/*.ckpt"), *folder.glob("hpc_ckpt_*.ckpt")]
+    return (folder / METRICS_NAME).is_file() or bool(checkpoints)
+
+
+def global_rank_from_env() -> int:
+    """The global rank of this process as its launcher set it (0 when launched by hand): torchrun
+    sets RANK; Lightning's launcher sets NODE_RANK and LOCAL_RANK (its workers' ranks are
+    NODE_RANK * devices + LOCAL_RANK, non-zero whenever either is)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    node, local = int(os.environ.get("NODE_RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    return node * 1000 + local  # only zero-ness matters here
+
+
+class RunLock:
+    """An exclusive lock of a run folder for the life of this process; see the module docstring."""
+
+    def __init__(self, folder: Path, command: str) -> None:
+        self.path = folder / LOCK_NAME
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise UserError(f"cannot write in the run folder {folder}: {err.strerror}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 512, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise UserError(
+                f"the run folder {folder} is in use by a live run ({holder}): wait for it to end, or give "
+                "this run its own folder (omit --run_dir, or choose another)"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, `fae {command}` since {time.ctime()}"
+        os.pwrite(self.fd, f"{holder}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock; the file stays (removing it would race)
+            self.fd = None
+
+
+class AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer that continues an existing metrics.csv; see the module docstring."""
+
+    def __init__(self, log_dir: str) -> None:
+        self._superseded_checked = False
+        super().__init__(log_dir)
+        if self._fs.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = sorted(csv.DictReader(f).fieldnames or [])
+        else:
+            self._superseded_checked = True  # a new file: nothing to continue
+
+    def _check_log_dir_exists(self) -> None:
+        """Lightning deletes metrics.csv here; a run folder keeps it."""
+
+    def save(self) -> None:
+        if self.metrics and not self._superseded_checked:
+            self._superseded_checked = True
+            self._move_superseded_rows(min(int(row["step"]) for row in self.metrics))
+        super().save()
+
+    def _move_superseded_rows(self, first_new_step: int) -> None:
+        with open(self.metrics_file_path, newline="") as f:
+            reader = csv.DictReader(f)
+            header, rows = reader.fieldnames or [], list(reader)
+        later = [row.get("step") not in (None, "") and int(float(row["step"])) >= first_new_step for row in rows]
+        if not any(later):
+            return
+        kept = [row for row, is_later in zip(rows, later, strict=True) if not is_later]
+        moved = [row for row, is_later in zip(rows, later, strict=True) if is_later]
+        superseded = Path(self.log_dir) / f"metrics-superseded-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+        for path, content in ((superseded, moved), (Path(self.metrics_file_path), kept)):
+            partial = path.with_name(f".{path.name}.partial")
+            with open(partial, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=header)
+                writer.writeheader()
+                writer.writerows(content)
+            os.replace(partial, path)  # the superseded rows are safe before metrics.csv loses them
+
+
+class RunCSVLogger(CSVLogger):
+    """CSVLogger writing RUN/metrics.csv that a resumed run appends to; see the module docstring."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(save_dir=run_dir, name="", version="")
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> AppendingWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AppendingWriter(log_dir=self.log_dir)
+        return self._experiment

@@ -1,0 +1,31 @@
+"""Callbacks that tests pass to the `fae` CLI (`--trainer.callbacks+=tests.callbacks.SignalAt`) to act
+at an exact step: a signal as a scheduler or Ctrl-C would send it, a NaN in the data."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning as L
+
+
+class SignalAt(L.Callback):
+    """Send `signal_name` to this process once `step` batches are trained."""
+
+    def __init__(self, step: int, signal_name: str = "SIGTERM") -> None:
+        self.step, self.signal_name = step, signal_name
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.is_global_zero:
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
+class PoisonFrom(L.Callback):
+    """Put a NaN in every training batch from `step` on."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            batch.x[0, 0, 0, 0] = float("nan")

@@ -1,0 +1,273 @@
+"""No result lost or misreported, through the `fae` CLI: run folders that are never shared or rewritten,
+resumption that continues metrics.csv, evaluations that need a trained checkpoint, SIGTERM/SIGINT,
+atomic and validated checkpoints, non-finite values in every family, one-line errors, several nodes."""
+
+from __future__ import annotations
+
+import csv
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import CONFIGS, run_fae
+
+QUICK = ["--config", str(CONFIGS / "quickstart" / "digits_vae.yaml")]
+FISHER = ["--config", str(CONFIGS / "quickstart" / "digits_fisher.yaml")]
+TINY = ["--model.encoder.width", "4", "--model.decoder.width", "4", "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "5"]  # fmt: skip
+
+
+def rows_of(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def steps_of(path: Path, key: str) -> list[int]:
+    return [int(r["step"]) for r in rows_of(path) if r.get(key)]
+
+
+def step_of(ckpt: Path) -> int:
+    return torch.load(ckpt, weights_only=False, map_location="cpu")["global_step"]
+
+
+def one_line_error(out: subprocess.CompletedProcess, starts: str) -> None:
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(f"fae: error: {starts}"), out.stderr[-800:]
+
+
+def test_a_run_folder_is_resumed_in_place_and_never_reused_or_overwritten(tmp_path, fae_here):
+    run_fae = fae_here
+    run = tmp_path / "runs" / "a"
+    first = run_fae("fit", *QUICK, *TINY, "--trainer.max_steps", "30", "--run_dir", str(run), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert f"last:        {run / 'checkpoints' / 'last.ckpt'} (step 30)" in first.stderr + first.stdout
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    again = run_fae("fit", *QUICK, *TINY, "--run_dir", str(run), cwd=tmp_path)  # a new run in a used folder
+    one_line_error(again, f"{run} already holds a run: resume it with --ckpt_path")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+    # rows logged after the checkpoint, before a crash (kill -9): the resumed run logs those steps again
+    with open(run / "metrics.csv", "a") as f:
+        f.write("0,34,1,1,1,1,1,1\n")
+    resumed = run_fae("fit", *QUICK, *TINY, "--trainer.max_steps", "80",
+                      "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), cwd=tmp_path)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["a"]  # resumed in its own folder
+    assert step_of(run / "checkpoints" / "last.ckpt") == 80
+    assert not [p for p in run.rglob("*-v[0-9]*.ckpt")], "no versioned checkpoints behind the user's back"
+    train = steps_of(run / "metrics.csv", "train/loss")
+    assert train == list(range(4, 80, 5)), train  # one continuous record, every step once
+    (superseded,) = run.glob("metrics-superseded-*.csv")
+    assert [r["step"] for r in rows_of(superseded)] == ["34"]  # kept, not lost
+
+    test = run_fae("test", *QUICK, *TINY, "--run_dir", str(run), "--ckpt_path", "last",
+                   "--sweep.sigmas", "[0.1]", "--sweep.nus", "[0.1]", cwd=tmp_path)  # fmt: skip
+    assert test.returncode == 0, test.stderr[-2000:]
+    (test_dir,) = run.glob("test-*")  # the evaluation in its own folder; the training metrics untouched
+    assert (test_dir / "robustness.json").is_file() and steps_of(run / "metrics.csv", "train/loss") == train
+    assert f"robustness:  {test_dir / 'robustness.json'}" in test.stderr + test.stdout
+
+    older = run / "checkpoints" / next(p.name for p in (run / "checkpoints").glob("best-*.ckpt"))
+    rewind = run_fae("fit", *QUICK, *TINY, "--run_dir", str(run), "--ckpt_path", str(older), cwd=tmp_path)
+    one_line_error(rewind, f"{run / 'checkpoints' / 'last.ckpt'} holds step 80, newer than")
+    done = run_fae("fit", *QUICK, *TINY, "--trainer.max_steps", "80", "--ckpt_path",
+                   str(run / "checkpoints" / "last.ckpt"), cwd=tmp_path)  # fmt: skip
+    one_line_error(done, f"{run / 'checkpoints' / 'last.ckpt'} is at step 80, not below trainer.max_steps=80")
+
+
+def test_evaluations_need_a_trained_checkpoint(tmp_path, fae_here):
+    run_fae = fae_here
+    for extra, message in {
+        (): "`fae test` needs a trained model: give --ckpt_path",
+        ("--ckpt_path", "last"): "--ckpt_path last needs --run_dir RUN",
+        ("--ckpt_path", "last", "--run_dir", "nothing"): "--ckpt_path last: nothing/checkpoints/last.ckpt does not",
+    }.items():
+        one_line_error(run_fae("test", *QUICK, *TINY, *extra, cwd=tmp_path), message)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "nothing").exists()
+
+
+def test_sigterm_saves_last_ckpt_and_the_resumed_run_ends_as_an_uninterrupted_one(tmp_path, fae_here):
+    signal_name = "SIGTERM"
+    """The Fisher AE stopped mid-epoch at step 20 of 40 (an epoch is 63 batches), resumed to 40."""
+    budget = ["--trainer.max_steps", "40", "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "10"]
+    whole = fae_here("fit", *FISHER, *TINY, *budget, "--run_dir", "whole", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    stop = ["--trainer.callbacks+=tests.callbacks.SignalAt", "--trainer.callbacks.step", "20",
+            "--trainer.callbacks.signal_name", signal_name]  # fmt: skip
+    often = ["--checkpoint.last_every_minutes", "0.0005"]  # last.ckpt at nearly every step: changes nothing
+    stopped = run_fae("fit", *FISHER, *TINY, *budget, *often, *stop, "--run_dir", "parts", cwd=tmp_path)
+    assert stopped.returncode == 128 + getattr(signal, signal_name), stopped.stderr[-2000:]
+    last = tmp_path / "parts" / "checkpoints" / "last.ckpt"
+    message = stopped.stderr.strip().splitlines()[-1]
+    assert message.startswith(
+        f"fae: stopped by {signal_name} at step 20; {last} holds that state. Resume with: fae fit"
+    )
+    assert step_of(last) == 20
+    resumed = fae_here("fit", *FISHER, *TINY, *budget, *often, "--ckpt_path", str(last), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(last, weights_only=False)
+    assert a["global_step"] == b["global_step"] == 40
+    for name, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], value, rtol=0, atol=0, msg=name)
+    best = [sorted(p.name for p in (tmp_path / run / "checkpoints").glob("best-*")) for run in ("whole", "parts")]
+    assert best[0] == best[1] and len(best[0]) == 1  # the best-by-val record is the same
+    assert steps_of(tmp_path / "parts" / "metrics.csv", "train/loss") == steps_of(
+        tmp_path / "whole" / "metrics.csv", "train/loss"
+    )
+
+
+def test_a_second_live_run_in_the_same_folder_is_refused_and_ctrl_c_saves_the_first(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("FAE_RUN_DIR", None)
+    often = ["--checkpoint.last_every_minutes", "0.002"]  # last.ckpt mid-epoch, every 0.12 s
+    command = [sys.executable, "-m", "fae.cli", "fit", *QUICK, *TINY, *often, "--trainer.max_epochs", "1000",
+               "--run_dir", "r"]  # fmt: skip
+    live = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        last = tmp_path / "r" / "checkpoints" / "last.ckpt"
+        while not last.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        first = step_of(last)  # complete, though being replaced
+        assert 0 < first < 63  # written mid-epoch (an epoch is 63 batches)
+        second = run_fae("fit", *QUICK, *TINY, "--run_dir", "r", "--ckpt_path", "last", cwd=tmp_path)
+        one_line_error(second, "the run folder r is in use by a live run (pid ")
+    finally:
+        live.send_signal(signal.SIGINT)
+        stderr = live.communicate(timeout=120)[1]
+    assert live.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith(f"fae: stopped by SIGINT at step {step_of(last)}; ")
+    assert step_of(last) > first
+
+
+def test_checkpoints_are_written_atomically_and_a_corrupt_one_is_named(tmp_path, fae_here):
+    fit = fae_here("fit", *QUICK, *TINY, "--trainer.max_steps", "64", "--run_dir", "r", cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    last = tmp_path / "r" / "checkpoints" / "last.ckpt"
+    good = last.read_bytes()
+
+    def small_files() -> None:  # a full disk, as far as the checkpoint is concerned
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(good) // 2, len(good) // 2))
+
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    env.pop("FAE_RUN_DIR", None)
+    full = subprocess.run([sys.executable, "-m", "fae.cli", "fit", *QUICK, *TINY, "--trainer.max_steps", "128",
+                           "--ckpt_path", str(last)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          preexec_fn=small_files, timeout=300)  # fmt: skip
+    one_line_error(full, "could not write checkpoint ")
+    assert "(the write was cut short; " in full.stderr and "no existing checkpoint was changed" in full.stderr
+    assert last.read_bytes() == good and not list(last.parent.glob(".*partial*"))
+
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good[: len(good) // 3])
+    for subcommand in ("test", "fit"):
+        out = fae_here(subcommand, *QUICK, *TINY, "--ckpt_path", str(truncated), cwd=tmp_path)
+        one_line_error(out, f"checkpoint {truncated} cannot be read, it is truncated or corrupt")
+
+
+@pytest.mark.parametrize("config", ["digits_vae", "digits_fisher", "digits_wae_gan"])
+def test_a_non_finite_loss_stops_every_family_with_the_last_good_checkpoint_kept(tmp_path, config, fae_here):
+    run_fae = fae_here
+    poison = ["--trainer.callbacks+=tests.callbacks.PoisonFrom", "--trainer.callbacks.step", "70"]
+    out = run_fae("fit", "--config", str(CONFIGS / "quickstart" / f"{config}.yaml"), *TINY, *poison,
+                  "--trainer.max_steps", "100", "--run_dir", "r", cwd=tmp_path)  # fmt: skip
+    last = tmp_path / "r" / "checkpoints" / "last.ckpt"
+    one_line_error(out, "non-finite loss term ")
+    assert "at step 70 (epoch 1); stopped before the optimizer step" in out.stderr
+    assert f"(last saved state: {last})" in out.stderr and step_of(last) == 63  # the epoch's end, kept
+
+
+def test_skipping_non_finite_steps_gives_up_after_a_bound(tmp_path, fae_here):
+    run_fae = fae_here
+    poison = ["--trainer.callbacks+=tests.callbacks.PoisonFrom", "--trainer.callbacks.step", "5"]
+    out = run_fae("fit", *QUICK, *TINY, *poison, "--model.on_nonfinite", "skip", "--model.max_consecutive_skips", "7",
+                  "--trainer.max_steps", "100", cwd=tmp_path)  # fmt: skip
+    one_line_error(out, "7 steps in a row skipped, the last for a non-finite loss term loss, nll, kl at step 11")
+
+
+def test_mistakes_are_one_line_errors_and_leave_nothing_behind(tmp_path, fae_here):
+    run_fae = fae_here
+    (tmp_path / "afile").write_text("")
+    cases = {
+        ("--model.decoder_scale", "-1", "--model.likelihood", "gaussian"): "decoder_scale must be > 0, got -1.0",
+        ("--model.encoder.latent_dim", "4"): "encoder latent_dim 4 != decoder latent_dim 8",
+        ("--data.batch_size", "0"): "batch_size must be >= 1, got 0",
+        ("--model.encoder.width", "0"): "MNISTEncoder: width must be > 0, got 0",
+        ("--trainer.max_epochs", "-5"): "trainer.max_epochs must be >= -1 (-1: no limit), got -5",
+        ("--sweep.nus", "[1.5]"): "BinaryMask: nu must be a probability in [0, 1], got 1.5",
+        ("--runs_dir", "afile/runs"): "cannot make the run folder afile/runs/",
+        # raised by Lightning once the data is known, after the loggers started: the folder is removed
+        ("--trainer.val_check_interval", "1000", "--trainer.logger", "null"): "`val_check_interval` (1000) must be",
+    }
+    for extra, message in cases.items():
+        one_line_error(run_fae("fit", *QUICK, *TINY, *extra, cwd=tmp_path), message)
+    prior = run_fae("fit", *FISHER, *TINY, "--model.prior", "polynomial", "--model.prior_degree", "3", cwd=tmp_path)
+    one_line_error(prior, "prior_degree must be even")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # no run folder, no W&B run left
+    report = run_fae("report", str(tmp_path), "--out", str(tmp_path / "afile"), cwd=tmp_path)
+    assert report.returncode == 2 and "fae: error: " in report.stderr and "Traceback" not in report.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_under_torchrun_share_one_run_folder_written_by_rank_zero(tmp_path):
+    """torchrun with 2 nodes of 1 process each on this machine (gloo), the run folder on 'shared storage'."""
+    port = str(free_port())
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    env.pop("FAE_RUN_DIR", None)
+    fit = ["fit", *QUICK, *TINY, "--trainer.max_steps", "40", "--trainer.limit_val_batches", "2",
+           "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "2",
+           "--trainer.strategy", "ddp", "--run_dir", "shared/run"]  # fmt: skip
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(rank),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                "-m",
+                "fae.cli",
+                *fit,
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    for node, output in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, output[-3000:]
+    run = tmp_path / "shared" / "run"
+    assert step_of(run / "checkpoints" / "last.ckpt") == 40
+    assert steps_of(run / "metrics.csv", "train/loss") == list(range(4, 40, 5))  # one writer: each row once
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]  # nothing written elsewhere
+    alone = run_fae(*fit[:-2], cwd=tmp_path, env={"WORLD_SIZE": "2", "RANK": "1"})
+    one_line_error(alone, "with several nodes or under torchrun every process must write to one run folder")
