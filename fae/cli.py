@@ -204,6 +204,8 @@ class FaeCLI(LightningCLI):
             self.run_dir, config.ckpt_path = self.training_run_dir(config, explicit)
         else:
             self.run_dir, config.ckpt_path = self.evaluation_run_dir(config, explicit)
+        if (self.run_dir / "config.yaml").is_file():  # a resume: the run's first config stays as it was
+            self.save_config_kwargs["config_filename"] = f"config-resumed-{timestamp()}.yaml"
         os.environ[RUN_DIR_ENV] = str(self.run_dir)  # Lightning's worker processes inherit it
         config.trainer.default_root_dir = str(self.run_dir)
         if config.checkpoint.dirpath is None:  # evaluations keep pointing at the checkpoints they read

@@ -63,6 +63,8 @@ def test_a_run_folder_is_resumed_in_place_and_never_reused_or_overwritten(tmp_pa
                       "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), cwd=tmp_path)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["a"]  # resumed in its own folder
+    assert (run / "config.yaml").read_bytes() == before[run / "config.yaml"]  # the resume's is beside it
+    assert "max_steps: 80" in next(run.glob("config-resumed-*.yaml")).read_text()
     assert step_of(run / "checkpoints" / "last.ckpt") == 80
     assert not [p for p in run.rglob("*-v[0-9]*.ckpt")], "no versioned checkpoints behind the user's back"
     train = steps_of(run / "metrics.csv", "train/loss")
