@@ -77,13 +77,21 @@ def timestamp() -> str:
 
 
 def new_run_dir(parent: Path, name: str) -> Path:
-    """parent/name, made unique with a numeric suffix (not created here)."""
-    path = parent / name
+    """Make and return a new folder parent/name, made unique with a numeric suffix; created at once and
+    exclusively, so that two commands started in the same second never share one."""
+    make_run_dir(parent)
     suffix = 1
-    while path.exists():
-        suffix += 1
-        path = parent / f"{name}-{suffix}"
-    return path
+    while True:
+        path = parent / (name if suffix == 1 else f"{name}-{suffix}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            suffix += 1
+            continue
+        except OSError as err:
+            raise UserError(f"cannot make the run folder {path}: {err.strerror} (choose another --runs_dir)") from None
+        _CREATED.append(path)
+        return path
 
 
 def make_run_dir(path: Path) -> None:
@@ -103,8 +111,12 @@ def make_run_dir(path: Path) -> None:
 
 
 def checkpoint_run_dir(ckpt: Path) -> Path | None:
-    """The run folder a checkpoint belongs to: RUN for RUN/checkpoints/*.ckpt."""
-    return ckpt.resolve().parent.parent if ckpt.resolve().parent.name == "checkpoints" else None
+    """The run folder a checkpoint belongs to: RUN for RUN/checkpoints/*.ckpt and for RUN/hpc_ckpt_*.ckpt
+    (Lightning's SLURM requeue checkpoints)."""
+    ckpt = ckpt.resolve()
+    if ckpt.parent.name == "checkpoints":
+        return ckpt.parent.parent
+    return ckpt.parent if ckpt.name.startswith("hpc_ckpt_") else None
 
 
 def best_checkpoint(last: Path) -> Path:
@@ -204,6 +216,9 @@ class FaeCLI(LightningCLI):
             self.run_dir, config.ckpt_path = self.training_run_dir(config, explicit)
         else:
             self.run_dir, config.ckpt_path = self.evaluation_run_dir(config, explicit)
+        if self.rank_zero:  # claim the folder: one live run at a time
+            make_run_dir(self.run_dir)
+            self.lock = RunLock(self.run_dir, self.subcommand)
         if (self.run_dir / "config.yaml").is_file():  # a resume: the run's first config stays as it was
             self.save_config_kwargs["config_filename"] = f"config-resumed-{timestamp()}.yaml"
         os.environ[RUN_DIR_ENV] = str(self.run_dir)  # Lightning's worker processes inherit it
@@ -235,14 +250,12 @@ class FaeCLI(LightningCLI):
             ckpt = self.resolve_alias(ckpt, Path(explicit) if explicit else None)
             if ckpt is None:
                 rank_zero_info(f"fae: {explicit} has no last.ckpt yet: starting the run there")
-        elif ckpt == "hpc":
-            return Path(explicit or "."), ckpt  # Lightning's SLURM requeue checkpoint in the run folder
         step = self.checkpoint_step(ckpt)
         if ckpt is not None:
             check_budget_left(ckpt, config.trainer)
         if explicit:
             run_dir = Path(explicit)
-        elif ckpt and Path(ckpt).name.startswith("last") and (owner := checkpoint_run_dir(Path(ckpt))):
+        elif ckpt and Path(ckpt).name.startswith(("last", "hpc_ckpt_")) and (owner := checkpoint_run_dir(Path(ckpt))):
             run_dir = owner  # resume a run in its own folder
         else:
             configs = config.get("config") or []
@@ -278,7 +291,7 @@ class FaeCLI(LightningCLI):
                 f"`fae {self.subcommand}` needs a trained model: give --ckpt_path RUN/checkpoints/last.ckpt "
                 "(or last/best with --run_dir RUN); --allow_untrained true evaluates an untrained model on purpose"
             )
-        elif ckpt is not None and ckpt != "hpc":
+        elif ckpt is not None:
             self.checkpoint_step(ckpt)  # readable, or one line naming it
         owner = checkpoint_run_dir(Path(ckpt)) if ckpt else None
         if explicit or owner:
@@ -293,11 +306,8 @@ class FaeCLI(LightningCLI):
         return -1 if ckpt is None else int(read_checkpoint(ckpt).get("global_step", 0))
 
     def after_instantiate_classes(self) -> None:
-        """Fail on missing data before anything is written, then claim the run folder (rank zero)."""
+        """Fail on missing data before anything is written (a failed start's new folder is removed)."""
         self.datamodule.check_available()
-        if self.rank_zero:
-            make_run_dir(self.run_dir)
-            self.lock = RunLock(self.run_dir, self.subcommand)
 
     # --- the trainer: CSV first (its folder is the run folder), then the config's loggers ----------
     def instantiate_trainer(self, **kwargs) -> Trainer:

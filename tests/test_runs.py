@@ -209,7 +209,7 @@ def test_mistakes_are_one_line_errors_and_leave_nothing_behind(tmp_path, fae_her
         ("--model.encoder.width", "0"): "MNISTEncoder: width must be > 0, got 0",
         ("--trainer.max_epochs", "-5"): "trainer.max_epochs must be >= -1 (-1: no limit), got -5",
         ("--sweep.nus", "[1.5]"): "BinaryMask: nu must be a probability in [0, 1], got 1.5",
-        ("--runs_dir", "afile/runs"): "cannot make the run folder afile/runs/",
+        ("--runs_dir", "afile/runs"): "cannot make the run folder afile/runs: a file is in the way",
         # raised by Lightning once the data is known, after the loggers started: the folder is removed
         ("--trainer.val_check_interval", "1000", "--trainer.logger", "null"): "`val_check_interval` (1000) must be",
     }
