@@ -53,7 +53,7 @@ CACHE_FORMAT = "v1"  # bump when the preprocessing changes, so that old arrays a
 HOW_TO_GET = (
     "download 'Align&Cropped Images' (img_align_celeba.zip) and Eval/list_eval_partition.txt from "
     "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (Google Drive or Baidu links there), unzip them into one "
-    "folder and pass it as --data.init_args.data_dir"
+    "folder and pass it as --data.data_dir"
 )
 
 
@@ -107,7 +107,7 @@ def load_face(path: Path, crop: int, size: int) -> Tensor:
     height, width = image.shape[1:]
     if min(height, width) < crop:
         raise UserError(
-            f"CelebA image {path} is {width}x{height}, smaller than the crop {crop}: lower --data.init_args.crop"
+            f"CelebA image {path} is {width}x{height}, smaller than the crop {crop}: lower --data.crop"
         )
     return TF.resize(TF.center_crop(image, [crop, crop]), [size, size], antialias=True)
 
@@ -222,7 +222,7 @@ class CelebADataModule(InMemoryImageDataModule):
             handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}.partial-")
         except OSError as err:
             raise UserError(
-                f"cannot write the CelebA arrays in {path.parent} ({err.strerror}): set --data.init_args.cache_dir "
+                f"cannot write the CelebA arrays in {path.parent} ({err.strerror}): set --data.cache_dir "
                 "to a writable folder"
             ) from err
         shape = (len(files), 3, self.image_size, self.image_size)
@@ -237,7 +237,7 @@ class CelebADataModule(InMemoryImageDataModule):
         except OSError as err:  # e.g. the disk filled up
             raise UserError(
                 f"writing the CelebA array {path} failed ({err.strerror or err}): free space there or set "
-                "--data.init_args.cache_dir to another folder"
+                "--data.cache_dir to another folder"
             ) from err
         finally:
             Path(tmp).unlink(missing_ok=True)

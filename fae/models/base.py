@@ -133,7 +133,7 @@ class AutoEncoder(L.LightningModule):
         if getattr(encoder, "latent_dim", None) != getattr(decoder, "latent_dim", None):
             raise UserError(
                 f"encoder latent_dim {getattr(encoder, 'latent_dim', None)} != decoder latent_dim "
-                f"{getattr(decoder, 'latent_dim', None)}: set the same init_args.latent_dim on both nets"
+                f"{getattr(decoder, 'latent_dim', None)}: give both nets the same latent_dim (--model.encoder.latent_dim, --model.decoder.latent_dim)"
             )
         if recon_metric not in RECONSTRUCTION_ERRORS:
             raise UserError(f"recon_metric must be one of {list(RECONSTRUCTION_ERRORS)}, got {recon_metric!r}")
@@ -374,7 +374,7 @@ class GaussianAutoEncoder(AutoEncoder):
         super().__init__(encoder, decoder, **kwargs)
         if not getattr(encoder, "gaussian", False):
             raise UserError(
-                f"{type(self).__name__} needs a Gaussian encoder: set the encoder's init_args.gaussian: true"
+                f"{type(self).__name__} needs a Gaussian encoder: set --model.encoder.gaussian true"
             )
         self.prior = make_prior(prior, self.latent_dim, prior_degree)
 

@@ -93,7 +93,7 @@ class WAEGAN(AutoEncoder):
             encoder, decoder, optimizer, lr_scheduler, recon_metric, grid_images, on_nonfinite, max_consecutive_skips
         )
         if getattr(encoder, "gaussian", True):
-            raise UserError("the WAE-GAN needs a deterministic encoder: set the encoder's init_args.gaussian: false")
+            raise UserError("the WAE-GAN needs a deterministic encoder: set --model.encoder.gaussian false")
         self.save_config()
         self.automatic_optimization = False
         self.build_likelihood("gaussian", 1.0, False)  # only its mean map: G(z) = activation(decoder(z))
