@@ -198,6 +198,10 @@ class FaeCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
+        if self.subcommand is None:  # FaeCLI(args, run=False): the objects only, no run folder
+            check_trainer_settings(self.config.trainer)
+            self.run_dir = Path(self.config.get("run_dir") or Path(self.config.runs_dir) / "unused")
+            return
         config = self.config[self.subcommand]
         check_trainer_settings(config.trainer)
         self.rank_zero = global_rank_from_env() == 0
@@ -307,7 +311,8 @@ class FaeCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         """Fail on missing data before anything is written (a failed start's new folder is removed)."""
-        self.datamodule.check_available()
+        if self.subcommand is not None:
+            self.datamodule.check_available()
 
     # --- the trainer: CSV first (its folder is the run folder), then the config's loggers ----------
     def instantiate_trainer(self, **kwargs) -> Trainer:

@@ -133,3 +133,20 @@ def test_every_config_parses(capsys, monkeypatch, tmp_path):
         out = capsys.readouterr()
         assert exit_.value.code in (0, None), (config.name, out.err[-500:])
         assert "class_path: fae.models." in out.out, config.name
+
+
+def test_every_config_builds_its_model_data_and_trainer(monkeypatch, tmp_path):
+    """Each shipped config instantiates (model, data module, trainer with its loggers and callbacks) and
+    its model reconstructs a batch of the encoder's image shape; nothing is trained or written."""
+    from fae.cli import FaeCLI
+    from fae.models.base import AutoEncoder
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for config in sorted(CONFIGS.glob("**/*.yaml")):
+        cli = FaeCLI(args=["--config", str(config)], run=False)
+        assert isinstance(cli.model, AutoEncoder) and cli.datamodule is not None, config.name
+        assert cli.trainer.checkpoint_callback is not None and cli.trainer.loggers, config.name
+        x = torch.rand(2, *cli.model.encoder.image_shape)
+        assert cli.model.eval().reconstruct(x).shape == x.shape, config.name
+    assert list(tmp_path.iterdir()) == []

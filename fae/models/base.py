@@ -133,7 +133,8 @@ class AutoEncoder(L.LightningModule):
         if getattr(encoder, "latent_dim", None) != getattr(decoder, "latent_dim", None):
             raise UserError(
                 f"encoder latent_dim {getattr(encoder, 'latent_dim', None)} != decoder latent_dim "
-                f"{getattr(decoder, 'latent_dim', None)}: give both nets the same latent_dim (--model.encoder.latent_dim, --model.decoder.latent_dim)"
+                f"{getattr(decoder, 'latent_dim', None)}: give both nets the same latent_dim "
+                "(--model.encoder.latent_dim, --model.decoder.latent_dim)"
             )
         if recon_metric not in RECONSTRUCTION_ERRORS:
             raise UserError(f"recon_metric must be one of {list(RECONSTRUCTION_ERRORS)}, got {recon_metric!r}")
