@@ -106,9 +106,7 @@ def load_face(path: Path, crop: int, size: int) -> Tensor:
         ) from err
     height, width = image.shape[1:]
     if min(height, width) < crop:
-        raise UserError(
-            f"CelebA image {path} is {width}x{height}, smaller than the crop {crop}: lower --data.crop"
-        )
+        raise UserError(f"CelebA image {path} is {width}x{height}, smaller than the crop {crop}: lower --data.crop")
     return TF.resize(TF.center_crop(image, [crop, crop]), [size, size], antialias=True)
 
 

@@ -374,9 +374,7 @@ class GaussianAutoEncoder(AutoEncoder):
     def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: str, prior_degree: int, **kwargs) -> None:
         super().__init__(encoder, decoder, **kwargs)
         if not getattr(encoder, "gaussian", False):
-            raise UserError(
-                f"{type(self).__name__} needs a Gaussian encoder: set --model.encoder.gaussian true"
-            )
+            raise UserError(f"{type(self).__name__} needs a Gaussian encoder: set --model.encoder.gaussian true")
         self.prior = make_prior(prior, self.latent_dim, prior_degree)
 
     def encode_gaussian(self, x: Tensor) -> tuple[Tensor, Tensor]:
