@@ -49,7 +49,7 @@ from pathlib import Path
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -59,6 +59,7 @@ from fae.errors import UserError, short_reason, user_message
 from fae.evaluation import RobustnessSweep
 from fae.models.base import AutoEncoder
 from fae.runs import METRICS_NAME, RunCSVLogger, RunLock, global_rank_from_env, holds_results
+from fae.tracking import flat_config
 
 RUN_DIR_ENV = "FAE_RUN_DIR"
 # Lightning advertises a cloud logger at every start; fae's output stays about the run.
@@ -129,17 +130,30 @@ def best_checkpoint(last: Path) -> Path:
     return Path(best)
 
 
+class SaveConfig(SaveConfigCallback):
+    """config.yaml in the run folder and, for every other logger (W&B), the whole resolved config as
+    the run's hyperparameters: model, data, trainer, seed, sweep, checkpoint, as {flag: value}."""
+
+    def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:
+        config = flat_config(self.config.as_dict())
+        for logger in trainer.loggers:
+            if not isinstance(logger, RunCSVLogger):  # the CSV logger's copy is config.yaml
+                logger.log_hyperparams(config)
+
+
 class FaeCLI(LightningCLI):
     """LightningCLI with run folders, an always-on CSV log and checkpoints; see the module docstring."""
 
     def __init__(self, args=None, run: bool = True) -> None:
         self.lock: RunLock | None = None
         self.run_dir: Path | None = None
+        self.evaluates: Path | None = None  # the training run an evaluation's checkpoint belongs to
         super().__init__(
             model_class=AutoEncoder,
             subclass_mode_model=True,
             datamodule_class=InMemoryImageDataModule,
             subclass_mode_data=True,
+            save_config_callback=SaveConfig,
             save_config_kwargs={"overwrite": True},
             # evaluation differentiates (the posterior Fisher divergence, the Fisher objective):
             # torch.no_grad instead of inference mode, so that enable_grad can turn gradients back on
@@ -298,6 +312,7 @@ class FaeCLI(LightningCLI):
         elif ckpt is not None:
             self.checkpoint_step(ckpt)  # readable, or one line naming it
         owner = checkpoint_run_dir(Path(ckpt)) if ckpt else None
+        self.evaluates = owner or (Path(explicit) if explicit else None)
         if explicit or owner:
             return new_run_dir(Path(explicit) if explicit else owner, f"{self.subcommand}-{timestamp()}"), ckpt
         configs = config.get("config") or []
@@ -320,7 +335,8 @@ class FaeCLI(LightningCLI):
         loggers = [logger for logger in trainer.loggers if not isinstance(logger, RunCSVLogger)]
         for logger in loggers:
             if hasattr(logger, "set_run_folder"):
-                logger.set_run_folder(self.run_dir)
+                job = "train" if self.subcommand in ("fit", None) else self.subcommand
+                logger.set_run_folder(self.run_dir, self.evaluates, job)
         trainer.loggers = [RunCSVLogger(self.run_dir), *loggers]
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the user chose
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()

@@ -7,6 +7,9 @@
     the run later;
   - an online start that fails (no network, a bad key) falls back to offline with one line, instead
     of stopping the training.
+`flat_config` turns a resolved CLI config into {flag: value} (`data.batch_size`, `trainer.max_epochs`,
+`seed_everything`, ...): what the CLI gives each logger as the run's hyperparameters, so that a W&B
+dashboard can group, filter and sort runs by any setting (Lightning logs only the model's).
 The local CSV copy of every metric is not here: the CLI (fae.cli) adds a CSVLogger to every run.
 """
 
@@ -18,11 +21,32 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
+import yaml
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 from torchvision.utils import save_image
+
+
+def flat_config(node, prefix: str = "") -> dict:
+    """{dotted key: value} of a nested config, keys as the command line spells them: `class_path`
+    kept under its parent's name, `init_args` levels dropped."""
+    flat: dict = {}
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("init_args", "dict_kwargs"):
+                flat |= flat_config(value, prefix)
+            elif key == "class_path":
+                flat[prefix.rstrip(".") or key] = value
+            else:
+                flat |= flat_config(value, f"{prefix}{key}.")
+    elif isinstance(node, list) and any(isinstance(item, dict) for item in node):
+        for i, item in enumerate(node):
+            flat |= flat_config(item, f"{prefix}{i}.")
+    else:
+        flat[prefix.rstrip(".")] = node
+    return flat
 
 
 def wandb_credentials_found() -> bool:
@@ -94,12 +118,19 @@ class WandbLogger(LightningWandbLogger):
         )
         self._wandb_init.pop("anonymous", None)  # deprecated in wandb; passing None only warns
 
-    def set_run_folder(self, run_dir: Path) -> None:
-        """Called by the CLI before the run starts: W&B files and the run name follow the run folder."""
+    def set_run_folder(self, run_dir: Path, evaluates: Path | None = None, job_type: str = "train") -> None:
+        """Called by the CLI before the run starts: W&B files and the run name follow the run folder. An
+        evaluation (`job_type` validate/test/predict) of a training run's checkpoint (`evaluates`, that
+        run's folder) is named `<training run>/<evaluation>` and joins the training run's W&B group."""
         if self._wandb_init.get("dir") in (None, "."):
             self._wandb_init["dir"] = self._save_dir = str(run_dir)
         if self._wandb_init.get("name") is None:
-            self._wandb_init["name"] = self._name = run_dir.name
+            name = f"{evaluates.name}/{run_dir.name}" if evaluates is not None else run_dir.name
+            self._wandb_init["name"] = self._name = name
+        self._wandb_init["job_type"] = job_type
+        group = training_group(evaluates) if evaluates is not None else None
+        if group:
+            self._wandb_init["group"] = group
 
     @property
     @rank_zero_experiment
@@ -124,6 +155,19 @@ class WandbLogger(LightningWandbLogger):
             )
             self.mode = self._wandb_init["mode"] = "offline"
             return super().experiment
+
+
+def training_group(run_dir: Path) -> str | None:
+    """The W&B group a training run was logged in, from its config.yaml (None if it had none)."""
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    logger = (config.get("trainer") or {}).get("logger")
+    for entry in logger if isinstance(logger, list) else [logger]:
+        if isinstance(entry, dict) and "Wandb" in str(entry.get("class_path", "")):
+            return (entry.get("init_args") or {}).get("group")
+    return None
 
 
 @rank_zero_only

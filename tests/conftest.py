@@ -64,6 +64,43 @@ def fae_here(monkeypatch, capfd):
     return run
 
 
+def wandb_run_records(run_folder: Path) -> dict:
+    """What an offline W&B run under `run_folder` recorded, read from its transaction log (a LevelDB-style
+    log of protobuf records in 32 KiB blocks): {"run": the run record, "config": {key: value},
+    "summary": {key: value}} (values decoded from JSON). wandb itself has no reader of these files."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_folder.glob("wandb/offline-run-*/run-*.wandb")
+    data, pos, block, pending, raw = path.read_bytes(), 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            raw.append(chunk)
+        elif kind in (2, 3):  # first, middle
+            pending = (pending if kind == 3 else b"") + chunk
+        elif kind == 4:  # last
+            raw.append(pending + chunk)
+    out: dict = {"run": None, "config": {}, "summary": {}}
+    for item in raw:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(item)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            out["run"] = record.run
+        elif kind == "config":
+            out["config"] |= {u.key: json.loads(u.value_json) for u in record.config.update}
+        elif kind == "summary":
+            out["summary"] |= {u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in record.summary.update}
+    return out
+
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 # A Trainer for tests: CPU, no files, no bars; evaluation with gradients (as the CLI sets it), which the

@@ -30,7 +30,7 @@ from torchvision.utils import make_grid, save_image
 
 from fae.data.base import Batch
 from fae.data.noise import BinaryMask, Corruption, GaussianNoise
-from fae.evaluation.report import run_curves, write_report
+from fae.evaluation.report import area_under_curve, run_curves, write_report
 from fae.models.base import interleave_rows
 from fae.objectives import RECONSTRUCTION_ERRORS
 
@@ -168,10 +168,14 @@ class RobustnessSweep(L.Callback):
 
 
 def log_to_loggers(trainer: L.Trainer, results: list[LevelResult], grids: dict[str, Tensor], folder: Path) -> None:
-    """Means as metrics for every logger; for W&B also the rows as a table, a line plot per noise kind
-    (error against level) and the reconstruction grids and figures as images."""
-    for logger in trainer.loggers:
+    """Means and, per noise kind, the area under error(level) divided by the level range (the mean error
+    over the range, as `fae report`'s table has it) as metrics for every logger; for W&B also the rows as
+    a table, a line plot per noise kind (error against level) and the reconstruction grids as images."""
+    rows = [asdict(r) for r in results]
+    aucs = {f"robustness/auc_{kind}": area_under_curve(rows, kind) for kind in sorted({r.kind for r in results})}
+    for logger in trainer.loggers:  # the last value of each is its W&B summary: runs tables sort by them
         logger.log_metrics({f"robustness/{r.kind}/{r.level:g}": r.mean for r in results}, step=trainer.global_step)
+        logger.log_metrics(aucs, step=trainer.global_step)
         if not isinstance(logger, WandbLogger):
             continue
         import wandb
