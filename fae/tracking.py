@@ -1,4 +1,5 @@
-"""Where a run's results go: W&B that never hangs or crashes offline, and image files in the run folder.
+"""Where a run's results go: W&B that never hangs or crashes offline, image files in the run folder, and
+the one picture of reconstructions (`reconstruction_grid`) that validation and the sweep both draw.
 
 `WandbLogger` is Lightning's W&B logger with one decision added, its mode:
   - WANDB_MODE, when set, is honoured as W&B itself honours it;
@@ -21,12 +22,13 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
+import torch
 import yaml
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 
 
 def flat_config(node, prefix: str = "") -> dict:
@@ -168,6 +170,22 @@ def training_group(run_dir: Path) -> str | None:
         if isinstance(entry, dict) and "Wandb" in str(entry.get("class_path", "")):
             return (entry.get("init_args") or {}).get("group")
     return None
+
+
+def interleave_rows(top: Tensor, bottom: Tensor, per_row: int) -> Tensor:
+    """Rows of `per_row` images alternating top, bottom, top, ...: the paper's figure layout
+    (true images on odd rows, reconstructions on even rows). Both (N, C, H, W) -> (2N, C, H, W)."""
+    n = (len(top) // per_row) * per_row
+    c, h, w = top.shape[1:]
+    rows = torch.stack([top[:n].reshape(-1, per_row, c, h, w), bottom[:n].reshape(-1, per_row, c, h, w)], 1)
+    return rows.reshape(-1, c, h, w)
+
+
+def reconstruction_grid(images: Tensor, recon: Tensor, per_row: int = 8) -> Tensor:
+    """The one picture of reconstructions, in validation and in the sweep: images (N, C, H, W) in [0, 1]
+    on odd rows, their reconstructions on even rows, `per_row` a row -> (C, H', W')."""
+    per_row = min(per_row, len(images))
+    return make_grid(interleave_rows(images, recon, per_row), nrow=per_row, padding=1)
 
 
 @rank_zero_only

@@ -26,13 +26,13 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 from torchmetrics import Metric
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 
 from fae.data.base import Batch
 from fae.data.noise import BinaryMask, Corruption, GaussianNoise
 from fae.evaluation.report import area_under_curve, run_curves, write_report
-from fae.models.base import interleave_rows
 from fae.objectives import RECONSTRUCTION_ERRORS
+from fae.tracking import reconstruction_grid
 
 # The authors' code sweeps 10 noise levels from 0.01 to 2; masking from 0.01 to about 0.9.
 DEFAULT_SIGMAS = [0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0]
@@ -134,8 +134,7 @@ class RobustnessSweep(L.Callback):
             clean, index = batch.target[: self.grid_images], batch.index[: self.grid_images]
             for corruption in self.grid_corruptions:
                 recon = pl_module.reconstruct(corruption(clean, index))
-                rows = interleave_rows(clean, recon, per_row=min(8, len(clean)))
-                grid = make_grid(pl_module.to_unit_range(rows), nrow=min(8, len(clean)), padding=1)
+                grid = reconstruction_grid(pl_module.to_unit_range(clean), pl_module.to_unit_range(recon))
                 self.grids[f"reconstructions_{corruption.kind}_{corruption.level:g}"] = grid.cpu()
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -38,7 +38,6 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
-from torchvision.utils import make_grid
 
 from fae.data.base import Batch
 from fae.errors import UserError
@@ -50,7 +49,7 @@ from fae.objectives import (
     posterior_fisher_divergence,
 )
 from fae.priors import make_prior
-from fae.tracking import log_image_grid
+from fae.tracking import log_image_grid, reconstruction_grid
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): a latent dimension is active if Var_x(E_q[z_j|x]) > 0.01
 
@@ -88,15 +87,6 @@ class ActiveUnits(Metric):
         mean = self.total / self.count
         variance = (self.squares / self.count - mean.pow(2)) * self.count / (self.count - 1).clamp(min=1)
         return (variance > self.threshold).sum().float()
-
-
-def interleave_rows(top: Tensor, bottom: Tensor, per_row: int) -> Tensor:
-    """Rows of `per_row` images alternating top, bottom, top, ...: the paper's figure layout
-    (true images on odd rows, reconstructions on even rows). Both (N, C, H, W) -> (2N, C, H, W)."""
-    n = (len(top) // per_row) * per_row
-    c, h, w = top.shape[1:]
-    rows = torch.stack([top[:n].reshape(-1, per_row, c, h, w), bottom[:n].reshape(-1, per_row, c, h, w)], 1)
-    return rows.reshape(-1, c, h, w)
 
 
 class AutoEncoder(L.LightningModule):
@@ -327,8 +317,7 @@ class AutoEncoder(L.LightningModule):
         return self.reconstruct(batch.x)
 
     def log_reconstruction_grid(self, images: Tensor, recon: Tensor, stage: str) -> None:
-        per_row = min(8, len(images))
-        grid = make_grid(self.to_unit_range(interleave_rows(images, recon, per_row)), nrow=per_row, padding=1)
+        grid = reconstruction_grid(self.to_unit_range(images), self.to_unit_range(recon))
         log_image_grid(self.trainer, f"{stage}/reconstructions", grid)
 
     def to_unit_range(self, images: Tensor) -> Tensor:
