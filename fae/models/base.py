@@ -42,6 +42,7 @@ from torchmetrics import MeanMetric, Metric
 from fae.data.base import Batch
 from fae.errors import UserError
 from fae.likelihoods import Gaussian, make_likelihood
+from fae.nets.contract import check_nets
 from fae.objectives import (
     RECONSTRUCTION_ERRORS,
     grad_z_log_decoder,
@@ -92,6 +93,7 @@ class ActiveUnits(Metric):
 class AutoEncoder(L.LightningModule):
     """Base of the model families; see the module docstring."""
 
+    abstract: ClassVar[bool] = True  # a base for families, not one; each family sets nothing
     terms: ClassVar[tuple[str, ...]] = ("loss",)
     eval_metrics_extra: ClassVar[tuple[str, ...]] = ()
     diagnostic_terms: ClassVar[tuple[str, ...]] = ("recon_mse",)  # per-sample diagnostics from model_step
@@ -120,12 +122,7 @@ class AutoEncoder(L.LightningModule):
             max_consecutive_skips: in "skip" mode, give up after this many skipped steps in a row.
         """
         super().__init__()
-        if getattr(encoder, "latent_dim", None) != getattr(decoder, "latent_dim", None):
-            raise UserError(
-                f"encoder latent_dim {getattr(encoder, 'latent_dim', None)} != decoder latent_dim "
-                f"{getattr(decoder, 'latent_dim', None)}: give both nets the same latent_dim "
-                "(--model.encoder.latent_dim, --model.decoder.latent_dim)"
-            )
+        check_nets(encoder, decoder)
         if recon_metric not in RECONSTRUCTION_ERRORS:
             raise UserError(f"recon_metric must be one of {list(RECONSTRUCTION_ERRORS)}, got {recon_metric!r}")
         self.encoder = encoder
@@ -150,6 +147,20 @@ class AutoEncoder(L.LightningModule):
             {stage: nn.ModuleDict({name: MeanMetric() for name in names}) for stage in ("val", "test")}
         )
         self.eval_active_units = nn.ModuleDict({stage: ActiveUnits(self.latent_dim) for stage in ("val", "test")})
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """A family cannot be half-implemented: a class that is not a base (`abstract = True` in its own
+        body) must provide `encode` and `model_step` and list its `terms`, "loss" first."""
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("abstract", False):
+            return
+        lacking = [
+            f"define {name}()" for name in ("encode", "model_step") if getattr(cls, name) is getattr(AutoEncoder, name)
+        ]
+        if not cls.terms or cls.terms[0] != "loss":
+            lacking.append("list its terms, 'loss' first")
+        if lacking:
+            raise TypeError(f"model family {cls.__name__} is incomplete: {'; '.join(lacking)} (see fae.models.base)")
 
     def save_config(self) -> None:
         """save_hyperparameters() for the calling family's __init__. Under the CLI that is the config
@@ -197,14 +208,14 @@ class AutoEncoder(L.LightningModule):
         return self.model_step(x)
 
     def build_likelihood(self, likelihood: str, decoder_scale: float, learn_decoder_scale: bool) -> None:
-        activation = getattr(self.decoder, "output_activation", "identity")
+        activation = self.decoder.output_activation
         self.likelihood = make_likelihood(likelihood, activation, decoder_scale, learn_decoder_scale)
 
     # --- Lightning hooks -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         """Before the first batch: the data module's images must be what the encoder takes."""
         datamodule = self.trainer.datamodule
-        expected = getattr(self.encoder, "image_shape", None)
+        expected = self.encoder.image_shape
         found = getattr(datamodule, "image_shape", None) if datamodule is not None else None
         if expected is not None and found is not None and tuple(found) != tuple(expected):
             raise UserError(
@@ -357,12 +368,14 @@ class GaussianAutoEncoder(AutoEncoder):
     are returned as (mu, log sigma). Evaluation adds the posterior Fisher divergence.
     """
 
+    abstract = True
+
     eval_metrics_extra = ("posterior_fisher",)
     diagnostic_terms = ("recon_mse", "encoder_sigma")
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: str, prior_degree: int, **kwargs) -> None:
         super().__init__(encoder, decoder, **kwargs)
-        if not getattr(encoder, "gaussian", False):
+        if not encoder.gaussian:
             raise UserError(f"{type(self).__name__} needs a Gaussian encoder: set --model.encoder.gaussian true")
         self.prior = make_prior(prior, self.latent_dim, prior_degree)
 

@@ -92,7 +92,7 @@ class WAEGAN(AutoEncoder):
         super().__init__(
             encoder, decoder, optimizer, lr_scheduler, recon_metric, grid_images, on_nonfinite, max_consecutive_skips
         )
-        if getattr(encoder, "gaussian", True):
+        if encoder.gaussian:
             raise UserError("the WAE-GAN needs a deterministic encoder: set --model.encoder.gaussian false")
         self.save_config()
         self.automatic_optimization = False

@@ -109,6 +109,7 @@ class CelebADecoder(nn.Module):
         check_image_size(image_size)
         require_positive(type(self).__name__, latent_dim=latent_dim, width=width)
         self.latent_dim = latent_dim
+        self.image_shape = (3, image_size, image_size)
         w = width
         layers: list[nn.Module] = []
         channels = latent_dim

@@ -75,6 +75,7 @@ class MNISTDecoder(nn.Module):
     """(B, d_z) -> logits (B, 1, 28, 28); the image mean is sigmoid(logits)."""
 
     output_activation = "sigmoid"
+    image_shape = (1, 28, 28)
 
     def __init__(self, latent_dim: int = 8, width: int = 64, norm: Norm = "batch") -> None:
         """

@@ -1,0 +1,73 @@
+"""The family interface: the README's example family (a new module of ~20 lines) trains through the
+base class alone, a half-implemented family is refused when defined, and nets that break the net
+contract are named in one line."""
+
+from __future__ import annotations
+
+import re
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from fae.data import DigitsDataModule
+from fae.errors import UserError
+from fae.models.base import AutoEncoder
+from fae.nets import MNISTDecoder, MNISTEncoder
+
+from .conftest import CONFIGS, QUIET
+
+
+def readme_family() -> type:
+    """The README's example family, which is fae/models/ae.py."""
+    from fae.models.ae import AE
+
+    text = (CONFIGS.parent / "README.md").read_text()
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "class AE(" in block]
+    assert code in (CONFIGS.parent / "fae" / "models" / "ae.py").read_text()
+    return AE
+
+
+def test_the_readme_family_trains_through_the_base_class_alone():
+    L.seed_everything(0)
+    model = readme_family()(MNISTEncoder(8, 8, gaussian=False), MNISTDecoder(8, 8), grid_images=0)
+    dm = DigitsDataModule(batch_size=64)
+    trainer = L.Trainer(max_steps=60, limit_val_batches=4, val_check_interval=30, **QUIET)
+    before = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/recon_bce"]
+    trainer.fit(model, datamodule=dm)
+    after = L.Trainer(limit_val_batches=4, **QUIET).validate(model, datamodule=dm, verbose=False)[0]
+    assert after["val/recon_bce"] < 0.8 * before, (before, after)
+    assert {"val/loss", "val/recon_mse", "val/active_units"} <= set(after)  # the base's metrics and diagnostics
+
+
+def test_a_half_implemented_family_is_refused_when_defined():
+    with pytest.raises(TypeError, match=r"model family Half is incomplete: define model_step\(\)"):
+
+        class Half(AutoEncoder):
+            terms = ("loss",)
+
+            def encode(self, x):
+                return self.encoder(x)
+
+    with pytest.raises(TypeError, match=r"list its terms, 'loss' first"):
+
+        class Unordered(AutoEncoder):
+            terms = ("nll", "loss")
+            encode = model_step = lambda self, x: x
+
+
+def test_nets_that_break_the_contract_are_named_in_one_line():
+    family = readme_family()
+    bare = nn.Linear(4, 4)
+    with pytest.raises(UserError, match=r"the encoder Linear does not declare latent_dim, image_shape, gaussian"):
+        family(bare, MNISTDecoder(8, 4))
+    small = MNISTDecoder(8, 4)
+    small.image_shape = (1, 14, 14)
+    with pytest.raises(UserError, match=r"the encoder takes images \(1, 28, 28\) but the decoder makes \(1, 14, 14\)"):
+        family(MNISTEncoder(8, 4, gaussian=False), small)
+    with pytest.raises(UserError, match="encoder latent_dim 4 != decoder latent_dim 8"):
+        family(MNISTEncoder(4, 4, gaussian=False), MNISTDecoder(8, 4))
+    assert torch.is_tensor(
+        family(MNISTEncoder(8, 4, gaussian=False), MNISTDecoder(8, 4)).encode(torch.rand(2, 1, 28, 28))
+    )
