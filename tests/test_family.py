@@ -71,3 +71,17 @@ def test_nets_that_break_the_contract_are_named_in_one_line():
     assert torch.is_tensor(
         family(MNISTEncoder(8, 4, gaussian=False), MNISTDecoder(8, 4)).encode(torch.rand(2, 1, 28, 28))
     )
+
+
+def test_the_reconstruction_error_and_pixel_range_come_from_the_data_module():
+    from fae.models import VAE
+
+    model = VAE(MNISTEncoder(8, 4), MNISTDecoder(8, 4), grid_images=0)
+    assert model.recon_metric is None  # not stated in the model: the data's
+    metrics = L.Trainer(limit_val_batches=1, **QUIET).validate(model, datamodule=DigitsDataModule(), verbose=False)[0]
+    assert model.recon_metric == "bce" and "val/recon_bce" in metrics
+    decoder = MNISTDecoder(8, 4)
+    decoder.output_activation = "tanh"  # images in [-1, 1], digits in [0, 1]
+    wrong = VAE(MNISTEncoder(8, 4), decoder, likelihood="gaussian", grid_images=0)
+    with pytest.raises(UserError, match=r"the data's pixels are in \[0.0, 1.0\] but the decoder's tanh output"):
+        L.Trainer(limit_val_batches=1, **QUIET).validate(wrong, datamodule=DigitsDataModule(), verbose=False)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import lightning as L
 import torch
@@ -100,7 +100,11 @@ class ResumableDataLoader(DataLoader):
 
 
 class InMemoryImageDataModule(L.LightningDataModule):
-    """Base for fae's data modules: subclasses implement `load_splits` and `to_float`."""
+    """Base for fae's data modules: subclasses implement `load_splits` and `to_float`, and declare their
+    pixels' range and the reconstruction error a model is scored by on them (the model reads both)."""
+
+    pixel_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
+    recon_metric: ClassVar[str] = "bce"  # fae.objectives.RECONSTRUCTION_ERRORS: BCE for [0, 1] pixels
 
     def __init__(
         self,

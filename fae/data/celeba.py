@@ -130,6 +130,9 @@ class JPEGFaces(Dataset):
 class CelebADataModule(InMemoryImageDataModule):
     """CelebA faces, (3, image_size, image_size) in [-1, 1], the official split; see the module docstring."""
 
+    pixel_range = (-1.0, 1.0)
+    recon_metric = "mse"  # the paper's CelebA error, on the [-1, 1] scale
+
     def __init__(
         self,
         data_dir: str = "./data",

@@ -3,7 +3,7 @@
 Models are trained on clean data; at test time every test image is corrupted at every level of
 the sweep (additive Gaussian noise x + sigma N(0, I), and binary masking with probability nu), the
 model reconstructs decoder(encoder mean of the noisy image), and the error is taken against the
-CLEAN image (BCE for MNIST, MSE for CelebA: the model's `recon_metric`). One pass over the test set:
+CLEAN image (BCE for MNIST, MSE for CelebA: the data module's `recon_metric`). One pass over the test set:
 each batch is corrupted at all levels on the device, so the data is read once. The noise is keyed by
 (seed, kind, level, sample index) (fae.data.noise): every model sees the same corrupted images.
 

@@ -104,7 +104,7 @@ class AutoEncoder(L.LightningModule):
         decoder: nn.Module,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
-        recon_metric: str = "bce",
+        recon_metric: str | None = None,
         grid_images: int = 16,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         max_consecutive_skips: int = 20,
@@ -115,7 +115,8 @@ class AutoEncoder(L.LightningModule):
             decoder: the decoder net (fae.nets), (B, d_z) -> pre-activation (B, C, H, W).
             optimizer: the optimizer, given the parameters (Adam, lr 1e-3, unless configured).
             lr_scheduler: an optional learning-rate scheduler, stepped every epoch.
-            recon_metric: reconstruction error against the clean image: "bce" (MNIST) or "mse" (CelebA).
+            recon_metric: reconstruction error against the clean image, "bce" or "mse"; default (None):
+                the data module's (BCE on MNIST, MSE on CelebA).
             grid_images: validation images shown in the reconstruction grid (0 for none).
             on_nonfinite: on a non-finite loss term or gradient, "stop" training with one line naming it,
                 or "skip" that step; either way the weights are never updated from it.
@@ -123,7 +124,7 @@ class AutoEncoder(L.LightningModule):
         """
         super().__init__()
         check_nets(encoder, decoder)
-        if recon_metric not in RECONSTRUCTION_ERRORS:
+        if recon_metric is not None and recon_metric not in RECONSTRUCTION_ERRORS:
             raise UserError(f"recon_metric must be one of {list(RECONSTRUCTION_ERRORS)}, got {recon_metric!r}")
         self.encoder = encoder
         self.decoder = decoder
@@ -142,7 +143,8 @@ class AutoEncoder(L.LightningModule):
         self.skips_in_a_row = 0
         self._skipped_this_batch = False
         self._buffers_before_step: dict[str, Tensor] = {}
-        names = dict.fromkeys((*self.terms, *self.eval_metrics_extra, *self.diagnostic_terms, f"recon_{recon_metric}"))
+        errors = (f"recon_{name}" for name in RECONSTRUCTION_ERRORS)  # the data's is chosen at setup
+        names = dict.fromkeys((*self.terms, *self.eval_metrics_extra, *self.diagnostic_terms, *errors))
         self.eval_metrics = nn.ModuleDict(
             {stage: nn.ModuleDict({name: MeanMetric() for name in names}) for stage in ("val", "test")}
         )
@@ -213,7 +215,8 @@ class AutoEncoder(L.LightningModule):
 
     # --- Lightning hooks -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        """Before the first batch: the data module's images must be what the encoder takes."""
+        """Before the first batch: the data module's images must be what the encoder takes, in the range
+        the decoder produces; the reconstruction error is the data module's unless the model sets one."""
         datamodule = self.trainer.datamodule
         expected = self.encoder.image_shape
         found = getattr(datamodule, "image_shape", None) if datamodule is not None else None
@@ -223,6 +226,18 @@ class AutoEncoder(L.LightningModule):
                 "this data set (fae.nets.MNISTEncoder/MNISTDecoder, fae.nets.CelebAEncoder/CelebADecoder with the "
                 "data module's image_size)"
             )
+        activation = self.likelihood.output_activation
+        data_range = getattr(datamodule, "pixel_range", None)
+        decoder_range = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}.get(activation)
+        if data_range is not None and decoder_range is not None and tuple(data_range) != decoder_range:
+            raise UserError(
+                f"the data's pixels are in {list(data_range)} but the decoder's {activation} output is in "
+                f"{list(decoder_range)}: use the nets of this data set"
+            )
+        if self.recon_metric is None:
+            self.recon_metric = getattr(datamodule, "recon_metric", None) or ("mse" if activation == "tanh" else "bce")
+        if self.recon_metric == "bce" and (data_range or decoder_range or (0.0, 1.0))[0] < 0:
+            raise UserError("recon_metric bce needs pixels in [0, 1]; these are in [-1, 1]: use mse")
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         terms = self.model_step(batch.x)
@@ -314,8 +329,8 @@ class AutoEncoder(L.LightningModule):
         metrics = self.eval_metrics[stage]
         for name, value in terms.items():
             metrics[name].update(value)
-        for name, metric in metrics.items():
-            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "loss")
+        for name in terms:
+            self.log(f"{stage}/{name}", metrics[name], on_step=False, on_epoch=True, prog_bar=name == "loss")
         self.log(f"{stage}/active_units", self.eval_active_units[stage], on_step=False, on_epoch=True)
         scale = self.decoder_scale()
         if scale is not None:

@@ -69,7 +69,7 @@ class FisherAE(GaussianAutoEncoder):
         max_consecutive_skips: int = 20,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
-        recon_metric: Literal["bce", "mse"] = "bce",
+        recon_metric: Literal["bce", "mse"] | None = None,
         grid_images: int = 16,
     ) -> None:
         """

@@ -34,7 +34,7 @@ class VAE(GaussianAutoEncoder):
         learn_decoder_scale: bool = False,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
-        recon_metric: Literal["bce", "mse"] = "bce",
+        recon_metric: Literal["bce", "mse"] | None = None,
         grid_images: int = 16,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         max_consecutive_skips: int = 20,

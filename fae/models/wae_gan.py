@@ -69,7 +69,7 @@ class WAEGAN(AutoEncoder):
         lr_scheduler: LRSchedulerCallable | None = None,
         discriminator_lr_scheduler: LRSchedulerCallable | None = None,
         gradient_clip_val: float | None = None,
-        recon_metric: Literal["bce", "mse"] = "bce",
+        recon_metric: Literal["bce", "mse"] | None = None,
         grid_images: int = 16,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         max_consecutive_skips: int = 20,
