@@ -49,22 +49,40 @@ from fae.errors import UserError, short_reason
 UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError)
 
 
-def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
-    """torch.load of a Lightning checkpoint, or one UserError naming the file when it cannot be read."""
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", resume: bool = False) -> dict:
+    """torch.load of a Lightning checkpoint, or one UserError naming the file when it cannot be read:
+    missing, truncated, corrupt (every entry's CRC32 is checked: a flipped byte in a tensor is found),
+    not a Lightning checkpoint, or, with `resume`, one that holds weights only."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path} (give the path of a .ckpt file)")
+    fix = "use another checkpoint, e.g. a best-*.ckpt beside it"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except zipfile.BadZipFile:
+        reason = "not a whole archive"
+        raise UserError(f"checkpoint {path} cannot be read, it is truncated or corrupt ({reason}): {fix}") from None
+    except OSError:
+        damaged = None  # torch.load says why below
+    if damaged is not None:
+        raise UserError(f"checkpoint {path} is corrupt ({damaged} fails its checksum): {fix}")
     try:
         # mmap: only what is read is paged in, so checking a large checkpoint costs little
         checkpoint = torch.load(path, map_location=map_location, weights_only=False, mmap=True)
     except UNREADABLE as err:
         reason = short_reason(err).split(". ")[0][:100]
+        raise UserError(f"checkpoint {path} cannot be read, it is truncated or corrupt ({reason}): {fix}") from None
+    lightning = isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict)
+    if not lightning or "pytorch-lightning_version" not in checkpoint:
+        raise UserError(f"{path} is not a Lightning checkpoint: give a .ckpt written by `fae fit`")
+    if not isinstance(checkpoint.get("global_step", 0), int):
+        raise UserError(f"checkpoint {path} is corrupt (its global_step is not a number): {fix}")
+    if resume and not checkpoint.get("optimizer_states"):
         raise UserError(
-            f"checkpoint {path} cannot be read, it is truncated or corrupt ({reason}): "
-            "use another checkpoint, e.g. a best-*.ckpt beside it"
-        ) from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise UserError(f"{path} is not a Lightning checkpoint (no state_dict): give a .ckpt written by `fae fit`")
+            f"{path} holds weights only (no optimizer or loop state), so no run can resume from it: evaluate it "
+            "with `fae test`, or start a new run"
+        )
     return checkpoint
 
 
@@ -169,8 +187,11 @@ class Checkpoint(ModelCheckpoint):
             }
 
     def _on_signal(self, signum: int, frame) -> None:
-        if self._signal and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        if self._signal and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            previous = self._previous_handlers.get(signum)
+            if callable(previous):
+                previous(signum, frame)
+            raise KeyboardInterrupt
         self._signal.setdefault("name", signal.Signals(signum).name)
         rank_zero_info(f"fae: {self._signal['name']} received; saving last.ckpt after this batch, then stopping")
 

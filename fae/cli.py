@@ -36,12 +36,15 @@ anything is built. What fae adds to LightningCLI:
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
 import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from argparse import ArgumentError
@@ -111,6 +114,11 @@ def make_run_dir(path: Path) -> None:
         _CREATED.append(top)
 
 
+def import_class(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def checkpoint_run_dir(ckpt: Path) -> Path | None:
     """The run folder a checkpoint belongs to: RUN for RUN/checkpoints/*.ckpt and for RUN/hpc_ckpt_*.ckpt
     (Lightning's SLURM requeue checkpoints)."""
@@ -148,6 +156,7 @@ class FaeCLI(LightningCLI):
         self.lock: RunLock | None = None
         self.run_dir: Path | None = None
         self.evaluates: Path | None = None  # the training run an evaluation's checkpoint belongs to
+        self.restart = False  # a run started again in its folder: its earlier metrics rows all move aside
         super().__init__(
             model_class=AutoEncoder,
             subclass_mode_model=True,
@@ -205,19 +214,37 @@ class FaeCLI(LightningCLI):
 
     # --- before anything is built ----------------------------------------------------------------
     def _parse_ckpt_path(self) -> None:
-        """Lightning reads the model's hyperparameters from --ckpt_path here: a corrupt file is one line."""
-        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
-        if ckpt_path and Path(ckpt_path).is_file():
-            read_checkpoint(ckpt_path)
+        """Lightning rebuilds the model as --ckpt_path records it (its weights need that architecture): a
+        corrupt file is one line, a checkpoint of another family is refused, and settings of the model
+        that the checkpoint overrides are named in one line."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not (ckpt_path and Path(ckpt_path).is_file()):
+            return super()._parse_ckpt_path()
+        read_checkpoint(ckpt_path)
+        given = self.config[subcommand].model.clone()
         super()._parse_ckpt_path()
+        used = self.config[subcommand].model
+        if used.class_path != given.class_path:
+            held, configured = used.class_path.rsplit(".", 1)[-1], given.class_path.rsplit(".", 1)[-1]
+            raise UserError(
+                f"{ckpt_path} holds a {held}, the config a {configured}: use the config it was trained with "
+                "(config.yaml in its run folder)"
+            )
+        before, after = flat_config(given.as_dict(), "model."), flat_config(used.as_dict(), "model.")
+        changed = [f"{k} {before.get(k)} -> {v}" for k, v in after.items() if k in before and before[k] != v]
+        if changed and global_rank_from_env() == 0:
+            print(f"fae: the model is built as {ckpt_path} records it: {', '.join(changed)}", file=sys.stderr)
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand is None:  # FaeCLI(args, run=False): the objects only, no run folder
-            check_trainer_settings(self.config.trainer)
+            check_trainer_settings(self.config.trainer, fit=False)
             self.run_dir = Path(self.config.get("run_dir") or Path(self.config.runs_dir) / "unused")
             return
         config = self.config[self.subcommand]
-        check_trainer_settings(config.trainer)
+        check_trainer_settings(config.trainer, fit=self.subcommand == "fit")
+        if config.get("run_dir") == "":
+            raise UserError("--run_dir is empty: give a folder, or omit it for a new one under --runs_dir")
         self.rank_zero = global_rank_from_env() == 0
         explicit = config.get("run_dir") or os.environ.get(RUN_DIR_ENV)
         several = (config.trainer.get("num_nodes") or 1) > 1 or int(os.environ.get("WORLD_SIZE", 1)) > 1
@@ -234,6 +261,21 @@ class FaeCLI(LightningCLI):
             self.run_dir, config.ckpt_path = self.training_run_dir(config, explicit)
         else:
             self.run_dir, config.ckpt_path = self.evaluation_run_dir(config, explicit)
+        dirpath = config.checkpoint.dirpath
+        if self.rank_zero and self.subcommand == "fit" and dirpath and any(Path(dirpath).glob("*.ckpt")):
+            resumed = config.ckpt_path and Path(config.ckpt_path).resolve().parent == Path(dirpath).resolve()
+            if not resumed:
+                raise UserError(
+                    f"checkpoint.dirpath {dirpath} already holds another run's checkpoints: give this run its own "
+                    "(or leave it unset: RUN/checkpoints)"
+                )
+        family = import_class(config.model.class_path)
+        strategy = config.trainer.get("strategy")
+        if getattr(family, "needs_unused_parameters", False) and isinstance(strategy, str) and strategy == "ddp":
+            raise UserError(
+                f"the {family.__name__}'s optimizer steps each use part of the parameters: under DDP use "
+                "--trainer.strategy ddp_find_unused_parameters_true"
+            )
         if self.rank_zero:  # claim the folder: one live run at a time
             make_run_dir(self.run_dir)
             self.lock = RunLock(self.run_dir, self.subcommand)
@@ -264,11 +306,13 @@ class FaeCLI(LightningCLI):
     def training_run_dir(self, config, explicit: str | None) -> tuple[Path, str | None]:
         """The folder of a `fit` and the checkpoint it resumes from; refuses to mix two runs' results."""
         ckpt = config.get("ckpt_path")
+        restart = False  # `--ckpt_path last` in a folder without a checkpoint: (re)start the run there
         if ckpt in ("last", "best"):
             ckpt = self.resolve_alias(ckpt, Path(explicit) if explicit else None)
-            if ckpt is None:
-                rank_zero_info(f"fae: {explicit} has no last.ckpt yet: starting the run there")
-        step = self.checkpoint_step(ckpt)
+            if ckpt is None and any(Path(explicit).glob("checkpoints/*.ckpt")):
+                raise UserError(f"{explicit} has checkpoints but no last.ckpt: give --ckpt_path one of them")
+            restart = ckpt is None
+        step = -1 if ckpt is None else int(read_checkpoint(ckpt, resume=True).get("global_step", 0))
         if ckpt is not None:
             check_budget_left(ckpt, config.trainer)
         if explicit:
@@ -279,8 +323,19 @@ class FaeCLI(LightningCLI):
             configs = config.get("config") or []
             name = config.get("run_name") or (Path(str(configs[-1])).stem if configs else "run")
             return new_run_dir(Path(config.runs_dir), f"{name}-{timestamp()}"), ckpt
+        if restart:
+            self.restart = True
+            if (run_dir / METRICS_NAME).is_file():
+                rank_zero_info(f"fae: {run_dir} holds no checkpoint: starting its run again (its earlier rows of "
+                               "metrics.csv move to metrics-superseded-*.csv)")  # fmt: skip
+            return run_dir, None
         if holds_results(run_dir):
             last = run_dir / "checkpoints" / "last.ckpt"
+            if ckpt is None and not any(run_dir.glob("checkpoints/*.ckpt")):
+                raise UserError(
+                    f"{run_dir} holds the metrics of a run that saved no checkpoint: start it again there with "
+                    "--ckpt_path last (its rows are kept aside), or start a new run in a new folder (omit --run_dir)"
+                )
             if ckpt is None:
                 raise UserError(
                     f"{run_dir} already holds a run: resume it with --ckpt_path {last} (or last), or start a "
@@ -312,6 +367,11 @@ class FaeCLI(LightningCLI):
         elif ckpt is not None:
             self.checkpoint_step(ckpt)  # readable, or one line naming it
         owner = checkpoint_run_dir(Path(ckpt)) if ckpt else None
+        if explicit and owner and holds_results(Path(explicit)) and Path(explicit).resolve() != owner:
+            raise UserError(
+                f"{ckpt} is a checkpoint of the run {owner}, not of {explicit}: omit --run_dir (the evaluation is "
+                "filed under its own run)"
+            )
         self.evaluates = owner or (Path(explicit) if explicit else None)
         if explicit or owner:
             return new_run_dir(Path(explicit) if explicit else owner, f"{self.subcommand}-{timestamp()}"), ckpt
@@ -331,13 +391,16 @@ class FaeCLI(LightningCLI):
 
     # --- the trainer: CSV first (its folder is the run folder), then the config's loggers ----------
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (ValueError, TypeError, MisconfigurationException) as err:  # e.g. devices, strategy
+            raise UserError(f"trainer: {' '.join(str(err).split())}") from None
         loggers = [logger for logger in trainer.loggers if not isinstance(logger, RunCSVLogger)]
         for logger in loggers:
             if hasattr(logger, "set_run_folder"):
                 job = "train" if self.subcommand in ("fit", None) else self.subcommand
                 logger.set_run_folder(self.run_dir, self.evaluates, job)
-        trainer.loggers = [RunCSVLogger(self.run_dir), *loggers]
+        trainer.loggers = [RunCSVLogger(self.run_dir, supersede_all=self.restart), *loggers]
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the user chose
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
@@ -395,15 +458,25 @@ def check_budget_left(ckpt: str, trainer) -> None:
         raise UserError(f"{ckpt} has {epochs_done} epochs done, not below trainer.max_epochs={max_epochs}: raise it")
 
 
-def check_trainer_settings(trainer) -> None:
+def check_trainer_settings(trainer, fit: bool) -> None:
     """Trainer values Lightning would reject only after starting (or with a traceback), as one line."""
     for key, lowest in (("max_epochs", -1), ("max_steps", -1), ("min_epochs", 0), ("min_steps", 0)):
         value = trainer.get(key)
         if value is not None and value < lowest:
             raise UserError(f"trainer.{key} must be >= {lowest} (-1: no limit), got {value}")
-    devices = trainer.get("devices")
-    if isinstance(devices, int) and devices < -1 or devices == 0:
-        raise UserError(f"trainer.devices must be a positive number, -1 or 'auto', got {devices}")
+    for key in ("accumulate_grad_batches", "check_val_every_n_epoch", "log_every_n_steps"):
+        value = trainer.get(key)
+        if value is not None and value < 1:
+            raise UserError(f"trainer.{key} must be >= 1, got {value}")
+    interval = trainer.get("val_check_interval")
+    if interval is not None and interval <= 0:
+        raise UserError(f"trainer.val_check_interval must be > 0 (batches, or a fraction of an epoch), got {interval}")
+    if fit:
+        nothing = [f"trainer.{k}={trainer.get(k)}" for k in ("max_epochs", "max_steps") if trainer.get(k) == 0]
+        if trainer.get("limit_train_batches") in (0, 0.0):
+            nothing.append("trainer.limit_train_batches=0")
+        if nothing:
+            raise UserError(f"nothing to train with {', '.join(nothing)}: give a positive budget")
 
 
 _PARSE_NOISE = (
@@ -436,12 +509,27 @@ def summarize_parse_error(message: str) -> str:
     return f"{'.'.join(keys)}: {text}" if keys else text
 
 
+class Stopped(SystemExit):
+    """The command was stopped by a signal outside training (before it, in a validation, in a test)."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(128 + getattr(signal, signal_name))
+        self.signal_name = signal_name
+
+
+def stop_now(signum: int, frame) -> None:
+    """SIGTERM/SIGINT outside training: stop at once (during training fae.checkpoint's handlers save first)."""
+    raise Stopped(signal.Signals(signum).name)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the `fae` console script."""
     inherited = os.environ.get(RUN_DIR_ENV)
     argv = sys.argv[1:] if args is None else args
-    subcommand = next((a for a in argv if a in FaeCLI.subcommands()), "")
+    subcommand = "report" if argv[:1] == ["report"] else next((a for a in argv if a in FaeCLI.subcommands()), "")
     failed = True
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.signal(s, stop_now) for s in (signal.SIGTERM, signal.SIGINT)} if in_main_thread else {}
     try:
         if argv[:1] == ["report"]:
             from fae.evaluation.report import main as report_main
@@ -461,10 +549,18 @@ def main(args: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         sys.exit(stop.code)
+    except Stopped as stop:
+        remove_failed_starts()
+        if global_rank_from_env() == 0:
+            where = f" during `fae {subcommand}`" if subcommand else ""
+            print(f"fae: stopped by {stop.signal_name}{where}; nothing was saved at the stop", file=sys.stderr)
+        sys.exit(stop.code)
     except Exception as err:
         user = find_user_error(err)
         if user is not None:
             fail(user_message(user))
+        if isinstance(err, RuntimeError) and "can't allocate memory" in str(err):
+            fail("not enough memory to build the nets (a width or latent size far too large?): lower --model.*.width")
         if isinstance(err, RuntimeError) and str(err).startswith("Error(s) in loading state_dict"):
             fail(
                 f"the checkpoint does not fit this model ({short_reason(err).strip()[:150]}): use the config it was "
@@ -474,6 +570,8 @@ def main(args: list[str] | None = None) -> None:
             fail(short_reason(err) if len(str(err)) > 400 else " ".join(str(err).split()))
         raise
     finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
         if failed:
             remove_failed_starts()
         _CREATED.clear()

@@ -51,8 +51,8 @@ class Gaussian(Likelihood):
 
     def __init__(self, output_activation: str, scale: float = 1.0, learn_scale: bool = False) -> None:
         super().__init__(output_activation)
-        if not scale > 0:
-            raise UserError(f"decoder_scale must be > 0, got {scale}")
+        if not 1e-6 <= scale <= 1e6:  # s^2 and 1/s^2 stay far inside float32 (it overflows near 3e38)
+            raise UserError(f"decoder_scale must be in [1e-6, 1e6], got {scale}")
         log_scale = torch.tensor(float(scale)).log()
         if learn_scale:
             self.log_scale = nn.Parameter(log_scale)

@@ -10,7 +10,8 @@ metrics of the run it resumes.
     non-empty folder, made to append instead. A resumed run replays nothing twice: the rows of steps
     at or after the first step it logs (written after the checkpoint it resumes from, before the
     interruption) move to metrics-superseded-<time>.csv, so metrics.csv is one continuous record
-    with each step once, and no row is lost;
+    with each step once, and no row is lost (all earlier rows, when a run that saved no checkpoint
+    is started again in its folder);
   - `global_rank_from_env()`: the rank of this process before Lightning has set up, from the
     variables its launchers and torchrun set.
 """
@@ -82,8 +83,9 @@ class RunLock:
 class AppendingWriter(ExperimentWriter):
     """Lightning's CSV writer that continues an existing metrics.csv; see the module docstring."""
 
-    def __init__(self, log_dir: str) -> None:
+    def __init__(self, log_dir: str, supersede_all: bool = False) -> None:
         self._superseded_checked = False
+        self.supersede_all = supersede_all
         super().__init__(log_dir)
         if self._fs.isfile(self.metrics_file_path):
             with open(self.metrics_file_path, newline="") as f:
@@ -97,7 +99,8 @@ class AppendingWriter(ExperimentWriter):
     def save(self) -> None:
         if self.metrics and not self._superseded_checked:
             self._superseded_checked = True
-            self._move_superseded_rows(min(int(row["step"]) for row in self.metrics))
+            first = min(int(row["step"]) for row in self.metrics)
+            self._move_superseded_rows(-(2**62) if self.supersede_all else first)
         super().save()
 
     def _move_superseded_rows(self, first_new_step: int) -> None:
@@ -122,13 +125,14 @@ class AppendingWriter(ExperimentWriter):
 class RunCSVLogger(CSVLogger):
     """CSVLogger writing RUN/metrics.csv that a resumed run appends to; see the module docstring."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, supersede_all: bool = False) -> None:
         super().__init__(save_dir=run_dir, name="", version="")
+        self.supersede_all = supersede_all
 
     @property
     @rank_zero_experiment
     def experiment(self) -> AppendingWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = AppendingWriter(log_dir=self.log_dir)
+            self._experiment = AppendingWriter(log_dir=self.log_dir, supersede_all=self.supersede_all)
         return self._experiment

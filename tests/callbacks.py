@@ -29,3 +29,13 @@ class PoisonFrom(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             batch.x[0, 0, 0, 0] = float("nan")
+
+
+class SignalAtTestStart(L.Callback):
+    """Send `signal_name` to this process when `fae test` starts (outside training)."""
+
+    def __init__(self, signal_name: str = "SIGTERM") -> None:
+        self.signal_name = signal_name
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        os.kill(os.getpid(), getattr(signal, self.signal_name))

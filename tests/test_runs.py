@@ -203,9 +203,18 @@ def test_mistakes_are_one_line_errors_and_leave_nothing_behind(tmp_path, fae_her
     run_fae = fae_here
     (tmp_path / "afile").write_text("")
     cases = {
-        ("--model.decoder_scale", "-1", "--model.likelihood", "gaussian"): "decoder_scale must be > 0, got -1.0",
+        ("--model.decoder_scale", "1e300", "--model.likelihood", "gaussian"): "decoder_scale must be in [1e-6, 1e6]",
         ("--model.encoder.latent_dim", "4"): "encoder latent_dim 4 != decoder latent_dim 8",
-        ("--data.batch_size", "0"): "batch_size must be >= 1, got 0",
+        ("--data.batch_size", "0"): "batch_size and eval_batch_size must be >= 1, got 0",
+        ("--data.num_workers", "-1"): "num_workers must be >= 0",
+        ("--trainer.val_check_interval", "0"): "trainer.val_check_interval must be > 0",
+        ("--trainer.max_steps", "0"): "nothing to train with trainer.max_steps=0",
+        ("--trainer.devices", "-2"): "trainer: `devices` selected with `CPUAccelerator` should be an int > 0",
+        ("--trainer.strategy", "nope"): "trainer: You selected an invalid strategy name",
+        ("--run_dir", ""): "--run_dir is empty",
+        ("--sweep.sigmas", "[]", "--sweep.nus", "[]"): "the sweep has no level",
+        # raised when training starts, after the loggers: the run folder is removed
+        ("--model.optimizer.lr", "-1"): "model.optimizer: Invalid learning rate: -1",
         ("--model.encoder.width", "0"): "MNISTEncoder: width must be > 0, got 0",
         ("--trainer.max_epochs", "-5"): "trainer.max_epochs must be >= -1 (-1: no limit), got -5",
         ("--sweep.nus", "[1.5]"): "BinaryMask: nu must be a probability in [0, 1], got 1.5",
@@ -273,3 +282,89 @@ def test_two_nodes_under_torchrun_share_one_run_folder_written_by_rank_zero(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]  # nothing written elsewhere
     alone = run_fae(*fit[:-2], cwd=tmp_path, env={"WORLD_SIZE": "2", "RANK": "1"})
     one_line_error(alone, "with several nodes or under torchrun every process must write to one run folder")
+
+
+def test_results_cannot_be_mixed_up_by_a_folder_checkpoint_or_report_given_by_hand(tmp_path, fae_here):
+    run = tmp_path / "a"
+    assert (
+        fae_here("fit", *QUICK, *TINY, "--trainer.max_steps", "64", "--run_dir", str(run), cwd=tmp_path).returncode == 0
+    )
+    last = run / "checkpoints" / "last.ckpt"
+    (test_dir,) = [] or [None]
+    cases = [
+        (
+            ("fit", *FISHER, *TINY, "--trainer.max_steps", "100", "--ckpt_path", str(last)),
+            f"{last} holds a VAE, the config a FisherAE: use the config it was trained with",
+        ),
+        (
+            ("test", *QUICK, *TINY, "--run_dir", str(tmp_path / "a"), "--ckpt_path", str(last), "--run_dir", str(run)),
+            None,
+        ),  # its own run: fine
+        (
+            ("fit", *QUICK, *TINY, "--trainer.max_steps", "10", "--checkpoint.dirpath", str(run / "checkpoints")),
+            f"checkpoint.dirpath {run / 'checkpoints'} already holds another run's checkpoints",
+        ),
+        (("report", str(run), "--out", str(run)), f"--out {run} holds a run's results (metrics.csv)"),
+    ]
+    for args, message in cases:
+        out = fae_here(*args, cwd=tmp_path)
+        if message is None:
+            assert out.returncode == 0, out.stderr[-2000:]
+        else:
+            one_line_error(out, message)
+    other = tmp_path / "b"
+    assert (
+        fae_here("fit", *QUICK, *TINY, "--trainer.max_steps", "5", "--run_dir", str(other), cwd=tmp_path).returncode
+        == 0
+    )
+    wrong = fae_here("test", *QUICK, *TINY, "--run_dir", str(other), "--ckpt_path", str(last), cwd=tmp_path)
+    one_line_error(wrong, f"{last} is a checkpoint of the run {run}, not of {other}")
+    wider = fae_here("test", *QUICK, *TINY, "--model.encoder.width", "16", "--ckpt_path", str(last),
+                     "--sweep.enabled", "false", cwd=tmp_path)  # fmt: skip
+    assert wider.returncode == 0, wider.stderr[-2000:]
+    assert f"fae: the model is built as {last} records it: model.encoder.width 16 -> 4" in wider.stderr
+
+    flipped = bytearray(last.read_bytes())  # a flipped byte inside a tensor: the zip checksum finds it
+    flipped[len(flipped) // 2 : len(flipped) // 2 + 4] = b"\xff\xfe\xfd\xfc"
+    (tmp_path / "flipped.ckpt").write_bytes(bytes(flipped))
+    one_line_error(fae_here("test", *QUICK, *TINY, "--ckpt_path", str(tmp_path / "flipped.ckpt"), cwd=tmp_path),
+                   f"checkpoint {tmp_path / 'flipped.ckpt'} is corrupt (")  # fmt: skip
+    weights = torch.load(last, weights_only=False)
+    del weights["optimizer_states"]
+    torch.save(weights, tmp_path / "weights.ckpt")
+    one_line_error(fae_here("fit", *QUICK, *TINY, "--trainer.max_steps", "100", "--ckpt_path",
+                            str(tmp_path / "weights.ckpt"), cwd=tmp_path),
+                   f"{tmp_path / 'weights.ckpt'} holds weights only")  # fmt: skip
+    torch.save({"state_dict": weights["state_dict"]}, tmp_path / "bare.ckpt")
+    one_line_error(fae_here("test", *QUICK, *TINY, "--ckpt_path", str(tmp_path / "bare.ckpt"), cwd=tmp_path),
+                   f"{tmp_path / 'bare.ckpt'} is not a Lightning checkpoint")  # fmt: skip
+    ddp = fae_here("fit", "--config", str(CONFIGS / "quickstart" / "digits_wae_gan.yaml"), *TINY,
+                   "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=tmp_path)  # fmt: skip
+    one_line_error(ddp, "the WAEGAN's optimizer steps each use part of the parameters")
+
+
+def test_a_run_that_saved_no_checkpoint_starts_again_with_ckpt_path_last(tmp_path, fae_here):
+    run = tmp_path / "k"
+    run.mkdir()
+    (run / "metrics.csv").write_text("epoch,step,train/loss\n0,4,0.9\n0,9,0.8\n")  # killed before a checkpoint
+    refused = fae_here("fit", *QUICK, *TINY, "--trainer.max_steps", "10", "--run_dir", str(run), cwd=tmp_path)
+    one_line_error(refused, f"{run} holds the metrics of a run that saved no checkpoint: start it again there")
+    again = fae_here("fit", *QUICK, *TINY, "--trainer.max_steps", "10", "--run_dir", str(run), "--ckpt_path", "last",
+                     cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert steps_of(run / "metrics.csv", "train/loss") == [4, 9]  # the new run's rows only
+    (kept,) = run.glob("metrics-superseded-*.csv")
+    assert [r["train/loss"] for r in rows_of(kept)] == ["0.9", "0.8"]
+
+
+def test_a_signal_outside_training_exits_non_zero_with_one_line(tmp_path, fae_here):
+    fit = fae_here("fit", *QUICK, *TINY, "--trainer.max_steps", "5", "--run_dir", "r", cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    stop = ["--trainer.callbacks+=tests.callbacks.SignalAtTestStart"]
+    out = run_fae("test", *QUICK, *TINY, *stop, "--ckpt_path", "last", "--run_dir", "r", cwd=tmp_path)
+    assert out.returncode == 143, out.stderr[-2000:]
+    assert (
+        out.stderr.strip().splitlines()[-1]
+        == "fae: stopped by SIGTERM during `fae test`; nothing was saved at the stop"
+    )
+    assert not list((tmp_path / "r").glob("test-*"))  # the stopped evaluation left no folder

@@ -124,8 +124,10 @@ class InMemoryImageDataModule(L.LightningDataModule):
                 against the clean image.
         """
         super().__init__()
-        if batch_size < 1:
-            raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise UserError(f"batch_size and eval_batch_size must be >= 1, got {batch_size} and {eval_batch_size}")
+        if num_workers < 0:
+            raise UserError(f"num_workers must be >= 0 (0: load in the main process), got {num_workers}")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers

@@ -296,6 +296,12 @@ def report(run_dirs: list[Path], out: Path = Path("reports/latest"), group_by: s
         out: where the figures and the tables are written.
         group_by: "run", "parent" or "model": which runs are pooled into one curve (module docstring).
     """
+    out = Path(out)
+    held = [p.name for p in (out / "robustness.json", out / "metrics.csv") if p.is_file()] + [
+        p.name for p in out.glob("**/*.ckpt")
+    ]
+    if held:  # a report never writes over a run's or a test's results
+        raise UserError(f"--out {out} holds a run's results ({held[0]}): give the report a folder of its own")
     groups: dict[str, list[Curves]] = {}
     grids: dict[str, dict[str, Path]] = {}
     for path, label in zip(run_dirs, labels_for(run_dirs), strict=True):
@@ -311,7 +317,7 @@ def report(run_dirs: list[Path], out: Path = Path("reports/latest"), group_by: s
 def main(args: list[str]) -> None:
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(prog="fae report", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="fae report", description=__doc__.splitlines()[0], exit_on_error=False)
     parser.add_argument("run_dirs", nargs="+", help="run folders, test folders or robustness.json files")
     parser.add_argument("--out", default="reports/latest", help="where the figures and the tables go")
     parser.add_argument(

@@ -30,6 +30,7 @@ from torchvision.utils import save_image
 
 from fae.data.base import Batch
 from fae.data.noise import BinaryMask, Corruption, GaussianNoise
+from fae.errors import UserError
 from fae.evaluation.report import area_under_curve, run_curves, write_report
 from fae.objectives import RECONSTRUCTION_ERRORS
 from fae.tracking import reconstruction_grid
@@ -104,6 +105,8 @@ class RobustnessSweep(L.Callback):
         """
         self.sigmas = list(DEFAULT_SIGMAS if sigmas is None else sigmas)
         self.nus = list(DEFAULT_NUS if nus is None else nus)
+        if enabled and not self.sigmas + self.nus:
+            raise UserError("the sweep has no level: give --sweep.sigmas or --sweep.nus, or --sweep.enabled false")
         self.seed = seed
         self.enabled = enabled
         self.corruptions: list[Corruption] = [GaussianNoise(s, seed) for s in self.sigmas] + [

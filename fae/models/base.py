@@ -60,6 +60,14 @@ def active_units(codes: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> Ten
     return (codes.double().var(0, unbiased=True) > threshold).sum().float()
 
 
+def make_optimizer(factory, parameters, name: str):
+    """factory(parameters), a bad setting (a negative learning rate, ...) as one line naming the option."""
+    try:
+        return factory(parameters)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"model.{name}: {' '.join(str(err).split())}") from None
+
+
 def per_pixel_mse(recon: Tensor, target: Tensor) -> Tensor:
     """(B,): mean over pixels of (recon - target)^2."""
     return (recon - target).pow(2).flatten(1).mean(1)
@@ -370,7 +378,7 @@ class AutoEncoder(L.LightningModule):
             torch.manual_seed(torch.randint(2**62, ()).item() + self.trainer.global_rank)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer(self.parameters())
+        optimizer = make_optimizer(self.optimizer, self.parameters(), "optimizer")
         if self.lr_scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}

@@ -29,8 +29,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
 from fae.data.base import Batch
-from fae.errors import UserError
-from fae.models.base import AutoEncoder
+from fae.errors import UserError, require_positive
+from fae.models.base import AutoEncoder, make_optimizer
 from fae.objectives import mmd_imq, per_sample_sum
 
 
@@ -54,6 +54,7 @@ class WAEGAN(AutoEncoder):
     """Wasserstein auto-encoder with a GAN penalty in latent space; see the module docstring."""
 
     terms = ("loss", "reconstruction", "adversarial")
+    needs_unused_parameters = True  # under DDP: each of its two backward passes leaves parameters unused
     eval_metrics_extra = ("disc_loss", "disc_prior", "disc_codes", "mmd")
 
     def __init__(
@@ -92,6 +93,11 @@ class WAEGAN(AutoEncoder):
         super().__init__(
             encoder, decoder, optimizer, lr_scheduler, recon_metric, grid_images, on_nonfinite, max_consecutive_skips
         )
+        require_positive(type(self).__name__, prior_std=prior_std, discriminator_hidden=discriminator_hidden)
+        if penalty_weight < 0 or cost_scale <= 0:
+            raise UserError(f"penalty_weight must be >= 0 and cost_scale > 0, got {penalty_weight} and {cost_scale}")
+        if gradient_clip_val is not None and gradient_clip_val <= 0:
+            raise UserError(f"gradient_clip_val must be > 0 (or null), got {gradient_clip_val}")
         if encoder.gaussian:
             raise UserError("the WAE-GAN needs a deterministic encoder: set --model.encoder.gaussian false")
         self.save_config()
@@ -201,8 +207,10 @@ class WAEGAN(AutoEncoder):
         return terms
 
     def configure_optimizers(self):
-        opt_ae = self.optimizer(self.autoencoder_parameters())
-        opt_disc = self.discriminator_optimizer(self.discriminator.parameters())
+        opt_ae = make_optimizer(self.optimizer, self.autoencoder_parameters(), "optimizer")
+        opt_disc = make_optimizer(
+            self.discriminator_optimizer, self.discriminator.parameters(), "discriminator_optimizer"
+        )
         schedulers = [
             {"scheduler": make(opt), "interval": "epoch"}
             for make, opt in ((self.lr_scheduler, opt_ae), (self.discriminator_lr_scheduler, opt_disc))
