@@ -61,7 +61,7 @@ from fae.data.base import InMemoryImageDataModule
 from fae.errors import UserError, short_reason, user_message
 from fae.evaluation import RobustnessSweep
 from fae.models.base import AutoEncoder
-from fae.runs import METRICS_NAME, RunCSVLogger, RunLock, global_rank_from_env, holds_results
+from fae.runs import METRICS_NAME, RunCSVLogger, RunLock, global_rank_from_env, holds_results, release_all
 from fae.tracking import flat_config
 
 RUN_DIR_ENV = "FAE_RUN_DIR"
@@ -276,7 +276,7 @@ class FaeCLI(LightningCLI):
                 f"the {family.__name__}'s optimizer steps each use part of the parameters: under DDP use "
                 "--trainer.strategy ddp_find_unused_parameters_true"
             )
-        if self.rank_zero:  # claim the folder: one live run at a time
+        if self.rank_zero and self.lock is None:  # claim the folder: one live run at a time
             make_run_dir(self.run_dir)
             self.lock = RunLock(self.run_dir, self.subcommand)
         if (self.run_dir / "config.yaml").is_file():  # a resume: the run's first config stays as it was
@@ -306,6 +306,8 @@ class FaeCLI(LightningCLI):
     def training_run_dir(self, config, explicit: str | None) -> tuple[Path, str | None]:
         """The folder of a `fit` and the checkpoint it resumes from; refuses to mix two runs' results."""
         ckpt = config.get("ckpt_path")
+        if explicit and Path(explicit).is_dir():  # lock first: what a live run holds changes under our checks
+            self.lock = RunLock(Path(explicit), self.subcommand)
         restart = False  # `--ckpt_path last` in a folder without a checkpoint: (re)start the run there
         if ckpt in ("last", "best"):
             ckpt = self.resolve_alias(ckpt, Path(explicit) if explicit else None)
@@ -319,6 +321,7 @@ class FaeCLI(LightningCLI):
             run_dir = Path(explicit)
         elif ckpt and Path(ckpt).name.startswith(("last", "hpc_ckpt_")) and (owner := checkpoint_run_dir(Path(ckpt))):
             run_dir = owner  # resume a run in its own folder
+            self.lock = RunLock(run_dir, self.subcommand)
         else:
             configs = config.get("config") or []
             name = config.get("run_name") or (Path(str(configs[-1])).stem if configs else "run")
@@ -570,6 +573,7 @@ def main(args: list[str] | None = None) -> None:
             fail(short_reason(err) if len(str(err)) > 400 else " ".join(str(err).split()))
         raise
     finally:
+        release_all()
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
         if failed:

@@ -70,6 +70,7 @@ class RunLock:
                 f"the run folder {folder} is in use by a live run ({holder}): wait for it to end, or give "
                 "this run its own folder (omit --run_dir, or choose another)"
             ) from None
+        HELD.append(self)
         os.ftruncate(self.fd, 0)
         holder = f"pid {os.getpid()} on {socket.gethostname()}, `fae {command}` since {time.ctime()}"
         os.pwrite(self.fd, f"{holder}\n".encode(), 0)
@@ -78,6 +79,14 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # closing releases the flock; the file stays (removing it would race)
             self.fd = None
+
+
+HELD: list[RunLock] = []  # the locks this process holds, released when its command ends (release_all)
+
+
+def release_all() -> None:
+    while HELD:
+        HELD.pop().release()
 
 
 class AppendingWriter(ExperimentWriter):

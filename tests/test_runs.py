@@ -50,11 +50,11 @@ def test_a_run_folder_is_resumed_in_place_and_never_reused_or_overwritten(tmp_pa
     first = run_fae("fit", *QUICK, *TINY, "--trainer.max_steps", "30", "--run_dir", str(run), cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     assert f"last:        {run / 'checkpoints' / 'last.ckpt'} (step 30)" in first.stderr + first.stdout
-    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".fae.lock"}
 
     again = run_fae("fit", *QUICK, *TINY, "--run_dir", str(run), cwd=tmp_path)  # a new run in a used folder
     one_line_error(again, f"{run} already holds a run: resume it with --ckpt_path")
-    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".fae.lock"} == before
 
     # rows logged after the checkpoint, before a crash (kill -9): the resumed run logs those steps again
     with open(run / "metrics.csv", "a") as f:
