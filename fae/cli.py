@@ -562,8 +562,8 @@ def main(args: list[str] | None = None) -> None:
         user = find_user_error(err)
         if user is not None:
             fail(user_message(user))
-        if isinstance(err, RuntimeError) and "can't allocate memory" in str(err):
-            fail("not enough memory to build the nets (a width or latent size far too large?): lower --model.*.width")
+        if "can't allocate memory" in str(err):  # also as quoted by jsonargparse from a net's constructor
+            fail("not enough memory to build the nets: lower --model.encoder.width and --model.decoder.width")
         if isinstance(err, RuntimeError) and str(err).startswith("Error(s) in loading state_dict"):
             fail(
                 f"the checkpoint does not fit this model ({short_reason(err).strip()[:150]}): use the config it was "

@@ -216,6 +216,7 @@ def test_mistakes_are_one_line_errors_and_leave_nothing_behind(tmp_path, fae_her
         # raised when training starts, after the loggers: the run folder is removed
         ("--model.optimizer.lr", "-1"): "model.optimizer: Invalid learning rate: -1",
         ("--model.encoder.width", "0"): "MNISTEncoder: width must be > 0, got 0",
+        ("--model.encoder.width", "100000"): "not enough memory to build the nets",  # 720 GB of weights
         ("--trainer.max_epochs", "-5"): "trainer.max_epochs must be >= -1 (-1: no limit), got -5",
         ("--sweep.nus", "[1.5]"): "BinaryMask: nu must be a probability in [0, 1], got 1.5",
         ("--runs_dir", "afile/runs"): "cannot make the run folder afile/runs: a file is in the way",
