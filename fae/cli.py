@@ -15,7 +15,9 @@ anything is built. What fae adds to LightningCLI:
     a new run in a folder that holds an earlier run's results is refused, and so is a second live
     run (fae.runs.RunLock). `fae fit --ckpt_path RUN/checkpoints/last.ckpt` resumes in RUN, appending
     to its metrics.csv (fae.runs.RunCSVLogger); `--ckpt_path last` with `--run_dir RUN` resumes RUN
-    if it has a last.ckpt and starts it otherwise (what a requeued job wants);
+    if it has a checkpoint and (re)starts it otherwise (what a requeued job wants). A checkpoint of
+    another family, a shared `--checkpoint.dirpath` and an evaluation filed under another run are
+    refused; the model is rebuilt as the checkpoint records it (differences named in one line);
   - an evaluation (validate, test, predict) of a checkpoint gets its own folder,
     <training run>/<subcommand>-<timestamp> (or <--run_dir>/<subcommand>-<timestamp>), and needs a
     trained checkpoint (`--ckpt_path`, or `last`/`best` with `--run_dir`) unless `--allow_untrained`;
@@ -23,7 +25,8 @@ anything is built. What fae adds to LightningCLI:
     loggers of the config (W&B by default, fae.tracking.WandbLogger);
   - checkpoints RUN/checkpoints/last.ckpt (the newest state, written every few minutes, on SIGTERM
     and SIGINT and at the end, atomically: fae.checkpoint) and the best by `--checkpoint.monitor`;
-    a signal ends the command with status 128+signal and the line that resumes it;
+    a signal ends the command with status 128+signal and the line that resumes it (outside
+    training, at once, with one line: `Stopped`);
   - under `fae test`, the robustness sweep (`--sweep.*`, fae.evaluation.RobustnessSweep), written to
     robustness.json and robustness.csv in the test's folder;
   - on several processes, only global rank zero writes into the run folder. Worker processes that
