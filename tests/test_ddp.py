@@ -46,3 +46,16 @@ def test_fit_on_two_cpu_processes(tmp_path, family):
         assert "use --trainer.strategy ddp_find_unused_parameters_true" in plain.stderr.strip().splitlines()[-1]
     assert math.isfinite(last_value(rows, "val/loss"))
     assert 0 < last_value(rows, "val/recon_bce") < 2
+
+
+def test_sigterm_to_rank_zero_stops_both_processes_with_a_resumable_checkpoint(tmp_path):
+    """A scheduler may signal only the launching process: the decision reaches the other rank at the next
+    batch, both write nothing but rank zero's last.ckpt, and the command exits 143 with one line."""
+    out = run_fae("fit", "--config", str(CONFIGS / "quickstart" / "digits_vae.yaml"), *TINY,
+                  "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                  "--trainer.callbacks+=tests.callbacks.SignalAt", "--trainer.callbacks.step", "10",
+                  "--run_dir", "r", cwd=tmp_path, timeout=400)  # fmt: skip
+    assert out.returncode == 143, out.stderr[-3000:]
+    last = tmp_path / "r" / "checkpoints" / "last.ckpt"
+    assert out.stderr.count("fae: stopped by SIGTERM at step 10; ") == 1  # said once, by rank zero
+    assert torch.load(last, weights_only=False)["global_step"] == 10
