@@ -61,7 +61,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from fae.checkpoint import AtomicCheckpointIO, Checkpoint, Preempted, read_checkpoint
 from fae.data.base import InMemoryImageDataModule
-from fae.errors import UserError, short_reason, user_message
+from fae.errors import UserError, make_folder, short_reason, user_message
 from fae.evaluation import RobustnessSweep
 from fae.models.base import AutoEncoder
 from fae.runs import METRICS_NAME, RunCSVLogger, RunLock, global_rank_from_env, holds_results, release_all
@@ -105,12 +105,7 @@ def make_run_dir(path: Path) -> None:
     """Create a new run folder (recorded, so that a failed start removes it) or explain in one line why not."""
     top = next((p for p in reversed([path, *path.parents]) if not p.exists()), None)  # the first folder made
     fix = "choose another --runs_dir or --run_dir"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UserError(f"cannot make the run folder {path}: a file is in the way ({fix})") from None
-    except OSError as err:
-        raise UserError(f"cannot make the run folder {path}: {err.strerror} ({fix})") from None
+    make_folder(path, "the run folder", fix)
     if not os.access(path, os.W_OK):
         raise UserError(f"cannot write in the run folder {path}: permission denied ({fix})")
     if top is not None:

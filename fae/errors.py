@@ -7,6 +7,8 @@ Internal invariants stay plain asserts.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class UserError(Exception):
     """A mistake the user can fix; its message is shown alone, as one line. The newest one raised is
@@ -25,6 +27,16 @@ def require_positive(owner: str, **values: int | float) -> None:
     for name, value in values.items():
         if not value > 0:
             raise UserError(f"{owner}: {name} must be > 0, got {value}")
+
+
+def make_folder(path: Path, what: str, fix: str) -> None:
+    """mkdir -p, or a UserError saying why `what` (e.g. "the run folder") cannot be made, and `fix`."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"cannot make {what} {path}: a file is in the way ({fix})") from None
+    except OSError as err:
+        raise UserError(f"cannot make {what} {path}: {err.strerror} ({fix})") from None
 
 
 def short_reason(err: BaseException) -> str:

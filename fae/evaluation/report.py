@@ -31,7 +31,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fae.errors import UserError
+from fae.errors import UserError, make_folder
 
 FIELDS = {"model": str, "kind": str, "level": (int, float), "mean": (int, float), "std": (int, float), "n": int}
 KIND_LABELS = {"gaussian": "Gaussian noise sigma", "mask": "masking probability nu"}
@@ -267,12 +267,7 @@ def grids_of(results_file: Path) -> dict[str, Path]:
 def write_report(runs: dict[str, Curves], out: Path, grids: dict[str, dict[str, Path]] | None = None) -> list[Path]:
     """Figures per noise kind, the markdown tables and, given {label: {grid name: png}}, the combined
     grids of every name all of them have, in `out`; returns the files written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UserError(f"--out {out}: a file is in the way; give a folder for the report") from None
-    except OSError as err:
-        raise UserError(f"--out {out}: cannot make the folder ({err.strerror}); give another folder") from None
+    make_folder(out, "the report folder", "give another --out")
     written = []
     if grids and len(grids) == len(runs):
         for name in sorted(set.intersection(*(set(g) for g in grids.values()))):
