@@ -64,7 +64,15 @@ from fae.data.base import InMemoryImageDataModule
 from fae.errors import UserError, make_folder, short_reason, user_message
 from fae.evaluation import RobustnessSweep
 from fae.models.base import AutoEncoder
-from fae.runs import METRICS_NAME, RunCSVLogger, RunLock, global_rank_from_env, holds_results, release_all
+from fae.runs import (
+    METRICS_NAME,
+    RunCSVLogger,
+    RunLock,
+    global_rank_from_env,
+    holds_results,
+    release_all,
+    several_processes_from_env,
+)
 from fae.tracking import flat_config
 
 RUN_DIR_ENV = "FAE_RUN_DIR"
@@ -245,10 +253,10 @@ class FaeCLI(LightningCLI):
             raise UserError("--run_dir is empty: give a folder, or omit it for a new one under --runs_dir")
         self.rank_zero = global_rank_from_env() == 0
         explicit = config.get("run_dir") or os.environ.get(RUN_DIR_ENV)
-        several = (config.trainer.get("num_nodes") or 1) > 1 or int(os.environ.get("WORLD_SIZE", 1)) > 1
+        several = (config.trainer.get("num_nodes") or 1) > 1 or several_processes_from_env()
         if several and not explicit:
             raise UserError(
-                "with several nodes or under torchrun every process must write to one run folder: give "
+                "with several nodes, or under torchrun or srun, every process must write to one run folder: give "
                 "--run_dir on storage that every node sees"
             )
         if not self.rank_zero:  # a worker of a run that rank zero has set up and checked

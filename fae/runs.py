@@ -12,8 +12,9 @@ metrics of the run it resumes.
     interruption) move to metrics-superseded-<time>.csv, so metrics.csv is one continuous record
     with each step once, and no row is lost (all earlier rows, when a run that saved no checkpoint
     is started again in its folder);
-  - `global_rank_from_env()`: the rank of this process before Lightning has set up, from the
-    variables its launchers and torchrun set.
+  - `global_rank_from_env()`, `several_processes_from_env()`: the rank of this process, and whether
+    it is one of several, before Lightning has set up, from the variables that its launchers, torchrun
+    and SLURM set.
 """
 
 from __future__ import annotations
@@ -44,12 +45,19 @@ def holds_results(folder: Path) -> bool:
 
 def global_rank_from_env() -> int:
     """The global rank of this process as its launcher set it (0 when launched by hand): torchrun
-    sets RANK; Lightning's launcher sets NODE_RANK and LOCAL_RANK (its workers' ranks are
-    NODE_RANK * devices + LOCAL_RANK, non-zero whenever either is)."""
+    sets RANK, SLURM's srun SLURM_PROCID; Lightning's launcher sets NODE_RANK and LOCAL_RANK (its
+    workers' ranks are NODE_RANK * devices + LOCAL_RANK, non-zero whenever either is)."""
     if "RANK" in os.environ:
         return int(os.environ["RANK"])
+    if int(os.environ.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in os.environ:  # srun's tasks
+        return int(os.environ["SLURM_PROCID"])
     node, local = int(os.environ.get("NODE_RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     return node * 1000 + local  # only zero-ness matters here
+
+
+def several_processes_from_env() -> bool:
+    """True when a launcher started this process as one of several (torchrun, srun)."""
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1 or int(os.environ.get("SLURM_NTASKS", 1)) > 1
 
 
 class RunLock:

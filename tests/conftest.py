@@ -43,7 +43,13 @@ def fae_here(monkeypatch, capfd):
     start for each command."""
     from fae.cli import main
 
-    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        with monkeypatch.context() as scoped:  # `env` for this command only
+            for key, value in (env or {}).items():
+                scoped.setenv(key, value)
+            return run_here(args, cwd)
+
+    def run_here(args: tuple[str, ...], cwd: Path) -> subprocess.CompletedProcess:
         monkeypatch.chdir(cwd)
         monkeypatch.setattr(sys, "argv", ["fae"])
         monkeypatch.setenv("WANDB_MODE", "offline")

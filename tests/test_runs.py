@@ -238,7 +238,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_under_torchrun_share_one_run_folder_written_by_rank_zero(tmp_path):
+def test_two_nodes_under_torchrun_share_one_run_folder_written_by_rank_zero(tmp_path, fae_here):
     """torchrun with 2 nodes of 1 process each on this machine (gloo), the run folder on 'shared storage'."""
     port = str(free_port())
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
@@ -281,8 +281,9 @@ def test_two_nodes_under_torchrun_share_one_run_folder_written_by_rank_zero(tmp_
     assert step_of(run / "checkpoints" / "last.ckpt") == 40
     assert steps_of(run / "metrics.csv", "train/loss") == list(range(4, 40, 5))  # one writer: each row once
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]  # nothing written elsewhere
-    alone = run_fae(*fit[:-2], cwd=tmp_path, env={"WORLD_SIZE": "2", "RANK": "1"})
-    one_line_error(alone, "with several nodes or under torchrun every process must write to one run folder")
+    for launcher in ({"WORLD_SIZE": "2", "RANK": "1"}, {"SLURM_NTASKS": "2", "SLURM_PROCID": "0"}):  # torchrun, srun
+        alone = fae_here(*fit[:-2], cwd=tmp_path, env=launcher)
+        one_line_error(alone, "with several nodes, or under torchrun or srun, every process must write to one run")
 
 
 def test_results_cannot_be_mixed_up_by_a_folder_checkpoint_or_report_given_by_hand(tmp_path, fae_here):
