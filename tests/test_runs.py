@@ -196,7 +196,10 @@ def test_skipping_non_finite_steps_gives_up_after_a_bound(tmp_path, fae_here):
     poison = ["--trainer.callbacks+=tests.callbacks.PoisonFrom", "--trainer.callbacks.step", "5"]
     out = run_fae("fit", *QUICK, *TINY, *poison, "--model.on_nonfinite", "skip", "--model.max_consecutive_skips", "7",
                   "--trainer.max_steps", "100", cwd=tmp_path)  # fmt: skip
-    one_line_error(out, "7 steps in a row skipped, the last for a non-finite loss term loss, nll, kl at step 11")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    # poisoned from step 5: steps 5..11 are 7 skips in a row (a skipped batch still counts as a step)
+    expected = "fae: error: 7 steps in a row skipped, the last for a non-finite loss term loss, nll, kl at step 11"
+    assert out.stderr.strip().splitlines()[-1].startswith(expected), out.stderr[-800:]
 
 
 def test_mistakes_are_one_line_errors_and_leave_nothing_behind(tmp_path, fae_here):
