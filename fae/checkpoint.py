@@ -46,6 +46,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from fae.errors import UserError, short_reason
 
+_VERIFIED: set[tuple[str, int, int]] = set()  # (path, mtime, size) of checkpoints whose checksums passed
 UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError)
 
 
@@ -57,9 +58,12 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", resume: bool = 
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path} (give the path of a .ckpt file)")
     fix = "use another checkpoint, e.g. a best-*.ckpt beside it"
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     try:
         with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
+            # the checksums take a read of the whole file: once per file version, however often it is read
+            damaged = None if key in _VERIFIED else archive.testzip()
     except zipfile.BadZipFile:
         reason = "not a whole archive"
         raise UserError(f"checkpoint {path} cannot be read, it is truncated or corrupt ({reason}): {fix}") from None
@@ -78,6 +82,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", resume: bool = 
         raise UserError(f"{path} is not a Lightning checkpoint: give a .ckpt written by `fae fit`")
     if not isinstance(checkpoint.get("global_step", 0), int):
         raise UserError(f"checkpoint {path} is corrupt (its global_step is not a number): {fix}")
+    _VERIFIED.add(key)
     if resume and not checkpoint.get("optimizer_states"):
         raise UserError(
             f"{path} holds weights only (no optimizer or loop state), so no run can resume from it: evaluate it "
@@ -198,11 +203,13 @@ class Checkpoint(ModelCheckpoint):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if not self.save_last or trainer.sanity_checking or trainer.global_step == 0:
             return
+        stop = bool(self._signal)
         due = self.last_every_minutes is not None and (
             time.monotonic() - self._last_written_at >= 60.0 * self.last_every_minutes
         )
-        decisions = torch.tensor([float(bool(self._signal)), float(due)], device=pl_module.device)
-        stop, due = (trainer.strategy.reduce(decisions, reduce_op="max") > 0).tolist()  # the devices act together
+        if trainer.world_size > 1:  # the devices act together (on one device: no tensor, no sync per step)
+            decisions = torch.tensor([float(stop), float(due)], device=pl_module.device)
+            stop, due = (trainer.strategy.reduce(decisions, reduce_op="max") > 0).tolist()
         if stop or due:
             self.save_last_if_stale(trainer)
         if stop:
