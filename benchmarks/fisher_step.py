@@ -25,14 +25,14 @@ from fae.nets import MNISTDecoder, MNISTEncoder
 
 
 def make(kind: str, width: int):
-    nets = MNISTEncoder(8, width), MNISTDecoder(8, width)
+    nets = dict(encoder=MNISTEncoder, decoder=MNISTDecoder, latent_dim=8, width=width)
     if kind == "vae":
-        return VAE(*nets, grid_images=0)
+        return VAE(**nets, grid_images=0)
     if kind == "vae-gaussian":
-        return VAE(*nets, likelihood="gaussian", grid_images=0)
+        return VAE(**nets, likelihood="gaussian", grid_images=0)
     stability = "total" if kind == "fisher-total" else "fixed_z"
     batchnorm = {"fisher-batchbn": "batch", "fisher-running": "running"}.get(kind, "per_sample")
-    return FisherAE(*nets, stability=stability, batchnorm=batchnorm, grid_images=0)
+    return FisherAE(**nets, stability=stability, batchnorm=batchnorm, grid_images=0)
 
 
 def step_seconds(model, optimizer, x) -> float:

@@ -40,6 +40,7 @@ anything is built. What fae adds to LightningCLI:
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 import re
@@ -204,6 +205,8 @@ class FaeCLI(LightningCLI):
             default=False,
             help="validate/test/predict without --ckpt_path: evaluate the untrained model on purpose.",
         )
+        # the nets' image shape is the data's, stated once (a CelebA --data.image_size reaches both nets)
+        parser.link_arguments("data.image_shape", "model.init_args.image_shape", apply_on="instantiate")
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.add_lightning_class_args(RobustnessSweep, "sweep")  # acts under `fae test` only
         parser.set_defaults(
@@ -224,12 +227,25 @@ class FaeCLI(LightningCLI):
         corrupt file is one line, a checkpoint of another family is refused, and settings of the model
         that the checkpoint overrides are named in one line."""
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        config = self.config[subcommand] if subcommand else self.config
+        shape = config.model.init_args.get("image_shape")
+        if shape is not None and tuple(shape) != inspect.signature(AutoEncoder).parameters["image_shape"].default:
+            raise UserError(
+                f"model.image_shape {list(shape)} is the data's, not a setting: the CLI passes the data module's "
+                "image shape to the nets (for CelebA set --data.image_size)"
+            )
+        ckpt_path = config.get("ckpt_path") if subcommand else None
         if not (ckpt_path and Path(ckpt_path).is_file()):
             return super()._parse_ckpt_path()
-        read_checkpoint(ckpt_path)
-        given = self.config[subcommand].model.clone()
-        super()._parse_ckpt_path()
+        hparams = upgrade_hparams(read_checkpoint(ckpt_path).get("hyper_parameters") or {})
+        given = config.model.clone()
+        if hparams:  # as LightningCLI._parse_ckpt_path, on the checkpoint's hyperparameters in today's form
+            hparams = (
+                {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+                if "_class_path" in hparams
+                else hparams
+            )
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
         used = self.config[subcommand].model
         if used.class_path != given.class_path:
             held, configured = used.class_path.rsplit(".", 1)[-1], given.class_path.rsplit(".", 1)[-1]
@@ -238,7 +254,10 @@ class FaeCLI(LightningCLI):
                 "(config.yaml in its run folder)"
             )
         before, after = flat_config(given.as_dict(), "model."), flat_config(used.as_dict(), "model.")
-        changed = [f"{k} {before.get(k)} -> {v}" for k, v in after.items() if k in before and before[k] != v]
+        linked = "model.image_shape"  # the data's at instantiation, whatever the checkpoint says
+        changed = [
+            f"{k} {before.get(k)} -> {v}" for k, v in after.items() if k in before and before[k] != v and k != linked
+        ]
         if changed and global_rank_from_env() == 0:
             print(f"fae: the model is built as {ckpt_path} records it: {', '.join(changed)}", file=sys.stderr)
 
@@ -513,9 +532,38 @@ def summarize_parse_error(message: str) -> str:
             continue
         details.append(line)
     text = "; ".join(details) or message.strip().splitlines()[0]
+    net_option = re.search(r"Option '(latent_dim|width|image_shape|image_size|gaussian)' is not accepted", text)
+    if net_option and ".".join(keys).endswith((".encoder", ".decoder")):
+        return f"{'.'.join(keys)}.{net_option.group(1)}: {NET_OPTION_MOVED}"
     if given is not None and "Got value" not in text:
         text += f", got {given!r}"
     return f"{'.'.join(keys)}: {text}" if keys else text
+
+
+def upgrade_hparams(hparams: dict) -> dict:
+    """A checkpoint's model hyperparameters in today's form: those written when each net took its own
+    latent_dim and width (and gaussian, image_size) have them moved to the model, where they are now
+    stated once; the weights are the same. Lightning's instantiator marker is dropped."""
+    hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
+    for net in ("encoder", "decoder"):
+        spec = hparams.get(net)
+        if isinstance(spec, dict) and isinstance(spec.get("init_args"), dict):
+            args = dict(spec["init_args"])
+            for key in ("latent_dim", "width"):
+                if key in args:
+                    hparams.setdefault(key, args.pop(key))
+            args.pop("gaussian", None)  # the family's
+            args.pop("image_size", None)  # the data's
+            hparams[net] = {**spec, "init_args": args}
+    return hparams
+
+
+# a net's latent_dim, width, image shape and heads are the model's, stated once (fae.nets.contract)
+NET_OPTION_MOVED = (
+    "the nets take latent_dim, width and the image shape from the model: set --model.latent_dim and "
+    "--model.width once (the image shape is the data's; a family chooses one head or two), and remove them "
+    "from the nets' init_args (a config written before this change needs that edit)"
+)
 
 
 class Stopped(SystemExit):
@@ -569,7 +617,7 @@ def main(args: list[str] | None = None) -> None:
         if user is not None:
             fail(user_message(user))
         if "can't allocate memory" in str(err):  # also as quoted by jsonargparse from a net's constructor
-            fail("not enough memory to build the nets: lower --model.encoder.width and --model.decoder.width")
+            fail("not enough memory to build the nets: lower --model.width")
         if isinstance(err, RuntimeError) and str(err).startswith("Error(s) in loading state_dict"):
             fail(
                 f"the checkpoint does not fit this model ({short_reason(err).strip()[:150]}): use the config it was "

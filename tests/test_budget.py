@@ -32,10 +32,10 @@ class CountBatches(L.Callback):
 
 def model_of(family: str):
     if family == "vae":
-        return VAE(MNISTEncoder(8, 4), MNISTDecoder(8, 4), grid_images=0)
+        return VAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0)
     if family == "fisher":
-        return FisherAE(MNISTEncoder(8, 4), MNISTDecoder(8, 4), grid_images=0)
-    return WAEGAN(MNISTEncoder(8, 4, gaussian=False), MNISTDecoder(8, 4), grid_images=0)
+        return FisherAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0)
+    return WAEGAN(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0)
 
 
 @pytest.mark.parametrize("family", ["vae", "fisher", "wae_gan"])

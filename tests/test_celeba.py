@@ -156,15 +156,13 @@ def test_missing_or_corrupt_jpeg_is_named_and_nothing_is_left_half_written(tiny_
 
 
 def celeba_family(family: str):
-    nets = dict(latent_dim=16, width=4)
+    nets = dict(encoder=CelebAEncoder, decoder=CelebADecoder, latent_dim=16, width=4, image_shape=(3, 64, 64))
     if family == "vae":
-        return VAE(CelebAEncoder(**nets), CelebADecoder(**nets), likelihood="gaussian", learn_decoder_scale=True,
-                   recon_metric="mse", grid_images=0)  # fmt: skip
+        return VAE(**nets, likelihood="gaussian", learn_decoder_scale=True, recon_metric="mse", grid_images=0)
     if family == "fisher":
-        return FisherAE(CelebAEncoder(**nets), CelebADecoder(**nets), learn_decoder_scale=True, prior="polynomial",
-                        prior_degree=4, recon_metric="mse", grid_images=0)  # fmt: skip
-    return WAEGAN(CelebAEncoder(**nets, gaussian=False), CelebADecoder(**nets), penalty_weight=1.0, prior_std=2**0.5,
-                  recon_metric="mse", grid_images=0)  # fmt: skip
+        return FisherAE(**nets, learn_decoder_scale=True, prior="polynomial", prior_degree=4, recon_metric="mse",
+                        grid_images=0)  # fmt: skip
+    return WAEGAN(**nets, penalty_weight=1.0, prior_std=2**0.5, recon_metric="mse", grid_images=0)
 
 
 @pytest.mark.parametrize("family", ["vae", "fisher", "wae_gan"])
@@ -188,15 +186,16 @@ def test_each_family_trains_a_few_steps_on_64x64_faces(tiny_celeba, family):
 
 def test_nets_of_another_data_set_are_refused_before_training(tiny_celeba):
     root, _ = tiny_celeba
-    model = VAE(MNISTEncoder(8, 4), MNISTDecoder(8, 4), likelihood="gaussian", grid_images=0)
-    with pytest.raises(UserError, match=r"the data's images are \(3, 64, 64\) but the encoder takes \(1, 28, 28\)"):
+    model = VAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, likelihood="gaussian", grid_images=0)
+    built_for = r"the data's images are \(3, 64, 64\) but the model was built for \(1, 28, 28\)"
+    with pytest.raises(UserError, match=built_for):
         L.Trainer(max_steps=1, **QUIET).fit(model, datamodule=CelebADataModule(data_dir=str(root)))
 
 
 def test_cli_fit_and_robustness_sweep_with_mse_on_the_tanh_scale(tiny_celeba, tmp_path):
     root, _ = tiny_celeba
     small = ["--data.init_args.data_dir", str(root), "--data.init_args.batch_size", "4", "--data.init_args.num_workers",
-             "0", "--model.init_args.encoder.init_args.width", "4", "--model.init_args.decoder.init_args.width", "4",
+             "0", "--model.width", "4",
              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]  # fmt: skip
     config = ["--config", str(CONFIGS / "celeba_vae.yaml")]
     fit = run_fae("fit", *config, *small, "--trainer.max_epochs", "1", "--run_dir", "runs/v", cwd=tmp_path)
@@ -233,7 +232,7 @@ def test_ddp_converts_once_and_both_processes_train_from_the_memory_map(tiny_cel
     root, _ = tiny_celeba
     out = run_fae("fit", "--config", str(CONFIGS / "celeba_fisher.yaml"), "--data.init_args.data_dir", str(root),
                   "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
-                  "--model.init_args.encoder.init_args.width", "4", "--model.init_args.decoder.init_args.width", "4",
+                  "--model.width", "4",
                   "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "1",
                   "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
                   "--run_dir", "runs/ddp", cwd=tmp_path, timeout=400)  # fmt: skip

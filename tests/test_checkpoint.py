@@ -31,7 +31,7 @@ def test_last_checkpoint_is_the_newest_state(tmp_path, callback, validation):
     schedule = {"val_check_interval": 4} if validation == "every 4 batches" else {"limit_train_batches": 4}
     trainer = L.Trainer(max_steps=10, limit_val_batches=1, callbacks=[saver], **schedule,
                         **{**QUIET, "enable_checkpointing": True})  # fmt: skip
-    model = WorseEveryValidation(MNISTEncoder(8, 4), MNISTDecoder(8, 4), grid_images=0)
+    model = WorseEveryValidation(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0)
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
     assert [p.name for p in tmp_path.glob("best-*.ckpt")] == ["best-step=4.ckpt"]  # the first validation's
     last = torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"]

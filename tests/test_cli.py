@@ -17,9 +17,7 @@ from .conftest import CONFIGS, run_fae
 
 QUICK = ["--config", str(CONFIGS / "quickstart" / "digits_vae.yaml")]
 TINY = [
-    "--model.init_args.encoder.init_args.width",
-    "4",
-    "--model.init_args.decoder.init_args.width",
+    "--model.width",
     "4",
     "--trainer.logger",
     "false",
@@ -60,10 +58,11 @@ def test_bad_input_gives_one_line_errors_before_anything_runs(tmp_path, fae_here
             "--trainer.max_epochs",
             "abc",
         ): "fae: error: trainer.max_epochs: Expected a <class 'int'>, got 'abc'",
-        (
-            "--model.init_args.encoder.init_args.width",
-            "x",
-        ): "fae: error: model.encoder.width: Expected a <class 'int'>",
+        ("--model.width", "x"): "fae: error: model.width: Expected a <class 'int'>",
+        # the nets' sizes are the model's, stated once: a net is not given its own
+        ("--model.encoder.width", "4"): "fae: error: model.encoder.width: the nets take latent_dim, width and",
+        ("--model.decoder.latent_dim", "4"): "fae: error: model.decoder.latent_dim: the nets take latent_dim",
+        ("--model.image_shape", "[1, 14, 14]"): "fae: error: model.image_shape [1, 14, 14] is the data's, not a",
         ("--ckpt_path", "missing.ckpt"): "fae: error: checkpoint not found: missing.ckpt",
     }
     for extra, message in cases.items():

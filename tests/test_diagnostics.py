@@ -36,11 +36,17 @@ def test_active_units_count_dimensions_whose_code_varies_across_the_batch():
 
 def families():
     return {
-        "vae": VAE(MNISTEncoder(8, 4), MNISTDecoder(8, 4), grid_images=0),
+        "vae": VAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0),
         "fisher": FisherAE(
-            MNISTEncoder(8, 4), MNISTDecoder(8, 4), learn_decoder_scale=True, decoder_scale=0.7, grid_images=0
+            MNISTEncoder,
+            MNISTDecoder,
+            latent_dim=8,
+            width=4,
+            learn_decoder_scale=True,
+            decoder_scale=0.7,
+            grid_images=0,
         ),  # fmt: skip
-        "wae_gan": WAEGAN(MNISTEncoder(8, 4, gaussian=False), MNISTDecoder(8, 4), grid_images=0),
+        "wae_gan": WAEGAN(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0),
     }
 
 

@@ -27,8 +27,7 @@ def test_experiment_trains_tests_and_tabulates_every_variant_at_one_budget(tmp_p
         "budget": {"batches": 4, "val_every": 2},
         "seeds": [0, 1],
         "flags": {
-            "--model.encoder.width": 4,
-            "--model.decoder.width": 4,
+            "--model.width": 4,
             "--trainer.logger": False,
             "--sweep.sigmas": [0.5],
             "--sweep.nus": [0.8],

@@ -31,7 +31,7 @@ def readme_family() -> type:
 
 def test_the_readme_family_trains_through_the_base_class_alone():
     L.seed_everything(0)
-    model = readme_family()(MNISTEncoder(8, 8, gaussian=False), MNISTDecoder(8, 8), grid_images=0)
+    model = readme_family()(MNISTEncoder, MNISTDecoder, latent_dim=8, width=8, grid_images=0)
     dm = DigitsDataModule(batch_size=64)
     trainer = L.Trainer(max_steps=60, limit_val_batches=4, val_check_interval=30, **QUIET)
     before = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/recon_bce"]
@@ -59,29 +59,40 @@ def test_a_half_implemented_family_is_refused_when_defined():
 
 def test_nets_that_break_the_contract_are_named_in_one_line():
     family = readme_family()
-    bare = nn.Linear(4, 4)
     with pytest.raises(UserError, match=r"the encoder Linear does not declare latent_dim, image_shape, gaussian"):
-        family(bare, MNISTDecoder(8, 4))
-    small = MNISTDecoder(8, 4)
-    small.image_shape = (1, 14, 14)
-    with pytest.raises(UserError, match=r"the encoder takes images \(1, 28, 28\) but the decoder makes \(1, 14, 14\)"):
-        family(MNISTEncoder(8, 4, gaussian=False), small)
-    with pytest.raises(UserError, match="encoder latent_dim 4 != decoder latent_dim 8"):
-        family(MNISTEncoder(4, 4, gaussian=False), MNISTDecoder(8, 4))
-    assert torch.is_tensor(
-        family(MNISTEncoder(8, 4, gaussian=False), MNISTDecoder(8, 4)).encode(torch.rand(2, 1, 28, 28))
-    )
+        family(lambda *sizes: nn.Linear(4, 4), MNISTDecoder, latent_dim=8, width=4)
+
+    def small(latent_dim, width, image_shape):
+        decoder = MNISTDecoder(latent_dim, width, image_shape)
+        decoder.image_shape = (1, 14, 14)
+        return decoder
+
+    with pytest.raises(UserError, match=r"the decoder MNISTDecoder was asked for latent_dim 8 and image_shape "
+                       r"\(1, 28, 28\) but declares 8 and \(1, 14, 14\)"):  # fmt: skip
+        family(MNISTEncoder, small, latent_dim=8, width=4)
+    with pytest.raises(UserError, match=r"the encoder MNISTEncoder was asked for latent_dim 8 and image_shape"):
+        family(lambda d, w, shape, gaussian: MNISTEncoder(4, w, shape, gaussian), MNISTDecoder, latent_dim=8, width=4)
+    with pytest.raises(UserError, match="the encoder MNISTEncoder was asked for a deterministic encoder"):
+        family(lambda d, w, shape, gaussian: MNISTEncoder(d, w, shape, True), MNISTDecoder, latent_dim=8, width=4)
+    with pytest.raises(UserError, match="the model's encoder is a built net \\(MNISTEncoder\\); give its class"):
+        family(MNISTEncoder(8, 4), MNISTDecoder, latent_dim=8, width=4)
+    model = family(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4)
+    assert model.encode(torch.rand(2, 1, 28, 28)).shape == (2, 8)  # one head: the family's deterministic encoder
 
 
 def test_the_reconstruction_error_and_pixel_range_come_from_the_data_module():
     from fae.models import VAE
 
-    model = VAE(MNISTEncoder(8, 4), MNISTDecoder(8, 4), grid_images=0)
+    model = VAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0)
     assert model.recon_metric is None  # not stated in the model: the data's
     metrics = L.Trainer(limit_val_batches=1, **QUIET).validate(model, datamodule=DigitsDataModule(), verbose=False)[0]
     assert model.recon_metric == "bce" and "val/recon_bce" in metrics
-    decoder = MNISTDecoder(8, 4)
-    decoder.output_activation = "tanh"  # images in [-1, 1], digits in [0, 1]
-    wrong = VAE(MNISTEncoder(8, 4), decoder, likelihood="gaussian", grid_images=0)
+
+    def tanh_decoder(latent_dim, width, image_shape):
+        decoder = MNISTDecoder(latent_dim, width, image_shape)
+        decoder.output_activation = "tanh"  # images in [-1, 1], digits in [0, 1]
+        return decoder
+
+    wrong = VAE(MNISTEncoder, tanh_decoder, latent_dim=8, width=4, likelihood="gaussian", grid_images=0)
     with pytest.raises(UserError, match=r"the data's pixels are in \[0.0, 1.0\] but the decoder's tanh output"):
         L.Trainer(limit_val_batches=1, **QUIET).validate(wrong, datamodule=DigitsDataModule(), verbose=False)

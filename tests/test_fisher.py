@@ -18,7 +18,7 @@ from .conftest import QUIET
 
 
 def small_fisher(**kwargs) -> FisherAE:
-    return FisherAE(MNISTEncoder(8, 4), MNISTDecoder(8, 4), grid_images=0, **kwargs)
+    return FisherAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0, **kwargs)
 
 
 def terms_with_one_sample_changed(model: FisherAE, changed: int) -> tuple[dict, dict]:
@@ -236,7 +236,7 @@ def test_non_finite_step_is_skipped_on_request(batchnorm):
 
 
 def test_vae_logs_the_posterior_fisher_divergence_per_sample():
-    vae = VAE(MNISTEncoder(8, 4), MNISTDecoder(8, 4)).eval()
+    vae = VAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4).eval()
     x = torch.rand(6, 1, 28, 28)
     torch.manual_seed(0)
     first = vae.posterior_fisher(x)
@@ -253,7 +253,7 @@ def test_vae_logs_the_posterior_fisher_divergence_per_sample():
 def test_training_on_real_digits_beats_the_mean_image_clearly():
     """The shipped settings (per-sample BatchNorm, learned s from 0.5) learn digits, not the mean image."""
     L.seed_everything(0)
-    model = FisherAE(MNISTEncoder(8, 8), MNISTDecoder(8, 8), learn_decoder_scale=True, decoder_scale=0.5,
+    model = FisherAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=8, learn_decoder_scale=True, decoder_scale=0.5,
                      grid_images=0, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))  # fmt: skip
     dm = DigitsDataModule(batch_size=64)
     dm.setup()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import resource
 import signal
 import socket
@@ -21,7 +22,7 @@ from .conftest import CONFIGS, run_fae
 
 QUICK = ["--config", str(CONFIGS / "quickstart" / "digits_vae.yaml")]
 FISHER = ["--config", str(CONFIGS / "quickstart" / "digits_fisher.yaml")]
-TINY = ["--model.encoder.width", "4", "--model.decoder.width", "4", "--trainer.logger", "false",
+TINY = ["--model.width", "4", "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "5"]  # fmt: skip
 
 
@@ -207,7 +208,7 @@ def test_mistakes_are_one_line_errors_and_leave_nothing_behind(tmp_path, fae_her
     (tmp_path / "afile").write_text("")
     cases = {
         ("--model.decoder_scale", "1e300", "--model.likelihood", "gaussian"): "decoder_scale must be in [1e-6, 1e6]",
-        ("--model.encoder.latent_dim", "4"): "encoder latent_dim 4 != decoder latent_dim 8",
+        ("--model.latent_dim", "0"): "VAE: latent_dim must be > 0, got 0",
         ("--data.batch_size", "0"): "batch_size and eval_batch_size must be >= 1, got 0",
         ("--data.num_workers", "-1"): "num_workers must be >= 0",
         ("--trainer.val_check_interval", "0"): "trainer.val_check_interval must be > 0",
@@ -218,8 +219,8 @@ def test_mistakes_are_one_line_errors_and_leave_nothing_behind(tmp_path, fae_her
         ("--sweep.sigmas", "[]", "--sweep.nus", "[]"): "the sweep has no level",
         # raised when training starts, after the loggers: the run folder is removed
         ("--model.optimizer.lr", "-1"): "model.optimizer: Invalid learning rate: -1",
-        ("--model.encoder.width", "0"): "MNISTEncoder: width must be > 0, got 0",
-        ("--model.encoder.width", "100000"): "not enough memory to build the nets",  # 720 GB of weights
+        ("--model.width", "0"): "VAE: width must be > 0, got 0",
+        ("--model.width", "100000"): "not enough memory to build the nets",  # 720 GB of weights
         ("--trainer.max_epochs", "-5"): "trainer.max_epochs must be >= -1 (-1: no limit), got -5",
         ("--sweep.nus", "[1.5]"): "BinaryMask: nu must be a probability in [0, 1], got 1.5",
         ("--runs_dir", "afile/runs"): "cannot make the run folder afile/runs: a file is in the way",
@@ -324,10 +325,29 @@ def test_results_cannot_be_mixed_up_by_a_folder_checkpoint_or_report_given_by_ha
     )
     wrong = fae_here("test", *QUICK, *TINY, "--run_dir", str(other), "--ckpt_path", str(last), cwd=tmp_path)
     one_line_error(wrong, f"{last} is a checkpoint of the run {run}, not of {other}")
-    wider = fae_here("test", *QUICK, *TINY, "--model.encoder.width", "16", "--ckpt_path", str(last),
+    wider = fae_here("test", *QUICK, *TINY, "--model.width", "16", "--ckpt_path", str(last),
                      "--sweep.enabled", "false", cwd=tmp_path)  # fmt: skip
     assert wider.returncode == 0, wider.stderr[-2000:]
-    assert f"fae: the model is built as {last} records it: model.encoder.width 16 -> 4" in wider.stderr
+    assert f"fae: the model is built as {last} records it: model.width 16 -> 4" in wider.stderr
+
+    # a checkpoint written when each net took its own latent_dim and width still evaluates, to the same numbers
+    state = torch.load(last, weights_only=False)
+    sizes = {key: state["hyper_parameters"].pop(key) for key in ("latent_dim", "width", "image_shape")}
+    old_nets = {"latent_dim": sizes["latent_dim"], "width": sizes["width"], "norm": "batch"}
+    old_encoder = {**old_nets, "gaussian": True}
+    state["hyper_parameters"]["encoder"] = {"class_path": "fae.nets.MNISTEncoder", "init_args": old_encoder}
+    state["hyper_parameters"]["decoder"] = {"class_path": "fae.nets.MNISTDecoder", "init_args": old_nets}
+    torch.save(state, run / "checkpoints" / "older-form.ckpt")
+    older = fae_here("test", *QUICK, *TINY, "--ckpt_path", str(run / "checkpoints" / "older-form.ckpt"),
+                     "--sweep.enabled", "false", cwd=tmp_path)  # fmt: skip
+    assert older.returncode == 0, older.stderr[-2000:]
+
+    def test_error(out):
+        folder = Path(re.search(r"done; run folder (\S+)", out.stdout).group(1))
+        rows = [row for row in rows_of(folder / "metrics.csv") if row.get("test/recon_bce")]
+        return float(rows[-1]["test/recon_bce"])
+
+    assert test_error(older) == test_error(wider)
 
     flipped = bytearray(last.read_bytes())  # a flipped byte inside a tensor: the zip checksum finds it
     flipped[len(flipped) // 2 : len(flipped) // 2 + 4] = b"\xff\xfe\xfd\xfc"

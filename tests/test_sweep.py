@@ -30,7 +30,7 @@ def sweep_of(model, eval_batch_size=64) -> RobustnessSweep:
 
 def test_one_pass_sweep_equals_a_slow_reference_loop():
     torch.manual_seed(0)
-    model = VAE(MNISTEncoder(8, 4), MNISTDecoder(8, 4), grid_images=0).eval()
+    model = VAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0).eval()
     results = sweep_of(model, eval_batch_size=37).results
     dm = DigitsDataModule()
     dm.setup()
@@ -50,8 +50,8 @@ def test_one_pass_sweep_equals_a_slow_reference_loop():
 def test_two_models_see_byte_identical_corrupted_images():
     seen = {}
     for name, model in [
-        ("vae", VAE(MNISTEncoder(8, 4), MNISTDecoder(8, 4), grid_images=0)),
-        ("wae", WAEGAN(MNISTEncoder(8, 8, gaussian=False), MNISTDecoder(8, 8), grid_images=0)),
+        ("vae", VAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0)),
+        ("wae", WAEGAN(MNISTEncoder, MNISTDecoder, latent_dim=8, width=8, grid_images=0)),
     ]:
         inputs = []
         original = model.reconstruct
@@ -92,8 +92,8 @@ def test_report_makes_figures_and_table_and_rejects_malformed_files(tmp_path):
     from fae.evaluation.report import main as report_main
     from fae.evaluation.sweep import write_results
 
-    vae = VAE(MNISTEncoder(8, 4), MNISTDecoder(8, 4), grid_images=0)
-    wae = WAEGAN(MNISTEncoder(8, 4, gaussian=False), MNISTDecoder(8, 4), grid_images=0)
+    vae = VAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0)
+    wae = WAEGAN(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0)
     for name, model in [("vae", vae), ("wae", wae)]:
         write_results(sweep_of(model).results, tmp_path / name / "test-1")
     report_main([str(tmp_path / "vae"), str(tmp_path / "wae"), "--out", str(tmp_path / "report")])

@@ -19,7 +19,7 @@ from .conftest import QUIET
 
 
 def small_wae(**kwargs) -> WAEGAN:
-    return WAEGAN(MNISTEncoder(8, 4, gaussian=False), MNISTDecoder(8, 4), grid_images=0, **kwargs)
+    return WAEGAN(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0, **kwargs)
 
 
 def test_mmd_imq_matches_a_slow_reference():
@@ -103,9 +103,9 @@ def test_resuming_mid_epoch_ends_with_the_same_weights(tmp_path, family):
 
     def run(ckpt_path=None, callbacks=()):
         L.seed_everything(0)
-        nets = MNISTEncoder(8, 4), MNISTDecoder(8, 4)
-        model = {"wae_gan": small_wae, "vae": lambda: VAE(*nets, grid_images=0),
-                 "fisher": lambda: FisherAE(*nets, learn_decoder_scale=True, grid_images=0)}[family]()  # fmt: skip
+        nets = dict(encoder=MNISTEncoder, decoder=MNISTDecoder, latent_dim=8, width=4)
+        model = {"wae_gan": small_wae, "vae": lambda: VAE(**nets, grid_images=0),
+                 "fisher": lambda: FisherAE(**nets, learn_decoder_scale=True, grid_images=0)}[family]()  # fmt: skip
         trainer = L.Trainer(max_steps=batches, limit_val_batches=0, callbacks=list(callbacks),
                             **{**QUIET, "enable_checkpointing": bool(callbacks)})  # fmt: skip
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=ckpt_path)
@@ -124,7 +124,7 @@ def test_resuming_mid_epoch_ends_with_the_same_weights(tmp_path, family):
 
 def test_training_on_real_digits_lowers_reconstruction_error_and_moves_codes_to_the_prior():
     L.seed_everything(0)
-    model = WAEGAN(MNISTEncoder(8, 8, gaussian=False), MNISTDecoder(8, 8), grid_images=0,
+    model = WAEGAN(MNISTEncoder, MNISTDecoder, latent_dim=8, width=8, grid_images=0,
                    optimizer=lambda p: torch.optim.Adam(p, lr=1e-3, betas=(0.5, 0.999)),
                    discriminator_optimizer=lambda p: torch.optim.Adam(p, lr=5e-4, betas=(0.5, 0.999)))  # fmt: skip
     dm = DigitsDataModule(batch_size=64)
@@ -138,7 +138,7 @@ def test_training_on_real_digits_lowers_reconstruction_error_and_moves_codes_to_
     assert 0.2 < after["val/disc_codes"] < 0.8  # the discriminator cannot tell codes from prior samples well
 
 
-def test_deterministic_encoder_is_required():
-    with pytest.raises(Exception, match="deterministic encoder"):
-        WAEGAN(MNISTEncoder(8, 4), MNISTDecoder(8, 4))
+def test_the_family_builds_a_deterministic_encoder():
+    model = WAEGAN(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4)
+    assert not model.encoder.gaussian and model.encoder(torch.zeros(2, 1, 28, 28)).shape == (2, 8)  # one head
     assert copy.copy(small_wae()).penalty_weight == 10.0

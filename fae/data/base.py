@@ -153,6 +153,8 @@ class InMemoryImageDataModule(L.LightningDataModule):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images, which the CLI passes to the model for its nets; a data set that
+        knows it without loading declares it (MNIST's (1, 28, 28)), others load their splits here."""
         self.setup()
         return tuple(self.splits["train"].shape[1:])
 

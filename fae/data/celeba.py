@@ -164,6 +164,10 @@ class CelebADataModule(InMemoryImageDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.decode_workers = min(8, os.cpu_count() or 1) if decode_workers is None else decode_workers
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (3, self.image_size, self.image_size)
+
     def to_float(self, images: Tensor) -> Tensor:
         """uint8 -> [-1, 1], the range of the decoder's Tanh."""
         return images.float() / 127.5 - 1.0

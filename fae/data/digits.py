@@ -39,6 +39,8 @@ def load_digits() -> Tensor:
 class DigitsDataModule(InMemoryImageDataModule):
     """5000 embedded MNIST digits, (1, 28, 28) in [0, 1], split 4000/500/500; offline."""
 
+    image_shape = (1, 28, 28)
+
     def __init__(
         self,
         split_seed: int = 0,

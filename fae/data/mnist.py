@@ -34,6 +34,8 @@ def split_permutation(n: int, seed: int) -> Tensor:
 class MNISTDataModule(InMemoryImageDataModule):
     """MNIST digits, (1, 28, 28) in [0, 1]; batches are fae.data.base.Batch."""
 
+    image_shape = (1, 28, 28)
+
     def __init__(
         self,
         data_dir: str = "./data",

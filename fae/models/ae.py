@@ -4,9 +4,10 @@ whole of what a family needs; tests/test_family.py checks that both stay the sam
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from fae.models.base import AutoEncoder
+from fae.nets.contract import DecoderFactory, EncoderFactory
 
 
 class AE(AutoEncoder):
@@ -14,7 +15,7 @@ class AE(AutoEncoder):
 
     terms = ("loss",)
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, **kwargs) -> None:
+    def __init__(self, encoder: EncoderFactory, decoder: DecoderFactory, **kwargs) -> None:
         super().__init__(encoder, decoder, **kwargs)
         self.save_config()  # the constructor's arguments, so that a checkpoint rebuilds the model
         self.build_likelihood("bernoulli", decoder_scale=1.0, learn_decoder_scale=False)

@@ -40,9 +40,9 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
 from fae.data.base import Batch
-from fae.errors import UserError
+from fae.errors import UserError, require_positive
 from fae.likelihoods import Gaussian, make_likelihood
-from fae.nets.contract import check_nets
+from fae.nets.contract import DecoderFactory, EncoderFactory, ImageShape, build_nets
 from fae.objectives import (
     RECONSTRUCTION_ERRORS,
     grad_z_log_decoder,
@@ -102,14 +102,18 @@ class AutoEncoder(L.LightningModule):
     """Base of the model families; see the module docstring."""
 
     abstract: ClassVar[bool] = True  # a base for families, not one; each family sets nothing
+    gaussian_encoder: ClassVar[bool] = False  # the encoder has two heads (mean, log-variance), or one: the code
     terms: ClassVar[tuple[str, ...]] = ("loss",)
     eval_metrics_extra: ClassVar[tuple[str, ...]] = ()
     diagnostic_terms: ClassVar[tuple[str, ...]] = ("recon_mse",)  # per-sample diagnostics from model_step
 
     def __init__(
         self,
-        encoder: nn.Module,
-        decoder: nn.Module,
+        encoder: EncoderFactory,
+        decoder: DecoderFactory,
+        latent_dim: int = 8,
+        width: int = 64,
+        image_shape: ImageShape = (1, 28, 28),
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         recon_metric: str | None = None,
@@ -119,8 +123,13 @@ class AutoEncoder(L.LightningModule):
     ) -> None:
         """
         Args:
-            encoder: the encoder net (fae.nets), (B, C, H, W) -> (B, heads * d_z).
-            decoder: the decoder net (fae.nets), (B, d_z) -> pre-activation (B, C, H, W).
+            encoder: the encoder's class (fae.nets) or factory, built as encoder(latent_dim, width,
+                image_shape, gaussian): (B, C, H, W) -> (B, heads * d_z) (fae.nets.contract).
+            decoder: the decoder's class or factory, built as decoder(latent_dim, width, image_shape):
+                (B, d_z) -> pre-activation (B, C, H, W).
+            latent_dim: d_z, the size of the code (8 on MNIST, 64 on CelebA in the paper).
+            width: the nets' width: channels of their first (encoder) and last (decoder) hidden layers.
+            image_shape: (C, H, W) of the data; the CLI links it from the data module (not a flag).
             optimizer: the optimizer, given the parameters (Adam, lr 1e-3, unless configured).
             lr_scheduler: an optional learning-rate scheduler, stepped every epoch.
             recon_metric: reconstruction error against the clean image, "bce" or "mse"; default (None):
@@ -131,12 +140,11 @@ class AutoEncoder(L.LightningModule):
             max_consecutive_skips: in "skip" mode, give up after this many skipped steps in a row.
         """
         super().__init__()
-        check_nets(encoder, decoder)
+        require_positive(type(self).__name__, latent_dim=latent_dim, width=width)
+        self.encoder, self.decoder = build_nets(encoder, decoder, latent_dim, width, image_shape, self.gaussian_encoder)
         if recon_metric is not None and recon_metric not in RECONSTRUCTION_ERRORS:
             raise UserError(f"recon_metric must be one of {list(RECONSTRUCTION_ERRORS)}, got {recon_metric!r}")
-        self.encoder = encoder
-        self.decoder = decoder
-        self.latent_dim = decoder.latent_dim
+        self.latent_dim = latent_dim
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.recon_metric = recon_metric
@@ -230,9 +238,8 @@ class AutoEncoder(L.LightningModule):
         found = getattr(datamodule, "image_shape", None) if datamodule is not None else None
         if expected is not None and found is not None and tuple(found) != tuple(expected):
             raise UserError(
-                f"the data's images are {tuple(found)} but the encoder takes {tuple(expected)}: use the nets of "
-                "this data set (fae.nets.MNISTEncoder/MNISTDecoder, fae.nets.CelebAEncoder/CelebADecoder with the "
-                "data module's image_size)"
+                f"the data's images are {tuple(found)} but the model was built for {tuple(expected)}: build it with "
+                "image_shape=datamodule.image_shape (the CLI does)"
             )
         activation = self.likelihood.output_activation
         data_range = getattr(datamodule, "pixel_range", None)
@@ -392,14 +399,15 @@ class GaussianAutoEncoder(AutoEncoder):
     """
 
     abstract = True
+    gaussian_encoder = True
 
     eval_metrics_extra = ("posterior_fisher",)
     diagnostic_terms = ("recon_mse", "encoder_sigma")
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: str, prior_degree: int, **kwargs) -> None:
+    def __init__(
+        self, encoder: EncoderFactory, decoder: DecoderFactory, prior: str, prior_degree: int, **kwargs
+    ) -> None:
         super().__init__(encoder, decoder, **kwargs)
-        if not encoder.gaussian:
-            raise UserError(f"{type(self).__name__} needs a Gaussian encoder: set --model.encoder.gaussian true")
         self.prior = make_prior(prior, self.latent_dim, prior_degree)
 
     def encode_gaussian(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -41,11 +41,12 @@ from typing import Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor, nn
+from torch import Tensor
 
 from fae.errors import UserError
 from fae.models.base import GaussianAutoEncoder
 from fae.nets.batchnorm import BatchStatistics, detached_batchnorm, running_batchnorm
+from fae.nets.contract import DecoderFactory, EncoderFactory, ImageShape
 from fae.objectives import fisher_terms
 
 
@@ -56,8 +57,11 @@ class FisherAE(GaussianAutoEncoder):
 
     def __init__(
         self,
-        encoder: nn.Module,
-        decoder: nn.Module,
+        encoder: EncoderFactory,
+        decoder: DecoderFactory,
+        latent_dim: int = 8,
+        width: int = 64,
+        image_shape: ImageShape = (1, 28, 28),
         decoder_scale: float = 1.0,
         learn_decoder_scale: bool = False,
         prior: Literal["standard_normal", "polynomial"] = "standard_normal",
@@ -74,9 +78,10 @@ class FisherAE(GaussianAutoEncoder):
     ) -> None:
         """
         Args:
-            encoder: a Gaussian encoder net (two heads: mean and log-variance).
-            decoder: the decoder net; the likelihood is N(mu_theta(z), s^2 I) (a Bernoulli decoder is
-                not admissible: the Hyvarinen score needs a density in continuous x).
+            encoder, decoder, latent_dim, width, image_shape: the nets, as fae.models.base.AutoEncoder
+                builds them (a Gaussian encoder: two heads, mean and log-variance).
+                The likelihood is N(mu_theta(z), s^2 I) (a Bernoulli decoder is not admissible: the
+                Hyvarinen score needs a density in continuous x).
             decoder_scale: s (its initial value when learned).
             learn_decoder_scale: learn log s by the same loss (optimum s^2 = ||x - mu||^2 / d).
             prior: "standard_normal", or "polynomial", the learned exponential family of degree prior_degree.
@@ -92,6 +97,9 @@ class FisherAE(GaussianAutoEncoder):
         super().__init__(
             encoder,
             decoder,
+            latent_dim=latent_dim,
+            width=width,
+            image_shape=image_shape,
             prior=prior,
             prior_degree=prior_degree,
             optimizer=optimizer,

@@ -13,9 +13,10 @@ from typing import Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor, nn
+from torch import Tensor
 
 from fae.models.base import GaussianAutoEncoder
+from fae.nets.contract import DecoderFactory, EncoderFactory, ImageShape
 from fae.objectives import kl_to_standard_normal
 
 
@@ -27,8 +28,11 @@ class VAE(GaussianAutoEncoder):
 
     def __init__(
         self,
-        encoder: nn.Module,
-        decoder: nn.Module,
+        encoder: EncoderFactory,
+        decoder: DecoderFactory,
+        latent_dim: int = 8,
+        width: int = 64,
+        image_shape: ImageShape = (1, 28, 28),
         likelihood: Literal["bernoulli", "gaussian"] = "bernoulli",
         decoder_scale: float = 1.0,
         learn_decoder_scale: bool = False,
@@ -41,8 +45,8 @@ class VAE(GaussianAutoEncoder):
     ) -> None:
         """
         Args:
-            encoder: a Gaussian encoder net (two heads: mean and log-variance).
-            decoder: the decoder net.
+            encoder, decoder, latent_dim, width, image_shape: the nets, as fae.models.base.AutoEncoder
+                builds them (a Gaussian encoder: two heads, mean and log-variance).
             likelihood: the decoder family p_theta(x|z).
             decoder_scale: s of a Gaussian decoder (its initial value when learned).
             learn_decoder_scale: learn log s with the other parameters.
@@ -52,6 +56,9 @@ class VAE(GaussianAutoEncoder):
         super().__init__(
             encoder,
             decoder,
+            latent_dim=latent_dim,
+            width=width,
+            image_shape=image_shape,
             prior="standard_normal",
             prior_degree=2,
             optimizer=optimizer,

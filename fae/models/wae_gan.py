@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from fae.data.base import Batch
 from fae.errors import UserError, require_positive
 from fae.models.base import AutoEncoder, make_optimizer
+from fae.nets.contract import DecoderFactory, EncoderFactory, ImageShape
 from fae.objectives import mmd_imq, per_sample_sum
 
 
@@ -59,8 +60,11 @@ class WAEGAN(AutoEncoder):
 
     def __init__(
         self,
-        encoder: nn.Module,
-        decoder: nn.Module,
+        encoder: EncoderFactory,
+        decoder: DecoderFactory,
+        latent_dim: int = 8,
+        width: int = 64,
+        image_shape: ImageShape = (1, 28, 28),
         penalty_weight: float = 10.0,
         cost_scale: float = 1.0,
         prior_std: float = 1.0,
@@ -77,8 +81,9 @@ class WAEGAN(AutoEncoder):
     ) -> None:
         """
         Args:
-            encoder: a deterministic encoder net (one head: the code).
-            decoder: the decoder net; its mean image G(z) is scored by c(x, y) = ||x - y||^2.
+            encoder, decoder, latent_dim, width, image_shape: the nets, as fae.models.base.AutoEncoder
+                builds them (a deterministic encoder: one head, the code). The decoder's mean image G(z)
+                is scored by c(x, y) = ||x - y||^2.
             penalty_weight: lambda (the WAE paper: 10 on MNIST, 1 on CelebA).
             cost_scale: gamma, the weight of the cost c(x, y) = ||x - y||^2 (1; 0.05 in the WAE authors' code).
             prior_std: sigma_z of the prior N(0, sigma_z^2 I).
@@ -91,15 +96,23 @@ class WAEGAN(AutoEncoder):
             max_consecutive_skips: in "skip" mode, give up after this many skipped steps in a row.
         """
         super().__init__(
-            encoder, decoder, optimizer, lr_scheduler, recon_metric, grid_images, on_nonfinite, max_consecutive_skips
+            encoder,
+            decoder,
+            latent_dim=latent_dim,
+            width=width,
+            image_shape=image_shape,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            recon_metric=recon_metric,
+            grid_images=grid_images,
+            on_nonfinite=on_nonfinite,
+            max_consecutive_skips=max_consecutive_skips,
         )
         require_positive(type(self).__name__, prior_std=prior_std, discriminator_hidden=discriminator_hidden)
         if penalty_weight < 0 or cost_scale <= 0:
             raise UserError(f"penalty_weight must be >= 0 and cost_scale > 0, got {penalty_weight} and {cost_scale}")
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise UserError(f"gradient_clip_val must be > 0 (or null), got {gradient_clip_val}")
-        if encoder.gaussian:
-            raise UserError("the WAE-GAN needs a deterministic encoder: set --model.encoder.gaussian false")
         self.save_config()
         self.automatic_optimization = False
         self.build_likelihood("gaussian", 1.0, False)  # only its mean map: G(z) = activation(decoder(z))

@@ -28,8 +28,8 @@ Two inconsistencies of the tables (DESIGN.md section 2), resolved here:
 
 The decoder's per-layer channels halve from 8w, as the encoder's double, down to w, which the last
 block keeps; the final convolution maps w channels to the 3 colour channels. LReLU slope 0.2, as in
-the MNIST nets. `image_size` (default 64, a multiple of 16) adapts both nets to the data module's
-resize; the tables' nets are image_size = 64. `norm` swaps the BatchNorm (BN) for a per-sample
+the MNIST nets. `image_shape` (3, S, S), S a multiple of 16, is the data module's (its `image_size`
+resize), which the model passes on; the tables' nets are S = 64. `norm` swaps the BatchNorm (BN) for a per-sample
 GroupNorm or removes it (fae.nets.norm).
 """
 
@@ -42,16 +42,27 @@ from fae.nets.mnist import LEAKY_SLOPE
 from fae.nets.norm import Norm, norm_layer
 
 
-def check_image_size(image_size: int) -> None:
-    if image_size < 16 or image_size % 16:
-        raise UserError(f"the CelebA nets need image_size to be a multiple of 16 (64 in the paper), got {image_size}")
+def image_side(net: str, image_shape: tuple[int, int, int]) -> int:
+    """S of a (3, S, S) image shape, S a multiple of 16; one line saying what is wrong otherwise."""
+    channels, height, width = image_shape
+    if channels != 3 or height != width or height < 16 or height % 16:
+        raise UserError(
+            f"{net} takes (3, S, S) images with S a multiple of 16 ((3, 64, 64) in the paper), the data gives "
+            f"{tuple(image_shape)}: set --data.image_size to a multiple of 16"
+        )
+    return height
 
 
 class CelebAEncoder(nn.Module):
     """(B, 3, S, S) -> (B, heads * d_z): heads = 2 (mean, log-variance) for a Gaussian encoder."""
 
     def __init__(
-        self, latent_dim: int = 64, width: int = 64, gaussian: bool = True, image_size: int = 64, norm: Norm = "batch"
+        self,
+        latent_dim: int = 64,
+        width: int = 64,
+        image_shape: tuple[int, int, int] = (3, 64, 64),
+        gaussian: bool = True,
+        norm: Norm = "batch",
     ) -> None:
         """
         Args:
@@ -59,11 +70,11 @@ class CelebAEncoder(nn.Module):
             width: channels of the first conv; later convs have 2, 4, 8 times as many (64 in the paper).
             gaussian: two heads (mean, log-variance) for a Gaussian q_phi(z|x); one (the code) for the
                 deterministic WAE-GAN encoder (Table 4).
-            image_size: S, the side of the square input images (64 in the paper; a multiple of 16).
+            image_shape: (3, S, S), the data's images (S = 64 in the paper; a multiple of 16).
             norm: the normalisation layers: "batch" (the paper's BatchNorm), "group" or "none".
         """
         super().__init__()
-        check_image_size(image_size)
+        image_size = image_side(type(self).__name__, image_shape)
         require_positive(type(self).__name__, latent_dim=latent_dim, width=width)
         self.latent_dim = latent_dim
         self.gaussian = gaussian
@@ -97,16 +108,22 @@ class CelebADecoder(nn.Module):
 
     output_activation = "tanh"
 
-    def __init__(self, latent_dim: int = 64, width: int = 64, image_size: int = 64, norm: Norm = "batch") -> None:
+    def __init__(
+        self,
+        latent_dim: int = 64,
+        width: int = 64,
+        image_shape: tuple[int, int, int] = (3, 64, 64),
+        norm: Norm = "batch",
+    ) -> None:
         """
         Args:
             latent_dim: d_z (64 in the paper).
             width: channels of the last hidden layers; earlier layers have 2, 4, 8 times as many.
-            image_size: S, the side of the square output images (64 in the paper; a multiple of 16).
+            image_shape: (3, S, S), the data's images (S = 64 in the paper; a multiple of 16).
             norm: the normalisation layers: "batch" (the paper's BatchNorm), "group" or "none".
         """
         super().__init__()
-        check_image_size(image_size)
+        image_size = image_side(type(self).__name__, image_shape)
         require_positive(type(self).__name__, latent_dim=latent_dim, width=width)
         self.latent_dim = latent_dim
         self.image_shape = (3, image_size, image_size)

@@ -26,28 +26,46 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fae.errors import require_positive
+from fae.errors import UserError, require_positive
 from fae.nets.norm import Norm, norm_layer
 
 LEAKY_SLOPE = 0.2
+IMAGE_SHAPE = (1, 28, 28)
+
+
+def check_image_shape(net: str, image_shape: tuple[int, int, int]) -> None:
+    if tuple(image_shape) != IMAGE_SHAPE:
+        raise UserError(
+            f"{net} takes MNIST's {IMAGE_SHAPE} images, the data gives {tuple(image_shape)}: use the data set's own "
+            "nets (e.g. fae.nets.CelebAEncoder/CelebADecoder for CelebA)"
+        )
 
 
 class MNISTEncoder(nn.Module):
     """(B, 1, 28, 28) -> (B, heads * d_z): heads = 2 (mean, log-variance) for a Gaussian encoder."""
 
-    image_shape = (1, 28, 28)
+    image_shape = IMAGE_SHAPE
 
-    def __init__(self, latent_dim: int = 8, width: int = 64, gaussian: bool = True, norm: Norm = "batch") -> None:
+    def __init__(
+        self,
+        latent_dim: int = 8,
+        width: int = 64,
+        image_shape: tuple[int, int, int] = IMAGE_SHAPE,
+        gaussian: bool = True,
+        norm: Norm = "batch",
+    ) -> None:
         """
         Args:
             latent_dim: d_z (8 in the paper).
             width: channels of the first conv; later layers have 2, 4, 8 times as many (64 in the paper).
+            image_shape: the data's (C, H, W); these nets take (1, 28, 28) only.
             gaussian: two heads (mean, log-variance) for a Gaussian q_phi(z|x); one (the code) for the
                 deterministic WAE-GAN encoder.
             norm: the normalisation layers: "batch" (the paper's BatchNorm), "group" or "none".
         """
         super().__init__()
         require_positive(type(self).__name__, latent_dim=latent_dim, width=width)
+        check_image_shape(type(self).__name__, image_shape)
         self.latent_dim = latent_dim
         self.gaussian = gaussian
         w = width
@@ -75,17 +93,25 @@ class MNISTDecoder(nn.Module):
     """(B, d_z) -> logits (B, 1, 28, 28); the image mean is sigmoid(logits)."""
 
     output_activation = "sigmoid"
-    image_shape = (1, 28, 28)
+    image_shape = IMAGE_SHAPE
 
-    def __init__(self, latent_dim: int = 8, width: int = 64, norm: Norm = "batch") -> None:
+    def __init__(
+        self,
+        latent_dim: int = 8,
+        width: int = 64,
+        image_shape: tuple[int, int, int] = IMAGE_SHAPE,
+        norm: Norm = "batch",
+    ) -> None:
         """
         Args:
             latent_dim: d_z (8 in the paper).
             width: channels of the last hidden layer; earlier layers have 2, 4, 8 times as many.
+            image_shape: the data's (C, H, W); these nets make (1, 28, 28) only.
             norm: the normalisation layers: "batch" (the paper's BatchNorm), "group" or "none".
         """
         super().__init__()
         require_positive(type(self).__name__, latent_dim=latent_dim, width=width)
+        check_image_shape(type(self).__name__, image_shape)
         self.latent_dim = latent_dim
         w = width
         self.layers = nn.Sequential(
