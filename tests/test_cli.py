@@ -11,6 +11,7 @@ import torch
 
 from fae.data import DigitsDataModule
 from fae.models import VAE
+from fae.nets import MNISTDecoder, MNISTEncoder
 from fae.objectives import reconstruction_bce
 
 from .conftest import CONFIGS, run_fae
@@ -148,4 +149,21 @@ def test_every_config_builds_its_model_data_and_trainer(monkeypatch, tmp_path):
         assert cli.trainer.checkpoint_callback is not None and cli.trainer.loggers, config.name
         x = torch.rand(2, *cli.model.encoder.image_shape)
         assert cli.model.eval().reconstruct(x).shape == x.shape, config.name
+        # the nets follow the data: the image shape reaches the model from the data module
+        assert tuple(cli.model.hparams["image_shape"]) == cli.datamodule.image_shape == x.shape[1:], config.name
     assert list(tmp_path.iterdir()) == []
+
+
+def test_save_config_records_the_cli_config_and_only_plain_values_outside_the_cli(monkeypatch, tmp_path):
+    """AutoEncoder.save_config tells a CLI instantiation by Lightning's private marker (no public one
+    exists): under the CLI the hyperparameters are the config, nets as class paths, so that a checkpoint
+    rebuilds the model; outside it, the plain values only (a class or callable is not a weights-only value)."""
+    from fae.cli import FaeCLI
+
+    monkeypatch.chdir(tmp_path)
+    cli = FaeCLI(args=[*QUICK, "--model.width", "4", "--model.encoder.norm", "group"], run=False)
+    assert cli.model.hparams["encoder"] == {"class_path": "fae.nets.MNISTEncoder", "init_args": {"norm": "group"}}
+    assert cli.model.hparams["optimizer"]["class_path"] == "torch.optim.Adam"
+    assert (cli.model.hparams["width"], tuple(cli.model.hparams["image_shape"])) == (4, (1, 28, 28))
+    plain = VAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4)
+    assert {"encoder", "decoder", "optimizer"}.isdisjoint(plain.hparams) and plain.hparams["width"] == 4
