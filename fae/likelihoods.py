@@ -2,6 +2,11 @@
 
 The decoder net returns a pre-activation `out` (B, C, H, W); its `output_activation` (sigmoid for
 images in [0, 1], tanh for [-1, 1]) gives the image mean mu_theta(z).
+
+Both take `out` in float32 whatever the nets computed in: under bf16 mixed precision the nets run in
+bfloat16 (8 bits of mantissa, ~0.4% per value), and the objective on top of them stays float32, since
+the Gaussian's score (x - mu) / s^2 and the Hyvarinen terms built from it difference and rescale the
+mean (fae.models.base keeps the encoder's heads in float32 for the same reason).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ class Likelihood(nn.Module):
         self.output_activation = output_activation
 
     def mean(self, out: Tensor) -> Tensor:
-        return ACTIVATIONS[self.output_activation](out)
+        return ACTIVATIONS[self.output_activation](out.float())
 
     def nll(self, out: Tensor, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -43,7 +48,7 @@ class Bernoulli(Likelihood):
             )
 
     def nll(self, out: Tensor, x: Tensor) -> Tensor:
-        return bernoulli_nll(out, x)
+        return bernoulli_nll(out.float(), x)
 
 
 class Gaussian(Likelihood):

@@ -131,7 +131,8 @@ class RobustnessSweep(L.Callback):
             return
         error_fn = RECONSTRUCTION_ERRORS[pl_module.recon_metric]
         for level, corruption in enumerate(self.corruptions):
-            recon = pl_module.reconstruct(corruption(batch.target, batch.index))  # (B, C, H, W)
+            with trainer.precision_plugin.forward_context():  # the trainer's precision, as in test_step
+                recon = pl_module.reconstruct(corruption(batch.target, batch.index))  # (B, C, H, W)
             self.errors.update(level, batch.index, error_fn(recon, batch.target))
         if batch_idx == 0 and trainer.is_global_zero and self.grid_images > 0:
             clean, index = batch.target[: self.grid_images], batch.index[: self.grid_images]

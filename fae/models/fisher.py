@@ -54,6 +54,10 @@ class FisherAE(GaussianAutoEncoder):
     """Fisher auto-encoder; logs each term of the loss per step and on validation."""
 
     terms = ("loss", "decoder_score", "stability", "posterior_fisher")
+    compile_refusal = (
+        "the Fisher objective differentiates the nets twice (create_graph), which torch.compile's autograd "
+        "cannot (double backward)"
+    )
 
     def __init__(
         self,
@@ -71,6 +75,7 @@ class FisherAE(GaussianAutoEncoder):
         posterior_trains_decoder: bool = True,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         max_consecutive_skips: int = 20,
+        compile_nets: bool = False,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         recon_metric: Literal["bce", "mse"] | None = None,
@@ -93,6 +98,7 @@ class FisherAE(GaussianAutoEncoder):
                 (Theorem 1); false treats that score as a constant (the authors' code).
             on_nonfinite: "stop" training with a message, or "skip" the step, on a non-finite loss or gradient.
             max_consecutive_skips: in "skip" mode, give up after this many skipped steps in a row.
+            compile_nets: torch.compile the nets (fae.models.base.AutoEncoder).
         """
         super().__init__(
             encoder,
@@ -108,6 +114,7 @@ class FisherAE(GaussianAutoEncoder):
             grid_images=grid_images,
             on_nonfinite=on_nonfinite,
             max_consecutive_skips=max_consecutive_skips,
+            compile_nets=compile_nets,
         )
         self.save_config()
         self.build_likelihood("gaussian", decoder_scale, learn_decoder_scale)

@@ -42,6 +42,7 @@ class VAE(GaussianAutoEncoder):
         grid_images: int = 16,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         max_consecutive_skips: int = 20,
+        compile_nets: bool = False,
     ) -> None:
         """
         Args:
@@ -52,6 +53,7 @@ class VAE(GaussianAutoEncoder):
             learn_decoder_scale: learn log s with the other parameters.
             on_nonfinite: "stop" training with a message, or "skip" the step, on a non-finite loss or gradient.
             max_consecutive_skips: in "skip" mode, give up after this many skipped steps in a row.
+            compile_nets: torch.compile the nets (fae.models.base.AutoEncoder).
         """
         super().__init__(
             encoder,
@@ -67,6 +69,7 @@ class VAE(GaussianAutoEncoder):
             grid_images=grid_images,
             on_nonfinite=on_nonfinite,
             max_consecutive_skips=max_consecutive_skips,
+            compile_nets=compile_nets,
         )
         self.save_config()
         self.build_likelihood(likelihood, decoder_scale, learn_decoder_scale)

@@ -43,7 +43,7 @@ class LatentDiscriminator(nn.Module):
         self.layers = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.layers(z).squeeze(1)
+        return self.layers(z).squeeze(1).float()  # logits in float32 under bf16 autocast
 
 
 def discriminator_loss(logit_prior: Tensor, logit_codes: Tensor) -> Tensor:
@@ -78,6 +78,7 @@ class WAEGAN(AutoEncoder):
         grid_images: int = 16,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         max_consecutive_skips: int = 20,
+        compile_nets: bool = False,
     ) -> None:
         """
         Args:
@@ -94,6 +95,7 @@ class WAEGAN(AutoEncoder):
             gradient_clip_val: clip each optimizer's gradient norm to this value (None: no clipping).
             on_nonfinite: "stop" training with a message, or "skip" the step, on a non-finite loss or gradient.
             max_consecutive_skips: in "skip" mode, give up after this many skipped steps in a row.
+            compile_nets: torch.compile the nets (fae.models.base.AutoEncoder).
         """
         super().__init__(
             encoder,
@@ -107,6 +109,7 @@ class WAEGAN(AutoEncoder):
             grid_images=grid_images,
             on_nonfinite=on_nonfinite,
             max_consecutive_skips=max_consecutive_skips,
+            compile_nets=compile_nets,
         )
         require_positive(type(self).__name__, prior_std=prior_std, discriminator_hidden=discriminator_hidden)
         if penalty_weight < 0 or cost_scale <= 0:

@@ -63,17 +63,19 @@ def update_running_statistics(layer: _BatchNorm, mean: Tensor, var: Tensor) -> N
 
 def statistics_of_batch(layer: _BatchNorm, h: Tensor) -> tuple[Tensor, Tensor]:
     """The per-channel mean and biased variance of h, in h's graph (what training-mode BatchNorm
-    normalises with); the layer's running statistics are updated with them."""
-    mean, biased_var = batch_statistics(h, unbiased=False)
+    normalises with); the layer's running statistics are updated with them. In float32, as autocast
+    runs BatchNorm: bf16 activations would lose the statistics' precision."""
+    mean, biased_var = batch_statistics(h.float(), unbiased=False)
     n = h.numel() // h.shape[1]
     update_running_statistics(layer, mean.detach(), biased_var.detach() * n / max(n - 1, 1))
     return mean, biased_var
 
 
 def normalise(layer: _BatchNorm, h: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-    """gamma (h - mean) / sqrt(var + eps) + beta per channel (dim 1), differentiable in every argument."""
+    """gamma (h - mean) / sqrt(var + eps) + beta per channel (dim 1), differentiable in every argument;
+    in float32 (as autocast runs BatchNorm)."""
     shape = (1, -1) + (1,) * (h.dim() - 2)
-    y = (h - mean.view(shape)) * torch.rsqrt(var.view(shape) + layer.eps)
+    y = (h.float() - mean.view(shape)) * torch.rsqrt(var.view(shape) + layer.eps)
     if layer.affine:
         y = y * layer.weight.view(shape) + layer.bias.view(shape)
     return y
@@ -130,7 +132,7 @@ def running_batchnorm(*modules: nn.Module) -> Iterator[None]:
     def record(layer: nn.Module, inputs: tuple[Tensor, ...]) -> None:
         if layer not in seen:
             with torch.no_grad():
-                seen[layer] = batch_statistics(inputs[0].detach())
+                seen[layer] = batch_statistics(inputs[0].detach().float())
 
     hooks = [layer.register_forward_pre_hook(record) for layer in layers]
     # The graph keeps copies of the running statistics it normalised with, so that updating the
