@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from fae.data import DigitsDataModule
-from fae.models import VAE, WAEGAN, FisherAE
+from fae.models import VAE, WAEGAN, FisherAE, base
 from fae.models.base import ActiveUnits, active_units
 from fae.nets import MNISTDecoder, MNISTEncoder
 
@@ -91,3 +91,37 @@ def test_training_logs_the_diagnostics_every_step(tmp_path, family):
         assert all(row.get(name) for name in expected), (expected, row)
         assert 0 <= float(row["train/active_units"]) <= 8 and 0 < float(row["train/recon_mse"]) < 1
     assert not any(row.get("train/decoder_scale") for row in rows) or family == "fisher"
+
+
+class StepLosses(L.Callback):
+    """Every training step's batch loss, as training_step returned it (automatic optimisation)."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.losses[trainer.global_step - 1] = float(outputs["loss"])
+
+
+@pytest.mark.parametrize("every", [3, 4])
+def test_training_terms_are_computed_for_the_steps_the_loggers_write_and_match_them(tmp_path, every, monkeypatch):
+    """fae logs train/<term> only on the steps whose metrics reach the loggers (`loggers_write_this_step`,
+    Lightning's private decision): the rows are exactly those of logging every step, each step's own loss."""
+
+    def train(folder):
+        torch.manual_seed(0)
+        model = VAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0)
+        losses = StepLosses()
+        trainer = L.Trainer(max_steps=10, limit_val_batches=0, log_every_n_steps=every, callbacks=[losses],
+                            **{**QUIET, "logger": CSVLogger(folder)})  # fmt: skip
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+        (path,) = folder.glob("**/metrics.csv")
+        rows = [r for r in csv.DictReader(open(path)) if r.get("train/loss")]
+        return {int(r["step"]): float(r["train/loss"]) for r in rows}, losses
+
+    gated, losses = train(tmp_path / "gated")
+    assert sorted(gated) == list(range(every - 1, 10, every))
+    for step, logged in gated.items():
+        assert logged == pytest.approx(losses.losses[step], rel=1e-6), step
+    monkeypatch.setattr(base, "loggers_write_this_step", lambda trainer: True)  # self.log on every step
+    assert train(tmp_path / "every")[0] == gated

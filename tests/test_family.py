@@ -96,3 +96,22 @@ def test_the_reconstruction_error_and_pixel_range_come_from_the_data_module():
     wrong = VAE(MNISTEncoder, tanh_decoder, latent_dim=8, width=4, likelihood="gaussian", grid_images=0)
     with pytest.raises(UserError, match=r"the data's pixels are in \[0.0, 1.0\] but the decoder's tanh output"):
         L.Trainer(limit_val_batches=1, **QUIET).validate(wrong, datamodule=DigitsDataModule(), verbose=False)
+
+
+def test_a_non_finite_gradient_stops_or_skips_the_step_before_any_weight_moves():
+    from fae.models import VAE
+
+    for mode in ("stop", "skip"):
+        torch.manual_seed(0)
+        model = VAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0, on_nonfinite=mode)
+        weight = model.decoder.layers[0].weight
+        weight.register_hook(lambda grad: grad * float("nan"))  # a finite loss, a NaN gradient
+        before = {k: v.clone() for k, v in model.named_parameters()}
+        trainer = L.Trainer(max_steps=3, limit_val_batches=0, **QUIET)
+        if mode == "stop":
+            with pytest.raises(UserError, match=r"non-finite gradient of decoder.layers.0.weight at step 0"):
+                trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+        else:
+            trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+            assert model.skipped_steps == 3  # each step skipped: every gradient cleared, no update
+        assert all(torch.equal(before[k], v) for k, v in model.named_parameters()), mode

@@ -29,6 +29,7 @@ codes under "codes"). Everything else is here, once:
 from __future__ import annotations
 
 import inspect
+import math
 import random
 from typing import ClassVar, Literal
 
@@ -36,7 +37,9 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torch.nn.utils import get_total_norm
 from torchmetrics import MeanMetric, Metric
 
 from fae.data.base import Batch
@@ -58,6 +61,13 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): a latent dimension is activ
 def active_units(codes: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> Tensor:
     """#{j : Var_i(codes_ij) > threshold}: latent dimensions whose code varies across the batch (B, d_z)."""
     return (codes.double().var(0, unbiased=True) > threshold).sum().float()
+
+
+def loggers_write_this_step(trainer: L.Trainer) -> bool:
+    """Whether the loggers receive this training step's on_step metrics: Lightning's own decision
+    (every log_every_n_steps, and at the stop), which it exposes only privately; pinned by
+    tests/test_diagnostics.py."""
+    return bool(trainer.fast_dev_run) or trainer._logger_connector.should_update_logs
 
 
 def make_optimizer(factory, parameters, name: str):
@@ -103,6 +113,7 @@ class AutoEncoder(L.LightningModule):
 
     abstract: ClassVar[bool] = True  # a base for families, not one; each family sets nothing
     gaussian_encoder: ClassVar[bool] = False  # the encoder has two heads (mean, log-variance), or one: the code
+    compile_refusal: ClassVar[str | None] = None  # why torch.compile cannot serve this family, if it cannot
     terms: ClassVar[tuple[str, ...]] = ("loss",)
     eval_metrics_extra: ClassVar[tuple[str, ...]] = ()
     diagnostic_terms: ClassVar[tuple[str, ...]] = ("recon_mse",)  # per-sample diagnostics from model_step
@@ -120,6 +131,7 @@ class AutoEncoder(L.LightningModule):
         grid_images: int = 16,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         max_consecutive_skips: int = 20,
+        compile_nets: bool = False,
     ) -> None:
         """
         Args:
@@ -138,6 +150,9 @@ class AutoEncoder(L.LightningModule):
             on_nonfinite: on a non-finite loss term or gradient, "stop" training with one line naming it,
                 or "skip" that step; either way the weights are never updated from it.
             max_consecutive_skips: in "skip" mode, give up after this many skipped steps in a row.
+            compile_nets: compile the encoder and decoder with torch.compile when a Trainer sets the model
+                up (in place: checkpoints are unchanged). A family whose objective torch.compile cannot
+                differentiate says so in one line and trains uncompiled (`compile_refusal`).
         """
         super().__init__()
         require_positive(type(self).__name__, latent_dim=latent_dim, width=width)
@@ -155,6 +170,9 @@ class AutoEncoder(L.LightningModule):
             raise UserError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
         self.on_nonfinite = on_nonfinite
         self.max_consecutive_skips = max_consecutive_skips
+        self.compile_nets = compile_nets
+        self._nets_compiled = False
+        self._named_parameters: list[tuple[str, nn.Parameter]] | None = None
         self.skipped_steps = 0  # in this process's training, for the log
         self.skips_in_a_row = 0
         self._skipped_this_batch = False
@@ -233,6 +251,8 @@ class AutoEncoder(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Before the first batch: the data module's images must be what the encoder takes, in the range
         the decoder produces; the reconstruction error is the data module's unless the model sets one."""
+        self.maybe_compile_nets()
+        self._named_parameters = None  # listed again at the first step of this stage
         datamodule = self.trainer.datamodule
         expected = self.encoder.image_shape
         found = getattr(datamodule, "image_shape", None) if datamodule is not None else None
@@ -261,6 +281,17 @@ class AutoEncoder(L.LightningModule):
         self.log_training_terms(terms)
         return terms["loss"].mean()
 
+    def maybe_compile_nets(self) -> None:
+        """torch.compile both nets in place (`compile_nets`), once; or one line saying why not."""
+        if not self.compile_nets or self._nets_compiled:
+            return
+        self._nets_compiled = True
+        if self.compile_refusal is not None:
+            rank_zero_info(f"fae: model.compile_nets: {self.compile_refusal}; the nets run uncompiled")
+            return
+        self.encoder.compile()
+        self.decoder.compile()
+
     # --- non-finite values: no update is ever made from one ------------------------------------------
     def finite_or_skip(self, terms: dict[str, Tensor], names: tuple[str, ...] | None = None) -> bool:
         """True when the objective's terms (`names`, default `self.terms`) are finite on every device.
@@ -278,8 +309,11 @@ class AutoEncoder(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """A non-finite gradient (after the devices' reduction, so every device decides alike)."""
-        grads = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
-        if not grads or torch.stack([torch.isfinite(g).all() for _, g in grads]).all():
+        if self._named_parameters is None:  # walking the modules costs ~0.5 ms a step on small nets
+            self._named_parameters = list(self.named_parameters())
+        grads = [(n, p.grad) for n, p in self._named_parameters if p.grad is not None]
+        # max |g| over every gradient, one fused pass: NaN or inf exactly when some entry is (no overflow)
+        if not grads or torch.isfinite(get_total_norm([g for _, g in grads], norm_type=math.inf)):
             return
         bad = [n for n, g in grads if not torch.isfinite(g).all()]
         self.non_finite(f"gradient of {bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}")
@@ -318,7 +352,13 @@ class AutoEncoder(L.LightningModule):
             self.skips_in_a_row = 0
 
     def log_training_terms(self, terms: dict[str, Tensor]) -> None:
-        """train/<term> batch means, train/active_units over the batch, train/decoder_scale."""
+        """train/<term> batch means, train/active_units over the batch, train/decoder_scale, on the steps
+        whose metrics the loggers write (every trainer.log_every_n_steps): each `self.log` costs about a
+        millisecond of Python, a fifth of a small net's step (benchmarks/framework_overhead.py). The
+        progress bar's loss is every step's."""
+        self.log("loss", terms["loss"].detach().mean(), prog_bar=True, logger=False)
+        if not loggers_write_this_step(self.trainer):
+            return
         codes = terms.pop("codes")
         means = {f"train/{name}": value.mean() for name, value in terms.items()}
         means["train/active_units"] = active_units(codes)
@@ -326,7 +366,6 @@ class AutoEncoder(L.LightningModule):
         if scale is not None:
             means["train/decoder_scale"] = scale
         self.log_dict(means, prog_bar=False, on_step=True, on_epoch=False)
-        self.log("loss", means["train/loss"], prog_bar=True, logger=False)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self.evaluation_step(batch, batch_idx, "val")
@@ -412,7 +451,7 @@ class GaussianAutoEncoder(AutoEncoder):
 
     def encode_gaussian(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(mu, log sigma), each (B, d_z); log sigma = 1/2 log-variance head."""
-        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        mu, logvar = self.encoder(x).float().chunk(2, dim=1)  # float32 under bf16 autocast: exp(log sigma)
         return mu, 0.5 * logvar
 
     def encode(self, x: Tensor) -> Tensor:
