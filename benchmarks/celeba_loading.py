@@ -95,7 +95,8 @@ def main() -> None:
     print(f"  VAE training step, width {args.width:<3d} {step_ms:8.1f} ms")
     rate = len(files) / convert_s
     print(f"one-time conversion: {rate:.0f} images/s, all 202,599 CelebA images in about {202599 / rate:.0f} s")
-    print(f"ratio decode / memmap: {decode / memmap:.0f}x; decode / training step on this CPU: {decode / step_ms:.3f}")
+    print(f"ratio decode / memmap: {decode / memmap:.0f}")
+    print(f"ratio decode / training step: {decode / step_ms:.3f}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ codes under "codes"). Everything else is here, once:
 from __future__ import annotations
 
 import inspect
-import math
 import random
 from typing import ClassVar, Literal
 
@@ -39,7 +38,6 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torch.nn.utils import get_total_norm
 from torchmetrics import MeanMetric, Metric
 
 from fae.data.base import Batch
@@ -172,7 +170,6 @@ class AutoEncoder(L.LightningModule):
         self.max_consecutive_skips = max_consecutive_skips
         self.compile_nets = compile_nets
         self._nets_compiled = False
-        self._named_parameters: list[tuple[str, nn.Parameter]] | None = None
         self.skipped_steps = 0  # in this process's training, for the log
         self.skips_in_a_row = 0
         self._skipped_this_batch = False
@@ -252,7 +249,6 @@ class AutoEncoder(L.LightningModule):
         """Before the first batch: the data module's images must be what the encoder takes, in the range
         the decoder produces; the reconstruction error is the data module's unless the model sets one."""
         self.maybe_compile_nets()
-        self._named_parameters = None  # listed again at the first step of this stage
         datamodule = self.trainer.datamodule
         expected = self.encoder.image_shape
         found = getattr(datamodule, "image_shape", None) if datamodule is not None else None
@@ -308,16 +304,18 @@ class AutoEncoder(L.LightningModule):
         return False
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """A non-finite gradient (after the devices' reduction, so every device decides alike)."""
-        if self._named_parameters is None:  # walking the modules costs ~0.5 ms a step on small nets
-            self._named_parameters = list(self.named_parameters())
-        grads = [(n, p.grad) for n, p in self._named_parameters if p.grad is not None]
-        # max |g| over every gradient, one fused pass: NaN or inf exactly when some entry is (no overflow)
-        if not grads or torch.isfinite(get_total_norm([g for _, g in grads], norm_type=math.inf)):
+        """A non-finite gradient of the parameters `optimizer` steps (after the devices' reduction, so
+        every device decides alike)."""
+        stepped = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        # the sum of every entry, a read of each gradient and nothing allocated: NaN or inf when an entry
+        # is, or when the entries sum past float32 (~1e38: gradients Adam's squares would overflow too).
+        # Checking each entry with isfinite costs 17x more (9 ms a step at the paper's width on this CPU).
+        if not stepped or torch.isfinite(torch.stack([p.grad.sum() for p in stepped]).sum()):
             return
-        bad = [n for n, g in grads if not torch.isfinite(g).all()]
+        names = {p: name for name, p in self.named_parameters()}
+        bad = [names.get(p, "a parameter") for p in stepped if not torch.isfinite(p.grad).all()]
         self.non_finite(f"gradient of {bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}")
-        for p in self.parameters():  # an optimizer makes no update for a parameter without a gradient
+        for p in stepped:  # an optimizer makes no update for a parameter without a gradient
             p.grad = None
 
     def non_finite(self, what: str) -> None:

@@ -1,0 +1,123 @@
+"""What fae itself costs per training step: `fae fit` against a bare PyTorch loop, per family, paired step by step.
+
+fae:   `fae fit --config configs/quickstart/digits_<family>.yaml --model.width W` run in this process
+       exactly as a user runs it (run folder, W&B offline, CSV log, checkpoint callback, progress bar,
+       metrics, the non-finite checks), with one callback appended (`--trainer.callbacks+=`).
+bare:  the same model, built a second time from the same config, with its own Adam, trained by a loop
+       written here: a random batch of the same 4000 digits, the family's objective (`model_step`, as
+       fae calls it), backward, step; for the WAE-GAN the discriminator's update first, as fae does.
+       No Lightning, no logging, no checks.
+
+The callback takes one bare step at the start of every fae batch, so the two alternate step by step
+and the machine's drift (which moves a step's time by 10-30% between runs here) falls on both alike:
+a fae step is the time from the end of one bare step to the start of the next (the whole fae batch:
+loading, hooks, step, logging), a bare step the time it takes. Medians over `--steps` steps after
+`--warmup`, printed per family at the paper's width (64) and at width 8, where a step is short and
+the overhead shows, as `ratio fae/bare <family>:`. Target (issue 13): at most 1.03 at width 64. On a
+GPU a step is ~50-100x shorter while fae's Python per step is not, so its share grows there: an
+estimate, nothing here measures a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from fae.cli import FaeCLI, main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
+FAMILIES = ("vae", "fisher", "wae_gan")
+
+
+class BareLoop:
+    """A copy of a family's model trained without Lightning, one step at a time."""
+
+    def __init__(self, family: str, width: int) -> None:
+        config = ["--config", str(CONFIGS / f"digits_{family}.yaml"), "--model.width", str(width)]
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            cli = FaeCLI(args=config, run=False)
+        self.family, self.model, self.data = family, cli.model.train(), cli.datamodule
+        self.data.setup()
+        self.images = self.data.splits["train"]
+        if family == "wae_gan":
+            self.optimizer = torch.optim.Adam(self.model.autoencoder_parameters(), lr=1e-3, betas=(0.5, 0.999))
+            self.discriminator_optimizer = torch.optim.Adam(self.model.discriminator.parameters(), lr=5e-4)
+        else:
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+
+    def step(self) -> None:
+        x = self.data.to_float(self.images[torch.randint(len(self.images), (64,))])
+        if self.family == "wae_gan":
+            with torch.no_grad():
+                codes = self.model.encode(x)
+            self.discriminator_optimizer.zero_grad(set_to_none=True)
+            self.model.discriminator_terms(x, codes)["disc_loss"].mean().backward()
+            self.discriminator_optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.model_step(x)["loss"].mean().backward()
+        self.optimizer.step()
+
+
+BARE: BareLoop | None = None  # set before each fae run
+TIMES: dict[str, list[float]] = {"fae": [], "bare": []}
+
+
+class PairedSteps(L.Callback):
+    """At the start of every fae batch: the fae step just ended is timed, then one bare step."""
+
+    def __init__(self) -> None:
+        self.fae_start: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self.fae_start is not None:
+            TIMES["fae"].append(now - self.fae_start)
+        BARE.step()
+        self.fae_start = time.perf_counter()
+        TIMES["bare"].append(self.fae_start - now)
+
+
+def paired(family: str, width: int, steps: int, warmup: int, folder: Path) -> tuple[float, float]:
+    global BARE
+    BARE = BareLoop(family, width)
+    for times in TIMES.values():
+        times.clear()
+    args = ["fit", "--config", str(CONFIGS / f"digits_{family}.yaml"), "--model.width", str(width),
+            "--trainer.max_steps", str(warmup + steps + 1), "--trainer.num_sanity_val_steps", "0",
+            "--trainer.callbacks+=__main__.PairedSteps", "--runs_dir", str(folder)]  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        main(args)
+    return statistics.median(TIMES["fae"][warmup:]), statistics.median(TIMES["bare"][warmup:])
+
+
+def main_benchmark() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", type=int, nargs="+", default=[64, 8])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    print(f"training step, batch 64, {torch.get_num_threads()} threads; median of {args.steps} paired steps:")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)  # W&B's offline files and the run folders
+        for width in args.widths:
+            for family in args.families:
+                fae, bare = paired(family, width, args.steps, args.warmup, Path(tmp) / f"{family}-{width}")
+                print(f"  {family:8s} width {width:3d}: fae {fae * 1e3:8.1f} ms, bare {bare * 1e3:8.1f} ms")
+                suffix = "" if width == 64 else f" width {width}"
+                print(f"ratio fae/bare {family}{suffix}: {fae / bare:.3f}")
+
+
+if __name__ == "__main__":
+    main_benchmark()

@@ -1,0 +1,107 @@
+"""Step time of each family in bf16 mixed precision and with compiled nets, against float32 eager, side by side.
+
+One step = the family's objective (`model_step`), backward and Adam on a batch of 64 embedded digits,
+with the paper's MNIST nets (width 64; `--width`); the WAE-GAN's discriminator update is included as fae
+makes it. Variants, timed interleaved (median of `--steps` steps after warm-up):
+  fp32      float32, eager (the default)
+  bf16      under torch.autocast("cpu", bfloat16), which is what --trainer.precision bf16-mixed wraps
+            each training step in on a CPU (torch.autocast("cuda", ...) on a GPU)
+  compiled  the nets compiled in place, as --model.compile_nets true does (the first steps compile:
+            the warm-up excludes them, their seconds are printed); the Fisher AE cannot be compiled
+            (its objective differentiates the nets twice), and says so
+Prints `ratio bf16/fp32 <family>:` and `ratio compiled/fp32 <family>:`. On a CPU without bf16 matrix
+units bf16 is usually slower, not faster; on an A100/H100 class GPU bf16 convolutions typically run
+~2x faster than float32: an estimate, not measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+
+from fae.data import DigitsDataModule
+from fae.models import VAE, WAEGAN, FisherAE
+from fae.nets import MNISTDecoder, MNISTEncoder
+
+FAMILIES = {"vae": VAE, "fisher": FisherAE, "wae_gan": WAEGAN}
+
+
+class Stepper:
+    """One family's model and optimizers, stepping in one precision, eager or compiled."""
+
+    def __init__(self, family: str, width: int, precision: str, compiled: bool) -> None:
+        torch.manual_seed(0)
+        self.family = family
+        self.model = FAMILIES[family](MNISTEncoder, MNISTDecoder, latent_dim=8, width=width, grid_images=0).train()
+        self.model.compile_nets = compiled
+        self.compiled = compiled and self.model.compile_refusal is None
+        if self.compiled:
+            self.model.maybe_compile_nets()
+        self.precision = precision
+        if family == "wae_gan":
+            self.optimizer = torch.optim.Adam(self.model.autoencoder_parameters(), lr=1e-4)
+            self.discriminator_optimizer = torch.optim.Adam(self.model.discriminator.parameters(), lr=1e-4)
+        else:
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
+
+    def context(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16) if self.precision == "bf16" else contextlib.nullcontext()
+
+    def step(self, x: torch.Tensor) -> float:
+        start = time.perf_counter()
+        if self.family == "wae_gan":
+            with self.context(), torch.no_grad():
+                codes = self.model.encode(x)
+            self.discriminator_optimizer.zero_grad(set_to_none=True)
+            with self.context():
+                disc = self.model.discriminator_terms(x, codes)["disc_loss"].mean()
+            disc.backward()
+            self.discriminator_optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.context():
+            loss = self.model.model_step(x)["loss"].mean()
+        loss.backward()
+        self.optimizer.step()
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    dm = DigitsDataModule()
+    dm.setup()
+    x = dm.to_float(dm.splits["train"][:64])
+    print(f"training step, MNIST nets width {args.width}, batch 64, {torch.get_num_threads()} threads:")
+    for family in FAMILIES:
+        steppers = {
+            "fp32": Stepper(family, args.width, "fp32", compiled=False),
+            "bf16": Stepper(family, args.width, "bf16", compiled=False),
+            "compiled": Stepper(family, args.width, "fp32", compiled=True),
+        }
+        if not steppers["compiled"].compiled:
+            print(f"  {family}: not compiled: {steppers['compiled'].model.compile_refusal}")
+            del steppers["compiled"]
+        times: dict[str, list[float]] = {name: [] for name in steppers}
+        for i in range(args.warmup + args.steps):
+            for name, stepper in steppers.items():
+                seconds = stepper.step(x)
+                if i == 0 and name == "compiled":
+                    print(f"  {family}: the first compiled step (compiling) took {seconds:.0f} s")
+                if i >= args.warmup:
+                    times[name].append(seconds)
+        median = {name: statistics.median(values) for name, values in times.items()}
+        print("  " + ", ".join(f"{family} {name} {seconds * 1e3:.0f} ms" for name, seconds in median.items()))
+        print(f"ratio bf16/fp32 {family}: {median['bf16'] / median['fp32']:.2f}")
+        if "compiled" in median:
+            print(f"ratio compiled/fp32 {family}: {median['compiled'] / median['fp32']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
