@@ -5,6 +5,7 @@
     fae test     --config ... --ckpt_path CKPT
     fae predict  --config ... --ckpt_path CKPT
     fae report   RUN_DIR... [--out DIR]        (fae.evaluation.report)
+    fae sample   CKPT --out FILE.png|.npy      (fae.evaluation.samples)
 
 Arguments are the `__init__` signatures of the model, the data module and the Trainer (see
 `fae fit --help` and `--print_config`); jsonargparse rejects an unknown key or a wrong type before
@@ -27,6 +28,9 @@ anything is built. What fae adds to LightningCLI:
     and SIGINT and at the end, atomically: fae.checkpoint) and the best by `--checkpoint.monitor`;
     a signal ends the command with status 128+signal and the line that resumes it (outside
     training, at once, with one line: `Stopped`);
+  - the data module's image shape passed to the model, which builds both nets from it and its own
+    latent_dim and width (stated once; a net given its own, or the model an image shape, is refused in
+    one line); checkpoints from when the nets took their own sizes are read in today's form;
   - under `fae test`, the robustness sweep (`--sweep.*`, fae.evaluation.RobustnessSweep), written to
     robustness.json and robustness.csv in the test's folder;
   - on several processes, only global rank zero writes into the run folder. Worker processes that
@@ -56,6 +60,7 @@ from pathlib import Path
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -145,6 +150,9 @@ def best_checkpoint(last: Path) -> Path:
     return Path(best)
 
 
+PROGRESS_BAR_REFRESH_STEPS = 10  # the bar is redrawn every 10 batches
+
+
 class SaveConfig(SaveConfigCallback):
     """config.yaml in the run folder and, for every other logger (W&B), the whole resolved config as
     the run's hyperparameters: model, data, trainer, seed, sweep, checkpoint, as {flag: value}."""
@@ -177,7 +185,8 @@ class FaeCLI(LightningCLI):
             # parse errors raise (main() prints them as one line) instead of printing the whole usage
             parser_kwargs={
                 "description": "fae: Fisher auto-encoders and their baselines. "
-                "Also: `fae report RUN_DIR... [--out DIR]` compares the robustness sweeps of runs.",
+                "Also: `fae report RUN_DIR... [--out DIR]` compares the robustness sweeps of runs; "
+                "`fae sample CKPT --out FILE.png|.npy` writes images generated from a model's prior.",
                 "exit_on_error": False,
                 **{name: {"exit_on_error": False} for name in self.subcommands()},
             },
@@ -231,7 +240,7 @@ class FaeCLI(LightningCLI):
         shape = config.model.init_args.get("image_shape")
         if shape is not None and tuple(shape) != inspect.signature(AutoEncoder).parameters["image_shape"].default:
             raise UserError(
-                f"model.image_shape {list(shape)} is the data's, not a setting: the CLI passes the data module's "
+                f"the model's image_shape {list(shape)} is the data's, not a setting: the CLI passes the data module's "
                 "image shape to the nets (for CelebA set --data.image_size)"
             )
         ckpt_path = config.get("ckpt_path") if subcommand else None
@@ -419,6 +428,13 @@ class FaeCLI(LightningCLI):
 
     # --- the trainer: CSV first (its folder is the run folder), then the config's loggers ----------
     def instantiate_trainer(self, **kwargs) -> Trainer:
+        settings = (self.config_init[self.subcommand] if self.subcommand else self.config_init).get("trainer", {})
+        callbacks = settings.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if settings.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            # Lightning's bar redraws every step, and W&B captures each redraw: at the paper's width that
+            # cost 2-4% of a WAE-GAN step here (benchmarks/framework_overhead.py); a bar of your own wins
+            kwargs["callbacks"] = [*callbacks, TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS)]
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except (ValueError, TypeError, MisconfigurationException) as err:  # e.g. devices, strategy
@@ -583,15 +599,20 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the `fae` console script."""
     inherited = os.environ.get(RUN_DIR_ENV)
     argv = sys.argv[1:] if args is None else args
-    subcommand = "report" if argv[:1] == ["report"] else next((a for a in argv if a in FaeCLI.subcommands()), "")
+    outside = argv[0] if argv[:1] in (["report"], ["sample"]) else None  # commands beside LightningCLI's
+    subcommand = outside or next((a for a in argv if a in FaeCLI.subcommands()), "")
     failed = True
     in_main_thread = threading.current_thread() is threading.main_thread()
     handlers = {s: signal.signal(s, stop_now) for s in (signal.SIGTERM, signal.SIGINT)} if in_main_thread else {}
     try:
-        if argv[:1] == ["report"]:
+        if outside == "report":
             from fae.evaluation.report import main as report_main
 
             report_main(argv[1:])
+        elif outside == "sample":
+            from fae.evaluation.samples import main as sample_main
+
+            sample_main(argv[1:])
         else:
             FaeCLI(args=args)
         failed = False
