@@ -9,9 +9,16 @@
   eta is a parameter learned by the same loss. A polynomial exponential family is normalisable only
   when M is even and the leading coefficient is negative, so eta_{M,j} = -exp(rho_j) with rho learned;
   the other coefficients are free. It starts at the standard normal (eta_2 = -1/2, the rest 0;
-  rho_j = log 1e-3 keeps the z^M term small). The paper samples it with SVGD; because the dimensions
-  are independent, `sample` here inverts each one-dimensional CDF on a fine grid instead, which is
-  exact up to the grid and needs no kernel bandwidth.
+  rho_j = log 1e-3 keeps the z^M term small). Two samplers: `sample` inverts each one-dimensional CDF
+  on a fine grid (the dimensions are independent), exact up to the grid and needing no tuning; and
+  `sample_svgd`, Stein variational gradient descent as the paper samples it (`svgd` below).
+
+SVGD (Liu and Wang 2016) moves n particles z_1..z_n along
+
+      phi(z_i) = 1/n sum_j [ k(z_j, z_i) grad log p(z_j) + grad_{z_j} k(z_j, z_i) ],   z_i <- z_i + step phi(z_i)
+
+with the RBF kernel k(a, b) = exp(-||a - b||^2 / h) and the median heuristic h = med^2 / log(n + 1)
+(med the median pairwise distance, recomputed each iteration), from particles drawn from N(0, I).
 """
 
 from __future__ import annotations
@@ -37,8 +44,35 @@ class Prior(nn.Module):
     def score(self, z: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def sample(self, n: int) -> Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         raise NotImplementedError
+
+    def sample_svgd(
+        self, n: int, steps: int = 500, step_size: float = 0.05, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """n particles moved by `steps` SVGD iterations toward this prior (module docstring)."""
+        z = torch.randn(n, self.latent_dim, generator=generator).to(self.dummy_device())  # a CPU generator
+        return svgd(self.score, z, steps, step_size)
+
+    def dummy_device(self) -> torch.device:
+        return next(self.parameters(), next(self.buffers(), torch.empty(0))).device
+
+
+@torch.no_grad()
+def svgd(score, z: Tensor, steps: int, step_size: float) -> Tensor:
+    """Stein variational gradient descent: `steps` updates of the particles z (n, d) toward the density
+    whose score(z) = grad_z log p(z) is given; RBF kernel, median bandwidth (module docstring)."""
+    if steps < 0 or step_size <= 0:
+        raise UserError(f"SVGD needs steps >= 0 and step_size > 0, got {steps} and {step_size}")
+    n = len(z)
+    for _ in range(steps):
+        squared = torch.cdist(z, z).pow(2)  # (n, n): ||z_i - z_j||^2
+        h = squared.median().clamp(min=1e-12) / math.log(n + 1)
+        kernel = torch.exp(-squared / h)  # symmetric
+        attraction = kernel @ score(z)  # sum_j k(z_j, z_i) grad log p(z_j)
+        repulsion = (2.0 / h) * (z * kernel.sum(1, keepdim=True) - kernel @ z)  # sum_j grad_{z_j} k(z_j, z_i)
+        z = z + step_size * (attraction + repulsion) / n
+    return z
 
 
 class StandardNormal(Prior):
@@ -50,11 +84,8 @@ class StandardNormal(Prior):
     def score(self, z: Tensor) -> Tensor:
         return -z
 
-    def sample(self, n: int) -> Tensor:
-        return torch.randn(n, self.latent_dim, device=self.dummy_device())
-
-    def dummy_device(self) -> torch.device:
-        return next(self.buffers(), torch.empty(0)).device
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return torch.randn(n, self.latent_dim, generator=generator).to(self.dummy_device())  # a CPU generator
 
 
 class PolynomialExpFamily(Prior):
@@ -92,14 +123,16 @@ class PolynomialExpFamily(Prior):
         return (m * self.eta.to(z.dtype) * self.powers(z, 0)).sum(1)  # (B, d_z)
 
     @torch.no_grad()
-    def sample(self, n: int, grid_size: int = 20001, half_width: float = 10.0) -> Tensor:
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, grid_size: int = 20001, half_width: float = 10.0
+    ) -> Tensor:
         """Exact per-dimension inverse-CDF sampling on a grid over [-half_width, half_width]."""
         grid = torch.linspace(-half_width, half_width, grid_size, device=self.rho.device, dtype=torch.float64)
         logp = (self.eta.double()[None] * self.powers(grid[:, None].expand(-1, self.latent_dim), 1)).sum(1)
         density = (logp - logp.max(0).values).exp()  # (G, d_z)
         cdf = torch.cumsum(density, 0)
         cdf = cdf / cdf[-1]
-        u = torch.rand(n, self.latent_dim, device=grid.device, dtype=torch.float64)
+        u = torch.rand(n, self.latent_dim, generator=generator, dtype=torch.float64).to(grid.device)
         idx = torch.searchsorted(cdf.T.contiguous(), u.T.contiguous()).T.clamp(max=grid_size - 1)  # (n, d_z)
         return grid[idx].float()
 

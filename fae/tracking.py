@@ -188,6 +188,11 @@ def reconstruction_grid(images: Tensor, recon: Tensor, per_row: int = 8) -> Tens
     return make_grid(interleave_rows(images, recon, per_row), nrow=per_row, padding=1)
 
 
+def sample_grid(samples: Tensor, per_row: int = 8) -> Tensor:
+    """Generated images (N, C, H, W) in [0, 1], `per_row` a row -> (C, H', W')."""
+    return make_grid(samples, nrow=min(per_row, len(samples)), padding=1)
+
+
 @rank_zero_only
 def save_grid(grid: Tensor, run_dir: str | Path, key: str, step: int) -> Path:
     """Write an image grid (C, H, W) in [0, 1] to RUN_DIR/images/<key>_step<step>.png."""

@@ -26,7 +26,8 @@ for family in $families; do
     echo "  $family:"
     echo "    training metrics   $run/metrics.csv"
     echo "    checkpoints        $run/checkpoints/ (last.ckpt and the best by val/loss)"
-    echo "    reconstructions    $run/images/ (true digits on odd rows, reconstructions on even rows)"
+    echo "    reconstructions    $run/images/val_reconstructions_*.png (true digits on odd rows, reconstructions on even rows)"
+    echo "    samples            $run/images/val_samples_*.png (decoded prior draws, the same draws at every validation)"
     echo "    test metrics       $(ls -d "$run"/test-*)/metrics.csv and robustness.json, .csv, .png"
     echo "    W&B (offline)      $run/wandb/ (upload with: wandb sync $run/wandb/offline-run-*)"
 done

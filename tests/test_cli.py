@@ -63,7 +63,7 @@ def test_bad_input_gives_one_line_errors_before_anything_runs(tmp_path, fae_here
         # the nets' sizes are the model's, stated once: a net is not given its own
         ("--model.encoder.width", "4"): "fae: error: model.encoder.width: the nets take latent_dim, width and",
         ("--model.decoder.latent_dim", "4"): "fae: error: model.decoder.latent_dim: the nets take latent_dim",
-        ("--model.image_shape", "[1, 14, 14]"): "fae: error: model.image_shape [1, 14, 14] is the data's, not a",
+        ("--model.image_shape", "[1, 14, 14]"): "fae: error: the model's image_shape [1, 14, 14] is the data's",
         ("--ckpt_path", "missing.ckpt"): "fae: error: checkpoint not found: missing.ckpt",
     }
     for extra, message in cases.items():

@@ -8,9 +8,13 @@ codes under "codes"). Everything else is here, once:
 
   - `decode(z)` = mu_theta(z), the decoder net's output through its activation;
   - `reconstruct(x)` = decode(encode(x)): what the robustness sweep scores against the clean image;
-  - train/<term> logged every step; val/<term> and val/recon_<metric> (test/... under `fae test`)
-    averaged with torchmetrics, so that they reduce correctly across devices; a grid of images
-    (odd rows) and their reconstructions (even rows) once per validation and test;
+  - `sample(n)` = decode(z), z ~ p(z) from `sample_prior` (a family with a prior provides it);
+  - the nets, built from the model's latent_dim and width and the data's image shape
+    (fae.nets.contract), optionally compiled (`compile_nets`);
+  - train/<term> on the steps the loggers write; val/<term> and val/recon_<metric> (test/... under
+    `fae test`) averaged with torchmetrics, so that they reduce correctly across devices; a grid of
+    images (odd rows) and their reconstructions (even rows), and a grid of samples from fixed prior
+    draws, once per validation and test;
   - for Gaussian encoders, val/posterior_fisher: the posterior Fisher divergence
         D(q(z|x) || p(z|x)) = 1/2 || grad_z log q(z|x) - grad_z log p(x|z) - grad_z log p(z) ||^2
     at one z ~ q(z|x), the paper's measure of how far the encoder is from the true posterior,
@@ -51,7 +55,7 @@ from fae.objectives import (
     posterior_fisher_divergence,
 )
 from fae.priors import make_prior
-from fae.tracking import log_image_grid, reconstruction_grid
+from fae.tracking import log_image_grid, reconstruction_grid, sample_grid
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): a latent dimension is active if Var_x(E_q[z_j|x]) > 0.01
 
@@ -217,6 +221,19 @@ class AutoEncoder(L.LightningModule):
     def reconstruct(self, x: Tensor) -> Tensor:
         """decode(encode(x)): the paper's reconstruction of a (possibly corrupted) image."""
         return self.decode(self.encode(x))
+
+    def sample_prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n codes z ~ p(z) of the family's prior, (n, d_z); a family without a prior cannot sample."""
+        raise UserError(f"{type(self).__name__} has no prior to sample from: it reconstructs, it does not generate")
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """decode(z), z ~ p(z): n generated images (their decoder means), (n, C, H, W)."""
+        return self.decode(self.sample_prior(n, generator))
+
+    @property
+    def can_sample(self) -> bool:
+        return type(self).sample_prior is not AutoEncoder.sample_prior
 
     def model_step(self, x: Tensor) -> dict[str, Tensor]:
         """The family's objective on x: per-sample terms {name: (B,)}, the loss under "loss", with
@@ -390,6 +407,8 @@ class AutoEncoder(L.LightningModule):
         first = batch_idx == 0 and self.grid_images > 0 and self.trainer.is_global_zero
         if first and not self.trainer.sanity_checking:
             self.log_reconstruction_grid(batch.target[: self.grid_images], recon[: self.grid_images], stage)
+            if self.can_sample:
+                self.log_sample_grid(stage)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> Tensor:
         return self.reconstruct(batch.x)
@@ -397,6 +416,12 @@ class AutoEncoder(L.LightningModule):
     def log_reconstruction_grid(self, images: Tensor, recon: Tensor, stage: str) -> None:
         grid = reconstruction_grid(self.to_unit_range(images), self.to_unit_range(recon))
         log_image_grid(self.trainer, f"{stage}/reconstructions", grid)
+
+    def log_sample_grid(self, stage: str) -> None:
+        """grid_images samples decoded from the same prior draws at every evaluation (seed 0), so that
+        successive grids show the decoder, not the draw, changing."""
+        samples = self.sample(self.grid_images, generator=torch.Generator().manual_seed(0))
+        log_image_grid(self.trainer, f"{stage}/samples", sample_grid(self.to_unit_range(samples)))
 
     def to_unit_range(self, images: Tensor) -> Tensor:
         """Images in the decoder's range -> [0, 1] for display."""
@@ -454,6 +479,9 @@ class GaussianAutoEncoder(AutoEncoder):
 
     def encode(self, x: Tensor) -> Tensor:
         return self.encode_gaussian(x)[0]
+
+    def sample_prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return self.prior.sample(n, generator=generator).to(self.device)
 
     @staticmethod
     def reparameterise(mu: Tensor, log_sigma: Tensor) -> tuple[Tensor, Tensor]:

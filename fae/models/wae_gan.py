@@ -140,8 +140,10 @@ class WAEGAN(AutoEncoder):
     def encode(self, x: Tensor) -> Tensor:
         return self.encoder(x)  # (B, d_z)
 
-    def sample_prior(self, n: int) -> Tensor:
-        return self.prior_std * torch.randn(n, self.latent_dim, device=self.device)
+    def sample_prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        if generator is None:
+            return self.prior_std * torch.randn(n, self.latent_dim, device=self.device)
+        return self.prior_std * torch.randn(n, self.latent_dim, generator=generator).to(self.device)
 
     def autoencoder_parameters(self) -> list[nn.Parameter]:
         return [*self.encoder.parameters(), *self.decoder.parameters()]
