@@ -6,8 +6,9 @@ one thread (OMP_NUM_THREADS=1): 1 process uses one core, 2 processes two, so the
 of adding a device (compute split in two, gradients all-reduced by gloo every step). A callback
 appended with `--trainer.callbacks+=` times the steps after `--warmup`; rank 0 reports samples per
 second. Prints `ratio ddp 2/1 <family>:` (2.0 is perfect scaling) and `ratio ddp efficiency
-<family>:`, that / 2. On GPUs with NCCL the all-reduce overlaps the backward and runs over NVLink/PCIe: efficiency there is
-typically higher for nets this small in parameters (an estimate, not measured here).
+<family>:`, that / 2. On GPUs with NCCL the all-reduce overlaps the backward and runs over
+NVLink/PCIe: efficiency there is typically higher for nets this small in parameters (an estimate, not
+measured here).
 """
 
 from __future__ import annotations
