@@ -342,12 +342,12 @@ def test_results_cannot_be_mixed_up_by_a_folder_checkpoint_or_report_given_by_ha
                      "--sweep.enabled", "false", cwd=tmp_path)  # fmt: skip
     assert older.returncode == 0, older.stderr[-2000:]
 
-    def test_error(out):
+    def recon_bce_of(out):  # the test error an evaluation's printed run folder holds
         folder = Path(re.search(r"done; run folder (\S+)", out.stdout).group(1))
         rows = [row for row in rows_of(folder / "metrics.csv") if row.get("test/recon_bce")]
         return float(rows[-1]["test/recon_bce"])
 
-    assert test_error(older) == test_error(wider)
+    assert recon_bce_of(older) == recon_bce_of(wider)
 
     flipped = bytearray(last.read_bytes())  # a flipped byte inside a tensor: the zip checksum finds it
     flipped[len(flipped) // 2 : len(flipped) // 2 + 4] = b"\xff\xfe\xfd\xfc"
