@@ -35,6 +35,7 @@ bench: $(STAMP)
 
 # Experiments on real MNIST (MNIST_ROOT): hours on 2 CPU cores, not part of `make test`. Each writes its runs,
 # table.md and a `fae report` under runs/<name>/ and copies the table and the figures to docs/results/mnist/.
+# reproduce-mnist first trains (once) fae's MNIST classifier for FID/KID, cached in MNIST_ROOT.
 MNIST_DIR = $(or $(FAE_MNIST_ROOT),$(error real MNIST not found in $(MNIST_ROOT): set MNIST_ROOT=<folder holding MNIST/raw>))
 
 ablation-mnist: $(STAMP)
@@ -42,6 +43,7 @@ ablation-mnist: $(STAMP)
 		--out runs/ablation-mnist --publish docs/results/mnist/ablation
 
 reproduce-mnist: $(STAMP)
+	$(BIN)/fae classifier --data_dir $(MNIST_DIR)  # the FID/KID network, trained once and cached beside MNIST/
 	$(BIN)/python scripts/experiment.py experiments/mnist_reproduce.yaml --data_dir $(MNIST_DIR) \
 		--out runs/reproduce-mnist --publish docs/results/mnist
 

@@ -32,7 +32,8 @@ anything is built. What fae adds to LightningCLI:
     latent_dim and width (stated once; a net given its own, or the model an image shape, is refused in
     one line); checkpoints from when the nets took their own sizes are read in today's form;
   - under `fae test`, the robustness sweep (`--sweep.*`, fae.evaluation.RobustnessSweep), written to
-    robustness.json and robustness.csv in the test's folder;
+    robustness.json and robustness.csv in the test's folder, with the FID/KID of samples and
+    reconstructions when a feature network is at hand (fae.evaluation.quality);
   - on several processes, only global rank zero writes into the run folder. Worker processes that
     Lightning starts receive the folder through FAE_RUN_DIR; under torchrun or on several nodes give
     `--run_dir` on storage every node sees;
@@ -186,7 +187,8 @@ class FaeCLI(LightningCLI):
             parser_kwargs={
                 "description": "fae: Fisher auto-encoders and their baselines. "
                 "Also: `fae report RUN_DIR... [--out DIR]` compares the robustness sweeps of runs; "
-                "`fae sample CKPT --out FILE.png|.npy` writes images generated from a model's prior.",
+                "`fae sample CKPT --out FILE.png|.npy` writes images generated from a model's prior; "
+                "`fae classifier --data_dir DIR` trains (once) the MNIST network of fae's FID/KID.",
                 "exit_on_error": False,
                 **{name: {"exit_on_error": False} for name in self.subcommands()},
             },
@@ -599,7 +601,7 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the `fae` console script."""
     inherited = os.environ.get(RUN_DIR_ENV)
     argv = sys.argv[1:] if args is None else args
-    outside = argv[0] if argv[:1] in (["report"], ["sample"]) else None  # commands beside LightningCLI's
+    outside = argv[0] if argv[:1] in (["report"], ["sample"], ["classifier"]) else None  # beside LightningCLI's
     subcommand = outside or next((a for a in argv if a in FaeCLI.subcommands()), "")
     failed = True
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -613,6 +615,10 @@ def main(args: list[str] | None = None) -> None:
             from fae.evaluation.samples import main as sample_main
 
             sample_main(argv[1:])
+        elif outside == "classifier":
+            from fae.evaluation.features import main as classifier_main
+
+            classifier_main(argv[1:])
         else:
             FaeCLI(args=args)
         failed = False

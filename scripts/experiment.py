@@ -44,6 +44,8 @@ from pathlib import Path
 
 import yaml
 
+from fae.evaluation.report import QUALITY_COLUMNS, error_rows
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -171,7 +173,8 @@ def at_steps(rows: list[dict[str, str]], key: str, steps: list[int]) -> list[flo
 def summarise_run(job: Job, spec: dict) -> dict[str, float]:
     test_dir = sorted(job.run_dir.glob("test-*/robustness.json"))[-1].parent
     rows = json.loads((test_dir / "robustness.json").read_text())
-    metric = rows[0]["metric"]
+    errors = error_rows(rows)
+    metric = errors[0]["metric"]
     test = last_values(read_csv(test_dir / "metrics.csv"))
     train = read_csv(job.run_dir / "metrics.csv")
     out = {}
@@ -182,8 +185,11 @@ def summarise_run(job: Job, spec: dict) -> dict[str, float]:
         out[f"test {name}"] = test.get(f"test/{name}", math.nan)
     for kind, levels in spec["table"]["levels"].items():
         for level in levels:
-            row = next((r for r in rows if r["kind"] == kind and math.isclose(r["level"], level)), None)
+            row = next((r for r in errors if r["kind"] == kind and math.isclose(r["level"], level)), None)
             out[f"{kind} {level:g}"] = row["mean"] if row else math.nan
+    for (kind, name), column in QUALITY_COLUMNS.items():  # FID/KID when `fae test` had a feature network
+        row = next((r for r in rows if (r["kind"], r.get("metric")) == (kind, name)), None)
+        out[column] = row["mean"] if row else math.nan
     timing = json.loads(job.timing.read_text()) if job.timing.is_file() else {}
     out["fit min"] = timing.get("fit_seconds", math.nan) / 60
     return out

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -119,3 +121,31 @@ QUIET = dict(
     enable_model_summary=False,
     inference_mode=False,
 )
+
+
+def write_idx(folder, name: str, array: np.ndarray) -> None:
+    """An MNIST IDX file: magic (0, 0, type 0x08 = uint8, number of dimensions), the sizes, the bytes."""
+    with open(folder / name, "wb") as f:
+        f.write(struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session")
+def digits_mnist(tmp_path_factory):
+    """The 5000 embedded digits in MNIST's layout (4500 to train, 500 to test), with a classifier
+    trained briefly on them (fae.evaluation.features): (data folder, classifier file)."""
+    from fae.data.digits import load_digits
+    from fae.evaluation.features import train_classifier
+
+    root = tmp_path_factory.mktemp("digits-mnist")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = load_digits()[:, 0].numpy()
+    labels = np.repeat(np.arange(10), 500)  # the file holds 500 digits per class, sorted by class
+    order = np.random.default_rng(0).permutation(5000)
+    train, test = order[:4500], order[4500:]
+    write_idx(raw, "train-images-idx3-ubyte", images[train])
+    write_idx(raw, "train-labels-idx1-ubyte", labels[train])
+    write_idx(raw, "t10k-images-idx3-ubyte", images[test])
+    write_idx(raw, "t10k-labels-idx1-ubyte", labels[test])
+    return root, train_classifier(root, epochs=2)

@@ -66,12 +66,14 @@ def test_two_models_see_byte_identical_corrupted_images():
         assert a.numpy().tobytes() == b.numpy().tobytes()
 
 
-def test_sweep_on_two_ddp_processes_equals_one(tmp_path):
+def test_sweep_on_two_ddp_processes_equals_one(tmp_path, digits_mnist):
+    """Errors, FID and KID rows alike: each test image counts once, the samples are the same draws."""
     fit = run_fae("fit", *QUICK, *TINY, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "5",
                   "--trainer.limit_val_batches", "1", "--run_dir", "runs/m", cwd=tmp_path)  # fmt: skip
     assert fit.returncode == 0, fit.stderr[-2000:]
     ckpt = str(tmp_path / "runs" / "m" / "checkpoints" / "last.ckpt")
-    sweep = ["--sweep.sigmas", str(SIGMAS), "--sweep.nus", str(NUS)]
+    sweep = ["--sweep.sigmas", str(SIGMAS), "--sweep.nus", str(NUS), "--sweep.features", str(digits_mnist[1]),
+             "--sweep.kid_subset_size", "200"]  # fmt: skip
     one = run_fae("test", *QUICK, *TINY, *sweep, "--ckpt_path", ckpt, "--run_dir", "runs/one", cwd=tmp_path)
     two = run_fae("test", *QUICK, *TINY, *sweep, "--ckpt_path", ckpt, "--run_dir", "runs/two",
                   "--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.init_args.eval_batch_size", "64",
@@ -80,10 +82,13 @@ def test_sweep_on_two_ddp_processes_equals_one(tmp_path):
     (one_dir,), (two_dir,) = ((tmp_path / "runs" / name).glob("test-*") for name in ("one", "two"))
     rows_one = json.loads((one_dir / "robustness.json").read_text())
     rows_two = json.loads((two_dir / "robustness.json").read_text())
-    assert [r["n"] for r in rows_two] == [500] * 4  # 500 test digits: the padded duplicates count once
+    assert [r["n"] for r in rows_two] == [500] * (4 + 5 + 2)  # 500 test digits: the padded duplicates count once
+    assert [r["metric"] for r in rows_one] == ["bce"] * 4 + ["fid"] * 6 + ["kid"]  # clean and 4 levels, samples
     for a, b in zip(rows_one, rows_two, strict=True):
-        assert (a["kind"], a["level"]) == (b["kind"], b["level"])
-        assert abs(a["mean"] - b["mean"]) < 1e-6 and abs(a["std"] - b["std"]) < 1e-6
+        assert (a["kind"], a["level"], a["metric"]) == (b["kind"], b["level"], b["metric"])
+        assert a["mean"] == pytest.approx(b["mean"], rel=1e-5, abs=1e-6), a
+        assert a["std"] == pytest.approx(b["std"], rel=1e-5, abs=1e-6), a
+    assert rows_one[-1]["std"] > 0  # the KID's spread over its subsets
     assert (one_dir / "robustness.csv").read_text().startswith("model,dataset,checkpoint,kind")
 
 

@@ -26,6 +26,9 @@ RAW_FILES = (
 )
 
 
+CLASSIFIER_FILE = "fae_mnist_classifier.pt"  # `fae classifier` caches its feature network here, beside MNIST/
+
+
 def split_permutation(n: int, seed: int) -> Tensor:
     """A fixed permutation of range(n): the same for every run, model and device given the seed."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -62,6 +65,11 @@ class MNISTDataModule(InMemoryImageDataModule):
         self.download = download
         self.val_size = val_size
         self.split_seed = split_seed
+
+    @property
+    def feature_network(self) -> Path:
+        """Where `fae classifier --data_dir DATA_DIR` caches the network of FID/KID (fae.evaluation.features)."""
+        return self.data_dir / CLASSIFIER_FILE
 
     @property
     def raw_dir(self) -> Path:

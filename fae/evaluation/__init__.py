@@ -1,4 +1,4 @@
-"""Evaluation: the robustness sweep under corrupted test images."""
+"""Evaluation: the robustness sweep under corrupted test images, sample quality (FID/KID) and reports."""
 
 from fae.evaluation.sweep import DEFAULT_NUS, DEFAULT_SIGMAS, PerSampleErrors, RobustnessSweep
 

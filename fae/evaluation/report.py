@@ -33,6 +33,8 @@ from pathlib import Path
 
 from fae.errors import UserError, make_folder
 
+QUALITY_METRICS = ("fid", "kid")  # rows of sample quality (fae.evaluation.quality); the others are errors
+QUALITY_COLUMNS = {("samples", "fid"): "sample FID", ("samples", "kid"): "sample KID", ("clean", "fid"): "recon FID"}
 FIELDS = {"model": str, "kind": str, "level": (int, float), "mean": (int, float), "std": (int, float), "n": int}
 KIND_LABELS = {"gaussian": "Gaussian noise sigma", "mask": "masking probability nu"}
 
@@ -92,6 +94,11 @@ def clean_metrics(results_file: Path, metric: str) -> dict[str, float]:
     return {column: values[key] for column, key in names.items() if key in values}
 
 
+def error_rows(rows: list[dict]) -> list[dict]:
+    """The reconstruction-error rows of a sweep (its FID/KID rows left out)."""
+    return [r for r in rows if r.get("metric") not in QUALITY_METRICS]
+
+
 def area_under_curve(rows: list[dict], kind: str) -> float:
     """Trapezoidal area under error(level) of one noise kind, divided by the level range: the mean
     error over the range, comparable between runs swept on the same levels."""
@@ -105,22 +112,26 @@ def area_under_curve(rows: list[dict], kind: str) -> float:
 def run_curves(path: Path) -> Curves:
     file = find_results(path)
     rows = load_results(path)
-    summary = clean_metrics(file, rows[0].get("metric", "error"))
-    for kind in sorted({r["kind"] for r in rows}):
-        summary[f"{kind} AUC"] = area_under_curve(rows, kind)
+    errors = error_rows(rows)
+    summary = clean_metrics(file, errors[0].get("metric", "error")) if errors else {}
+    for kind in sorted({r["kind"] for r in errors}):
+        summary[f"{kind} AUC"] = area_under_curve(errors, kind)
+    for r in rows:
+        if (r["kind"], r.get("metric")) in QUALITY_COLUMNS:
+            summary[QUALITY_COLUMNS[(r["kind"], r["metric"])]] = r["mean"]
     return Curves(rows, {k: [v] for k, v in summary.items()})
 
 
 def pool(runs: list[Curves]) -> Curves:
     """Runs of one setting as one curve: per level the mean and standard deviation across runs of
     their mean errors; the summary keeps every run's value."""
-    levels = sorted({(r["kind"], r["level"]) for c in runs for r in c.rows})
+    key = lambda r: (r["kind"], r["level"], r.get("metric", ""))  # noqa: E731
     rows = []
-    for kind, level in levels:
-        means = [r["mean"] for c in runs for r in c.rows if (r["kind"], r["level"]) == (kind, level)]
+    for level in sorted({key(r) for c in runs for r in c.rows}):
+        means = [r["mean"] for c in runs for r in c.rows if key(r) == level]
         if len(means) != len(runs):
             continue  # a level not every run was swept at
-        template = next(r for r in runs[0].rows if (r["kind"], r["level"]) == (kind, level))
+        template = next(r for r in runs[0].rows if key(r) == level)
         std = statistics.stdev(means) if len(means) > 1 else 0.0
         rows.append({**template, "mean": statistics.mean(means), "std": std, "n": len(means)})
     columns = dict.fromkeys(k for c in runs for k in c.summary)
@@ -152,9 +163,10 @@ def group_key(path: Path, rows: list[dict], label: str, group_by: str) -> str:
     raise UserError(f"--group_by must be 'run', 'parent' or 'model', got {group_by!r}")
 
 
-def plot_kind(runs: dict[str, Curves], kind: str, file: Path) -> None:
-    """Error against level, one curve and band per run; a log scale when the errors span more than a
-    factor of 20 (a diverged run beside working ones), the legend beside the axes for many runs."""
+def plot_kind(runs: dict[str, Curves], kind: str, file: Path, metric: str | None = None) -> None:
+    """Error (or, given `metric`, that quality score) against level, one curve and band per run; a log
+    scale when the values span more than a factor of 20 (a diverged run beside working ones), the
+    legend beside the axes for many runs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,13 +175,14 @@ def plot_kind(runs: dict[str, Curves], kind: str, file: Path) -> None:
     many = len(runs) > 6
     fig, ax = plt.subplots(figsize=(7.5 if many else 5, 3.6))
     colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10")
-    metric, plotted = "", []
+    name, plotted = "", []
     pooled = any(c.runs > 1 for c in runs.values())
     for i, (label, curves) in enumerate(runs.items()):
-        rows = sorted((r for r in curves.rows if r["kind"] == kind), key=lambda r: r["level"])
+        chosen = error_rows(curves.rows) if metric is None else [r for r in curves.rows if r.get("metric") == metric]
+        rows = sorted((r for r in chosen if r["kind"] == kind), key=lambda r: r["level"])
         if not rows:
             continue
-        metric = rows[0].get("metric", "error")
+        name = rows[0].get("metric", "error")
         levels = [r["level"] for r in rows]
         means = [r["mean"] for r in rows]
         stds = [r["std"] for r in rows]
@@ -182,7 +195,8 @@ def plot_kind(runs: dict[str, Curves], kind: str, file: Path) -> None:
     if plotted and min(plotted) > 0 and max(plotted) / min(plotted) > 20:
         ax.set_yscale("log")
     ax.set_xlabel(KIND_LABELS.get(kind, kind))
-    ax.set_ylabel(f"reconstruction {metric.upper()} vs clean image")
+    what = f"{name.upper()} of reconstructions" if metric else f"reconstruction {name.upper()}"
+    ax.set_ylabel(f"{what} vs clean image{'s' if metric else ''}")
     ax.set_title(f"band: ±1 sd {'across runs (n = runs)' if pooled else 'over test images'}", fontsize=8)
     if many:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -221,13 +235,23 @@ def markdown_table(runs: dict[str, Curves]) -> str:
         "| noise | level | " + " | ".join(labels) + " |",
         "|---|---|" + "---|" * len(labels),
     ]
-    keys = sorted({(r["kind"], r["level"]) for c in runs.values() for r in c.rows})
+    keys = sorted({(r["kind"], r["level"]) for c in runs.values() for r in error_rows(c.rows)})
     for kind, level in keys:
         cells = []
         for label in labels:
-            row = next((r for r in runs[label].rows if (r["kind"], r["level"]) == (kind, level)), None)
+            row = next((r for r in error_rows(runs[label].rows) if (r["kind"], r["level"]) == (kind, level)), None)
             cells.append(f"{row['mean']:.4f} ± {row['std']:.4f}" if row else "")
         lines.append(f"| {kind} | {level:g} | " + " | ".join(cells) + " |")
+    fid = {label: {(r["kind"], r["level"]): r["mean"] for r in c.rows if r.get("metric") == "fid"}
+           for label, c in runs.items()}  # fmt: skip
+    keys = sorted({k for values in fid.values() for k in values if k[0] != "samples"})
+    if keys:
+        mean = "mean across runs" if pooled else "one value per run"
+        lines += ["", f"FID of the reconstructions against the clean test images, per noise level ({mean}):", ""]
+        lines += ["| noise | level | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+        for kind, level in keys:
+            cells = [f"{fid[label][(kind, level)]:.4g}" if (kind, level) in fid[label] else "" for label in labels]
+            lines.append(f"| {kind} | {level:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -274,10 +298,14 @@ def write_report(runs: dict[str, Curves], out: Path, grids: dict[str, dict[str, 
             file = out / f"{name}.png"
             combine_grids({label: g[name] for label, g in grids.items()}, file)
             written.append(file)
-    for kind in sorted({r["kind"] for c in runs.values() for r in c.rows}):
+    for kind in sorted({r["kind"] for c in runs.values() for r in error_rows(c.rows)}):
         file = out / f"robustness_{kind}.png"
         plot_kind(runs, kind, file)
         written.append(file)
+        if any(r["kind"] == kind and r.get("metric") == "fid" for c in runs.values() for r in c.rows):
+            file = out / f"fid_{kind}.png"
+            plot_kind(runs, kind, file, metric="fid")
+            written.append(file)
     table = out / "robustness.md"
     table.write_text(markdown_table(runs))
     return [*written, table]

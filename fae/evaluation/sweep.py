@@ -18,12 +18,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import Metric
 from torchvision.utils import save_image
@@ -31,12 +33,15 @@ from torchvision.utils import save_image
 from fae.data.base import Batch
 from fae.data.noise import BinaryMask, Corruption, GaussianNoise
 from fae.errors import UserError
-from fae.evaluation.report import area_under_curve, run_curves, write_report
+from fae.evaluation.features import load_features
+from fae.evaluation.quality import QualityScores, first_visits
+from fae.evaluation.report import QUALITY_METRICS, area_under_curve, error_rows, run_curves, write_report
 from fae.objectives import RECONSTRUCTION_ERRORS
 from fae.tracking import reconstruction_grid
 
 # The authors' code sweeps 10 noise levels from 0.01 to 2; masking from 0.01 to about 0.9.
 DEFAULT_SIGMAS = [0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0]
+CORRUPTION_KINDS = (GaussianNoise.kind, BinaryMask.kind)
 DEFAULT_NUS = [0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
 
@@ -91,6 +96,9 @@ class RobustnessSweep(L.Callback):
         grid_nus: list[float] | None = None,
         grid_images: int = 32,
         enabled: bool = True,
+        quality: Literal["auto", "on", "off"] = "auto",
+        features: str | None = None,
+        kid_subset_size: int = 1000,
     ) -> None:
         """
         Args:
@@ -102,6 +110,13 @@ class RobustnessSweep(L.Callback):
             grid_images: test images in each grid (true images on odd rows, reconstructions of their
                 corrupted versions on even rows, 8 per row).
             enabled: run the sweep under `fae test`.
+            quality: FID/KID of samples and reconstructions (fae.evaluation.quality) beside the errors:
+                "auto" scores them when a feature network is found and otherwise says in one line why
+                not, "on" requires one, "off" skips them.
+            features: the feature network's file: fae's MNIST classifier (`fae classifier --data_dir
+                DIR` writes DIR/fae_mnist_classifier.pt, the default for MNIST data) or, for CelebA,
+                FID's Inception weights (torch-fidelity's pt_inception-2015-12-05-6726825d.pth).
+            kid_subset_size: images per KID subset (100 subsets, drawn from a fixed seed).
         """
         self.sigmas = list(DEFAULT_SIGMAS if sigmas is None else sigmas)
         self.nus = list(DEFAULT_NUS if nus is None else nus)
@@ -116,6 +131,10 @@ class RobustnessSweep(L.Callback):
             BinaryMask(nu, seed) for nu in ([0.8] if grid_nus is None else grid_nus)
         ]
         self.grid_images = grid_images
+        if quality not in ("auto", "on", "off"):
+            raise UserError(f"--sweep.quality must be auto, on or off, got {quality!r}")
+        self.quality_mode, self.features, self.kid_subset_size = quality, features, kid_subset_size
+        self.quality: QualityScores | None = None
         self.results: list[LevelResult] = []
         self.grids: dict[str, Tensor] = {}
 
@@ -124,16 +143,41 @@ class RobustnessSweep(L.Callback):
             return
         n_samples = len(trainer.test_dataloaders.dataset)
         self.errors = PerSampleErrors(len(self.corruptions), n_samples).to(pl_module.device)
+        self.quality = self.quality_scores(trainer, pl_module)
+        if self.quality is not None:
+            self.first_visit, self.place = first_visits(trainer, pl_module, n_samples), 0
+            if self.quality.samples:  # z_i for test image i: the same draws on any number of devices
+                self.prior_draws = pl_module.sample_prior(n_samples, torch.Generator().manual_seed(self.seed))
+
+    def quality_scores(self, trainer: L.Trainer, pl_module: L.LightningModule) -> QualityScores | None:
+        """The FID/KID metrics, or None (with one line saying why) when they are off or have no network."""
+        if self.quality_mode == "off":
+            return None
+        file = self.features or getattr(trainer.datamodule, "feature_network", None)
+        if file is None or not Path(file).is_file():
+            why = f"{file} not found" if file else f"{type(trainer.datamodule).__name__} has no default network"
+            fix = "train MNIST's with `fae classifier --data_dir DIR`, or give --sweep.features FILE"
+            if self.quality_mode == "on" or self.features:
+                raise UserError(f"--sweep.quality: no feature network for FID/KID ({why}): {fix}")
+            rank_zero_info(f"fae: FID/KID not scored ({why}): {fix}, or pass --sweep.quality off")
+            return None
+        features = load_features(Path(file), pl_module.encoder.image_shape)
+        levels = [(c.kind, c.level) for c in self.corruptions]
+        scores = QualityScores(features, levels, pl_module.can_sample, self.kid_subset_size)
+        return scores.to(pl_module.device)
 
     @torch.no_grad()
     def on_test_batch_end(self, trainer, pl_module, outputs, batch: Batch, batch_idx: int, dataloader_idx: int = 0):
         if not self.enabled:
             return
         error_fn = RECONSTRUCTION_ERRORS[pl_module.recon_metric]
+        scored = self.quality_batch_start(trainer, pl_module, batch)
         for level, corruption in enumerate(self.corruptions):
             with trainer.precision_plugin.forward_context():  # the trainer's precision, as in test_step
                 recon = pl_module.reconstruct(corruption(batch.target, batch.index))  # (B, C, H, W)
             self.errors.update(level, batch.index, error_fn(recon, batch.target))
+            if scored is not None:
+                self.quality.update_recon(level + 1, pl_module.to_unit_range(recon[scored]))
         if batch_idx == 0 and trainer.is_global_zero and self.grid_images > 0:
             clean, index = batch.target[: self.grid_images], batch.index[: self.grid_images]
             for corruption in self.grid_corruptions:
@@ -141,10 +185,28 @@ class RobustnessSweep(L.Callback):
                 grid = reconstruction_grid(pl_module.to_unit_range(clean), pl_module.to_unit_range(recon))
                 self.grids[f"reconstructions_{corruption.kind}_{corruption.level:g}"] = grid.cpu()
 
+    def quality_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Batch) -> Tensor | None:
+        """Scores this batch's clean images, their reconstructions and their samples; returns the places
+        of the batch that count for FID/KID (first visits), or None when they are not scored."""
+        if self.quality is None:
+            return None
+        scored = self.first_visit[self.place : self.place + len(batch.index)]
+        self.place += len(batch.index)
+        clean, index = batch.target[scored], batch.index[scored]
+        self.quality.update_real(pl_module.to_unit_range(clean), index)
+        with trainer.precision_plugin.forward_context():
+            recon = pl_module.reconstruct(clean)
+            samples = pl_module.decode(self.prior_draws[index]) if self.quality.samples else None
+        self.quality.update_recon(0, pl_module.to_unit_range(recon))
+        if samples is not None:
+            self.quality.update_samples(pl_module.to_unit_range(samples), index)
+        return scored
+
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:
             return
         means, stds, n = self.errors.compute()  # synchronised across devices
+        means, stds = means.reshape(-1), stds.reshape(-1)  # torchmetrics squeezes a sweep of one level to 0-d
         folder = trainer.log_dir  # every rank calls it: it broadcasts
         self.results = [
             LevelResult(
@@ -160,6 +222,13 @@ class RobustnessSweep(L.Callback):
             )
             for corruption, mean, std in zip(self.corruptions, means, stds, strict=True)
         ]
+        if self.quality is not None:
+            template = self.results[0]
+            self.results += [
+                replace(template, kind=kind, level=level, metric=metric, mean=value, std=spread)
+                for (kind, level, metric), (value, spread) in self.quality.compute().items()
+            ]
+            self.quality.reset()
         if trainer.is_global_zero and trainer.loggers:  # a Trainer without loggers writes no files
             folder = Path(folder)
             write_results(self.results, folder)
@@ -172,27 +241,37 @@ class RobustnessSweep(L.Callback):
 
 def log_to_loggers(trainer: L.Trainer, results: list[LevelResult], grids: dict[str, Tensor], folder: Path) -> None:
     """Means and, per noise kind, the area under error(level) divided by the level range (the mean error
-    over the range, as `fae report`'s table has it) as metrics for every logger; for W&B also the rows as
-    a table, a line plot per noise kind (error against level) and the reconstruction grids as images."""
+    over the range, as `fae report`'s table has it) as metrics for every logger, and the FID/KID rows as
+    quality/<metric>/<kind>[/<level>]; for W&B also the rows as a table, a line plot per noise kind
+    (error against level) and the reconstruction grids as images."""
     rows = [asdict(r) for r in results]
-    aucs = {f"robustness/auc_{kind}": area_under_curve(rows, kind) for kind in sorted({r.kind for r in results})}
+    errors = error_rows(rows)
+    aucs = {f"robustness/auc_{kind}": area_under_curve(errors, kind) for kind in sorted({r["kind"] for r in errors})}
+    quality = {
+        f"quality/{r['metric']}/{r['kind']}" + (f"/{r['level']:g}" if r["kind"] in CORRUPTION_KINDS else ""): r["mean"]
+        for r in rows
+        if r["metric"] in QUALITY_METRICS
+    }
     for logger in trainer.loggers:  # the last value of each is its W&B summary: runs tables sort by them
-        logger.log_metrics({f"robustness/{r.kind}/{r.level:g}": r.mean for r in results}, step=trainer.global_step)
-        logger.log_metrics(aucs, step=trainer.global_step)
+        means = {f"robustness/{r['kind']}/{r['level']:g}": r["mean"] for r in errors}
+        logger.log_metrics(means, step=trainer.global_step)
+        logger.log_metrics({**aucs, **quality}, step=trainer.global_step)
         if not isinstance(logger, WandbLogger):
             continue
         import wandb
 
         columns = list(asdict(results[0]))
         table = wandb.Table(columns=columns, data=[[getattr(r, c) for c in columns] for r in results])
+        kinds = sorted({r["kind"] for r in errors})
+        curves = {kind: [[r["level"], r["mean"]] for r in errors if r["kind"] == kind] for kind in kinds}
         plots = {
             f"robustness/plot_{kind}": wandb.plot.line(
-                wandb.Table(columns=["level", "mean"], data=[[r.level, r.mean] for r in results if r.kind == kind]),
+                wandb.Table(columns=["level", "mean"], data=points),
                 "level",
                 "mean",
                 title=f"reconstruction error vs {kind} level",
             )
-            for kind in sorted({r.kind for r in results})
+            for kind, points in curves.items()
         }
         images = {f"robustness/{name}": wandb.Image(str(folder / f"{name}.png")) for name in grids}
         logger.experiment.log({"robustness/table": table, **plots, **images})

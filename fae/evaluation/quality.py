@@ -1,0 +1,140 @@
+"""Sample quality under `fae test`: FID and KID (torchmetrics) of a model's images against the test images.
+
+Three sets of images are scored against the clean test images, all in one pass over the test set:
+  - samples: z ~ p(z) decoded (the decoder mean), one per test image, z_i drawn from a generator
+    seeded once, so sample i is the same on any number of devices; FID and KID;
+  - reconstructions of the clean test images; FID;
+  - reconstructions of the corrupted test images at each level of the sweep, as the authors score
+    CelebA; FID.
+The features are those of a feature network (fae.evaluation.features). The FID is Heusel et al.'s
+||m_r - m_g||^2 + Tr(C_r + C_g - 2 (C_r C_g)^(1/2)) of the feature means and covariances; the KID
+(Binkowski et al.) the unbiased MMD^2 with the kernel (x.y / d + 1)^3, averaged over random subsets.
+
+Several devices: a DistributedSampler pads the last batch with duplicates; `first_visits` keeps each
+test image at its first place only, so that every image counts once and the scores equal those on
+one device. The KID's subsets are drawn from a fixed seed after its features are put in test-image
+order: the same subsets on any number of devices.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+from torchmetrics.utilities.data import dim_zero_cat
+
+from fae.evaluation.features import Frozen
+
+
+class Passthrough(nn.Module):
+    """Features computed once, handed to several torchmetrics scores: the identity, with their size."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+class OrderedKID(KernelInceptionDistance):
+    """torchmetrics' KID whose random subsets do not depend on the number of devices: each feature row
+    carries its test-image index in an extra last column, the rows are sorted by it and the column
+    dropped, then the subsets are drawn from `seed` (with fewer images than `subset_size`: one subset
+    of all of them)."""
+
+    def __init__(self, num_features: int, seed: int = 0, **kwargs) -> None:
+        with warnings.catch_warnings():  # its note that it keeps every feature: (d + 1) floats an image here
+            warnings.filterwarnings("ignore", message=".*will save all extracted features")
+            super().__init__(feature=Passthrough(num_features + 1), **kwargs)
+        self.seed = seed
+
+    def update(self, features: Tensor, real: bool, index: Tensor) -> None:  # type: ignore[override]
+        # in float64: the cubic kernel of features of norm ~10 sums to ~1e10 over a subset
+        super().update(torch.cat([features.double(), index[:, None].double()], dim=1), real)
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        # the synchronised states here; torchmetrics puts the local ones back afterwards
+        for name in ("real_features", "fake_features"):
+            rows = dim_zero_cat(getattr(self, name))
+            setattr(self, name, [rows[rows[:, -1].argsort()][:, :-1]])
+        size, subsets = self.subset_size, self.subsets
+        n = min(len(self.real_features[0]), len(self.fake_features[0]))
+        if n < size:
+            self.subset_size, self.subsets = n, 1
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                return super().compute()
+        finally:
+            self.subset_size, self.subsets = size, subsets
+
+
+def first_visits(trainer: L.Trainer, pl_module: L.LightningModule, n_images: int) -> Tensor:
+    """Which places of this device's test order hold an image's first visit across all devices
+    (bool, one per place): the duplicates a DistributedSampler pads with are False."""
+    mine = torch.as_tensor(list(iter(trainer.test_dataloaders.sampler)), dtype=torch.long, device=pl_module.device)
+    everyone = pl_module.all_gather(mine).reshape(trainer.world_size, -1)
+    return first_visit_mask(everyone, n_images)[trainer.global_rank]
+
+
+def first_visit_mask(orders: Tensor, n_images: int) -> Tensor:
+    """orders[r]: the image indices device r visits, in order (world, m) -> (world, m) bool, True at
+    the first visit of each image in rank-major order."""
+    everyone = orders.reshape(-1)
+    places = torch.arange(len(everyone), device=everyone.device)
+    first = torch.full((n_images,), len(everyone), device=everyone.device, dtype=torch.long)
+    first.scatter_reduce_(0, everyone, places, reduce="amin")
+    return (first[everyone] == places).reshape(orders.shape)
+
+
+class QualityScores(nn.Module):
+    """The FID/KID metrics of one `fae test`: `update_*` take images in [0, 1] of the test images'
+    places that count."""
+
+    def __init__(self, features: Frozen, levels: list[tuple[str, float]], samples: bool, kid_subset_size: int) -> None:
+        super().__init__()
+        self.features = features
+        self.levels = [("clean", 0.0), *levels]
+        fid = lambda: FrechetInceptionDistance(feature=Passthrough(features.num_features))  # noqa: E731
+        self.recon_fid = nn.ModuleList(fid() for _ in self.levels)
+        self.samples = samples
+        if samples:
+            self.sample_fid = fid()
+            self.sample_kid = OrderedKID(features.num_features, subset_size=kid_subset_size)
+
+    def update_real(self, images: Tensor, index: Tensor) -> None:
+        real = self.features(images).double()  # float64 scores (torchmetrics returns the features' dtype)
+        for metric in self.recon_fid:
+            metric.update(real, real=True)
+        if self.samples:
+            self.sample_fid.update(real, real=True)
+            self.sample_kid.update(real, real=True, index=index)
+
+    def update_recon(self, level: int, images: Tensor) -> None:
+        """Reconstructions at level `level` of `self.levels` (0: of the clean images)."""
+        self.recon_fid[level].update(self.features(images).double(), real=False)
+
+    def update_samples(self, images: Tensor, index: Tensor) -> None:
+        fake = self.features(images).double()
+        self.sample_fid.update(fake, real=False)
+        self.sample_kid.update(fake, real=False, index=index)
+
+    def compute(self) -> dict[tuple[str, float, str], tuple[float, float]]:
+        """{(kind, level, metric): (value, standard deviation)}, synchronised across devices; the FID
+        has no spread (0), the KID's is over its subsets."""
+        scores = {(kind, level, "fid"): (float(metric.compute()), 0.0)
+                  for (kind, level), metric in zip(self.levels, self.recon_fid, strict=True)}  # fmt: skip
+        if self.samples:
+            scores[("samples", 0.0, "fid")] = (float(self.sample_fid.compute()), 0.0)
+            kid, kid_std = self.sample_kid.compute()
+            scores[("samples", 0.0, "kid")] = (float(kid), float(kid_std))
+        return scores
+
+    def reset(self) -> None:
+        for metric in [*self.recon_fid, *([self.sample_fid, self.sample_kid] if self.samples else [])]:
+            metric.reset()
