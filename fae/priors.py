@@ -10,7 +10,8 @@
   when M is even and the leading coefficient is negative, so eta_{M,j} = -exp(rho_j) with rho learned;
   the other coefficients are free. It starts at the standard normal (eta_2 = -1/2, the rest 0;
   rho_j = log 1e-3 keeps the z^M term small). Two samplers: `sample` inverts each one-dimensional CDF
-  on a fine grid (the dimensions are independent), exact up to the grid and needing no tuning; and
+  on a fine grid over the dimension's support, found wherever the learned density put its mass (the
+  dimensions are independent), exact up to the grid and needing no tuning; and
   `sample_svgd`, Stein variational gradient descent as the paper samples it (`svgd` below).
 
 SVGD (Liu and Wang 2016) moves n particles z_1..z_n along
@@ -122,19 +123,43 @@ class PolynomialExpFamily(Prior):
         m = torch.arange(1, self.degree + 1, device=z.device, dtype=z.dtype)[None, :, None]
         return (m * self.eta.to(z.dtype) * self.powers(z, 0)).sum(1)  # (B, d_z)
 
+    def grid_log_prob(self, grid: Tensor) -> Tensor:
+        """log p_eta per dimension on a grid (G, d_z) of values of each dimension -> (G, d_z), float64."""
+        return (self.eta.double()[None] * self.powers(grid.double(), 1)).sum(1)
+
     @torch.no_grad()
-    def sample(
-        self, n: int, generator: torch.Generator | None = None, grid_size: int = 20001, half_width: float = 10.0
-    ) -> Tensor:
-        """Exact per-dimension inverse-CDF sampling on a grid over [-half_width, half_width]."""
-        grid = torch.linspace(-half_width, half_width, grid_size, device=self.rho.device, dtype=torch.float64)
-        logp = (self.eta.double()[None] * self.powers(grid[:, None].expand(-1, self.latent_dim), 1)).sum(1)
+    def support(self, drop: float = 60.0, max_half_width: float = 1e6) -> tuple[Tensor, Tensor]:
+        """Per dimension, the interval (lo, hi) outside which the density is below exp(-drop) times its
+        peak: a symmetric grid is widened until its ends fall below that, then trimmed to the points
+        above it, one coarse step of margin each side. Wherever the learned coefficients put the mass."""
+        half_width = 10.0
+        while True:
+            grid = torch.linspace(-half_width, half_width, 4001, device=self.rho.device, dtype=torch.float64)
+            logp = self.grid_log_prob(grid[:, None].expand(-1, self.latent_dim))  # (G, d_z)
+            low = logp < logp.max(0).values - drop
+            if (low[0] & low[-1]).all() or half_width >= max_half_width:
+                break
+            half_width *= 4
+        step = grid[1] - grid[0]
+        above = ~low
+        first = above.double().argmax(0)  # the first grid point above the threshold, per dimension
+        last = len(grid) - 1 - above.flip(0).double().argmax(0)
+        return grid[first] - step, grid[last] + step
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None, grid_size: int = 20001) -> Tensor:
+        """Exact per-dimension inverse-CDF sampling on a grid of `grid_size` points over each dimension's
+        support (`support`), however far from 0 the learned density has moved its mass."""
+        lo, hi = self.support()
+        steps = torch.linspace(0, 1, grid_size, device=lo.device, dtype=torch.float64)[:, None]
+        grid = lo[None] + steps * (hi - lo)[None]  # (G, d_z): each dimension its own grid
+        logp = self.grid_log_prob(grid)
         density = (logp - logp.max(0).values).exp()  # (G, d_z)
         cdf = torch.cumsum(density, 0)
         cdf = cdf / cdf[-1]
         u = torch.rand(n, self.latent_dim, generator=generator, dtype=torch.float64).to(grid.device)
         idx = torch.searchsorted(cdf.T.contiguous(), u.T.contiguous()).T.clamp(max=grid_size - 1)  # (n, d_z)
-        return grid[idx].float()
+        return grid.gather(0, idx).float()
 
 
 def make_prior(name: str, latent_dim: int, degree: int) -> Prior:

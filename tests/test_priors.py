@@ -40,6 +40,23 @@ def test_the_inverse_cdf_sampler_reproduces_the_moments():
     torch.testing.assert_close(sample_moments(z), exact, atol=0.02, rtol=0.02)
 
 
+def test_the_inverse_cdf_sampler_finds_mass_far_from_zero():
+    """A learned prior can move its modes far out (a positive z^2 coefficient: modes at +-sqrt(1000) and,
+    with a z term, one of them heavier); the sampler's grid follows the mass, wherever it is."""
+    prior = PolynomialExpFamily(2, degree=4).double()
+    with torch.no_grad():
+        prior.eta_lower.copy_(torch.tensor([[0.01, 0.0], [0.2, -0.5], [0.0, 0.0]]))
+        prior.rho.copy_(torch.tensor([1e-4, 1e-3]).log())
+    grid = torch.linspace(-60, 60, 1_200_001, dtype=torch.float64)
+    log_density = (prior.eta.detach()[None] * grid[:, None, None] ** ORDERS[None, :, None]).sum(1)
+    density = (log_density - log_density.max(0).values).exp()
+    density = density / torch.trapezoid(density, grid, dim=0)
+    exact = torch.stack([torch.trapezoid(grid[:, None] ** k * density, grid, dim=0) for k in ORDERS[:2]])
+    z = prior.sample(200_000, generator=torch.Generator().manual_seed(0))
+    assert z[:, 0].abs().min() > 20  # no draw left near 0, where a fixed +-10 grid would have put all of them
+    torch.testing.assert_close(sample_moments(z)[:2], exact, atol=0.05, rtol=0.01)
+
+
 def test_svgd_reproduces_the_moments():
     prior = skewed_prior()
     exact = quadrature_moments(prior)

@@ -74,12 +74,12 @@ class OrderedKID(KernelInceptionDistance):
             self.subset_size, self.subsets = size, subsets
 
 
-def first_visits(trainer: L.Trainer, pl_module: L.LightningModule, n_images: int) -> Tensor:
-    """Which places of this device's test order hold an image's first visit across all devices
-    (bool, one per place): the duplicates a DistributedSampler pads with are False."""
+def first_visits(trainer: L.Trainer, pl_module: L.LightningModule, n_images: int) -> tuple[Tensor, Tensor]:
+    """This device's test order (the image index at each place) and which places hold an image's first
+    visit across all devices (bool): the duplicates a DistributedSampler pads with are False."""
     mine = torch.as_tensor(list(iter(trainer.test_dataloaders.sampler)), dtype=torch.long, device=pl_module.device)
     everyone = pl_module.all_gather(mine).reshape(trainer.world_size, -1)
-    return first_visit_mask(everyone, n_images)[trainer.global_rank]
+    return mine, first_visit_mask(everyone, n_images)[trainer.global_rank]
 
 
 def first_visit_mask(orders: Tensor, n_images: int) -> Tensor:

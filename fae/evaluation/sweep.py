@@ -145,7 +145,7 @@ class RobustnessSweep(L.Callback):
         self.errors = PerSampleErrors(len(self.corruptions), n_samples).to(pl_module.device)
         self.quality = self.quality_scores(trainer, pl_module)
         if self.quality is not None:
-            self.first_visit, self.place = first_visits(trainer, pl_module, n_samples), 0
+            (self.order, self.first_visit), self.place = first_visits(trainer, pl_module, n_samples), 0
             if self.quality.samples:  # z_i for test image i: the same draws on any number of devices
                 self.prior_draws = pl_module.sample_prior(n_samples, torch.Generator().manual_seed(self.seed))
 
@@ -190,7 +190,9 @@ class RobustnessSweep(L.Callback):
         of the batch that count for FID/KID (first visits), or None when they are not scored."""
         if self.quality is None:
             return None
-        scored = self.first_visit[self.place : self.place + len(batch.index)]
+        places = slice(self.place, self.place + len(batch.index))
+        assert torch.equal(self.order[places], batch.index), "the test batches do not follow the sampler's order"
+        scored = self.first_visit[places]
         self.place += len(batch.index)
         clean, index = batch.target[scored], batch.index[scored]
         self.quality.update_real(pl_module.to_unit_range(clean), index)
