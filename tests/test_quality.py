@@ -70,13 +70,15 @@ def test_fid_and_kid_match_slow_references_near_zero_for_the_test_set_itself_lar
     index = torch.arange(len(clean))
     noisy = (clean + 0.3 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     shifted = torch.roll(clean, shifts=3, dims=3)
-    scores = QualityScores(features, [("gaussian", 0.3), ("shift", 3.0)], samples=True, kid_subset_size=1000)
+    scores = QualityScores(
+        features, [("gaussian", 0.3), ("shift", 3.0)], sample_kinds=["samples"], kid_subset_size=1000
+    )
     for batch in torch.split(index, 128):  # in batches, as the sweep feeds it
         scores.update_real(clean[batch], batch)
         scores.update_recon(0, clean[batch])
         scores.update_recon(1, noisy[batch])
         scores.update_recon(2, shifted[batch])
-        scores.update_samples(noisy[batch], batch)
+        scores.update_samples("samples", noisy[batch], batch)
     result = scores.compute()
     keys = [("clean", 0.0, "fid"), ("gaussian", 0.3, "fid"), ("shift", 3.0, "fid")]
     itself, fid_noisy, fid_shifted = (result[key][0] for key in keys)
@@ -121,6 +123,7 @@ def test_the_sweep_writes_fid_rows_for_samples_and_each_level_and_the_report_plo
     torch.manual_seed(0)
     vae = VAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0)
     vae.reconstruct = lambda x: x.clamp(0, 1)  # a perfect auto-encoder: its FID is the corruption's
+    vae.code_count.fill_(100)  # as if validated: a fit of its codes, N(0, I) here
     results = {}
     for name, model in [("vae", vae), ("ae", AE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0))]:
         sweep = RobustnessSweep(sigmas=[0.1, 1.0], nus=[0.3], seed=3, grid_images=0, features=str(digits_mnist[1]))
@@ -131,18 +134,22 @@ def test_the_sweep_writes_fid_rows_for_samples_and_each_level_and_the_report_plo
     assert set(rows) == {
         *[("gaussian", s, "bce") for s in (0.1, 1.0)], ("mask", 0.3, "bce"),
         ("clean", 0.0, "fid"), *[("gaussian", s, "fid") for s in (0.1, 1.0)], ("mask", 0.3, "fid"),
-        ("samples", 0.0, "fid"), ("samples", 0.0, "kid"),
+        *[(kind, 0.0, metric) for kind in ("samples", "fitted_samples") for metric in ("fid", "kid")],
     }  # fmt: skip
+    # the VAE's fit is its prior, N(0, I), and the sweep draws both from one seed: the same images
+    assert rows[("fitted_samples", 0.0, "fid")].mean == pytest.approx(rows[("samples", 0.0, "fid")].mean, rel=1e-6)
     assert all(r.n == 500 for r in results["vae"])
     assert abs(rows[("clean", 0.0, "fid")].mean) < 1e-3
     assert rows[("gaussian", 1.0, "fid")].mean > rows[("gaussian", 0.1, "fid")].mean > 0.01  # more noise, worse
-    assert ("samples", 0.0, "fid") not in {(r.kind, r.level, r.metric) for r in results["ae"]}  # the AE has no prior
+    ae_rows = {(r.kind, r.metric) for r in results["ae"]}
+    assert ("samples", "fid") not in ae_rows and ("fitted_samples", "fid") not in ae_rows  # no prior, not validated
     report_main([str(tmp_path / "vae"), str(tmp_path / "ae"), "--out", str(tmp_path / "report")])
     for figure in ("robustness_gaussian.png", "fid_gaussian.png", "fid_mask.png"):
         assert (tmp_path / "report" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "report" / "robustness.md").read_text()
     header = table.splitlines()[0]
-    assert header == "| run | runs | gaussian AUC | mask AUC | recon FID | sample FID | sample KID |"
+    assert header == ("| run | runs | gaussian AUC | mask AUC | recon FID | sample FID | sample KID | "
+                      "fitted-sample FID | fitted-sample KID |")  # fmt: skip
     vae_line = table.splitlines()[2]
     assert f"{rows[('samples', 0.0, 'fid')].mean:.4g}" in vae_line
     assert "FID of the reconstructions against the clean test images" in table

@@ -67,3 +67,45 @@ def test_validation_writes_a_sample_grid_and_fae_sample_writes_a_checkpoints_sam
     assert np.array_equal(np.load(tmp_path / "s.npy"), array)  # the earlier result is untouched
     png = fae_here("sample", str(last), "--out", str(tmp_path / "grid.png"), "--n", "16", cwd=tmp_path)
     assert png.returncode == 0 and (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_validation_fits_a_gaussian_to_its_codes_and_fitted_samples_draw_from_it(tmp_path, fae_here):
+    """The fit is the mean and covariance of the validation images' codes (a slow reference: the codes of
+    that batch through encode); it is saved in checkpoints, `--sampler fitted` draws from it, and a
+    checkpoint from before the fit loads and says in one line that it has none."""
+    from fae.data import DigitsDataModule
+
+    run = tmp_path / "run"
+    fit = fae_here("fit", "--config", str(CONFIGS / "quickstart" / "digits_vae.yaml"), "--model.width", "4",
+                   "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
+                   "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--run_dir", str(run),
+                   cwd=tmp_path)  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    last = run / "checkpoints" / "last.ckpt"
+    model = load_model(last)
+    data = DigitsDataModule()
+    data.setup("fit")
+    codes = model.encode(data.to_float(data.splits["val"][:128])).double()  # 2 validation batches of 64
+    assert model.code_count.item() == 128
+    torch.testing.assert_close(model.code_mean, codes.mean(0))
+    torch.testing.assert_close(model.code_cov, torch.cov(codes.T))
+    z = model.sample_fitted(20000, generator=torch.Generator().manual_seed(0)).double()
+    torch.testing.assert_close(z.mean(0), codes.mean(0), atol=0.05 * codes.std(0).max().item(), rtol=0)
+    torch.testing.assert_close(
+        torch.cov(z.T), torch.cov(codes.T), atol=0.05 * torch.cov(codes.T).abs().max().item(), rtol=0
+    )
+    out = fae_here(
+        "sample", str(last), "--sampler", "fitted", "--out", str(tmp_path / "f.npy"), "--n", "4", cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    expected = model.decode(model.sample_fitted(4, generator=torch.Generator().manual_seed(0)))
+    np.testing.assert_allclose(np.load(tmp_path / "f.npy"), expected.detach().numpy(), atol=1e-6)
+    old = torch.load(last, weights_only=False)
+    for name in ("code_mean", "code_cov", "code_count"):
+        del old["state_dict"][name]
+    torch.save(old, tmp_path / "old.ckpt")
+    assert not load_model(tmp_path / "old.ckpt").can_sample_fitted
+    refused = fae_here("sample", str(tmp_path / "old.ckpt"), "--sampler", "fitted", "--out", str(tmp_path / "o.png"),
+                       cwd=tmp_path)  # fmt: skip
+    assert refused.returncode == 2
+    assert "has no fit of its codes" in refused.stderr.strip().splitlines()[-1]

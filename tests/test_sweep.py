@@ -82,8 +82,9 @@ def test_sweep_on_two_ddp_processes_equals_one(tmp_path, digits_mnist):
     (one_dir,), (two_dir,) = ((tmp_path / "runs" / name).glob("test-*") for name in ("one", "two"))
     rows_one = json.loads((one_dir / "robustness.json").read_text())
     rows_two = json.loads((two_dir / "robustness.json").read_text())
-    assert [r["n"] for r in rows_two] == [500] * (4 + 5 + 2)  # 500 test digits: the padded duplicates count once
-    assert [r["metric"] for r in rows_one] == ["bce"] * 4 + ["fid"] * 6 + ["kid"]  # clean and 4 levels, samples
+    assert [r["n"] for r in rows_two] == [500] * (4 + 5 + 4)  # 500 test digits: the padded duplicates count once
+    # errors at 4 levels; FID of reconstructions (clean and 4 levels); FID and KID of prior and fitted samples
+    assert [r["metric"] for r in rows_one] == ["bce"] * 4 + ["fid"] * 5 + ["fid", "kid"] * 2
     for a, b in zip(rows_one, rows_two, strict=True):
         assert (a["kind"], a["level"], a["metric"]) == (b["kind"], b["level"], b["metric"])
         assert a["mean"] == pytest.approx(b["mean"], rel=1e-5, abs=1e-6), a

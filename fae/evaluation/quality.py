@@ -1,8 +1,10 @@
 """Sample quality under `fae test`: FID and KID (torchmetrics) of a model's images against the test images.
 
-Three sets of images are scored against the clean test images, all in one pass over the test set:
+The sets of images scored against the clean test images, all in one pass over the test set:
   - samples: z ~ p(z) decoded (the decoder mean), one per test image, z_i drawn from a generator
     seeded once, so sample i is the same on any number of devices; FID and KID;
+  - fitted_samples: likewise from z ~ N(m, C), the Gaussian fitted to the validation codes during
+    training (AutoEncoder.sample_fitted; every family, the AE too); FID and KID;
   - reconstructions of the clean test images; FID;
   - reconstructions of the corrupted test images at each level of the sweep, as the authors score
     CelebA; FID.
@@ -93,48 +95,49 @@ def first_visit_mask(orders: Tensor, n_images: int) -> Tensor:
 
 
 class QualityScores(nn.Module):
-    """The FID/KID metrics of one `fae test`: `update_*` take images in [0, 1] of the test images'
-    places that count."""
+    """The FID/KID metrics of one `fae test`: `update_*` take images in [0, 1] of the test images that
+    count (first visits) and, for KID's order, their indices. `sample_kinds` name the sets of
+    generated images: "samples" (the prior's) and "fitted_samples" (the fit of the codes')."""
 
-    def __init__(self, features: Frozen, levels: list[tuple[str, float]], samples: bool, kid_subset_size: int) -> None:
+    def __init__(self, features: Frozen, levels: list[tuple[str, float]], sample_kinds: list[str],
+                 kid_subset_size: int) -> None:  # fmt: skip
         super().__init__()
         self.features = features
         self.levels = [("clean", 0.0), *levels]
         fid = lambda: FrechetInceptionDistance(feature=Passthrough(features.num_features))  # noqa: E731
         self.recon_fid = nn.ModuleList(fid() for _ in self.levels)
-        self.samples = samples
-        if samples:
-            self.sample_fid = fid()
-            self.sample_kid = OrderedKID(features.num_features, subset_size=kid_subset_size)
+        self.sample_fid = nn.ModuleDict({kind: fid() for kind in sample_kinds})
+        self.sample_kid = nn.ModuleDict(
+            {kind: OrderedKID(features.num_features, subset_size=kid_subset_size) for kind in sample_kinds}
+        )
 
     def update_real(self, images: Tensor, index: Tensor) -> None:
         real = self.features(images).double()  # float64 scores (torchmetrics returns the features' dtype)
-        for metric in self.recon_fid:
+        for metric in [*self.recon_fid, *self.sample_fid.values()]:
             metric.update(real, real=True)
-        if self.samples:
-            self.sample_fid.update(real, real=True)
-            self.sample_kid.update(real, real=True, index=index)
+        for metric in self.sample_kid.values():
+            metric.update(real, real=True, index=index)
 
     def update_recon(self, level: int, images: Tensor) -> None:
         """Reconstructions at level `level` of `self.levels` (0: of the clean images)."""
         self.recon_fid[level].update(self.features(images).double(), real=False)
 
-    def update_samples(self, images: Tensor, index: Tensor) -> None:
+    def update_samples(self, kind: str, images: Tensor, index: Tensor) -> None:
         fake = self.features(images).double()
-        self.sample_fid.update(fake, real=False)
-        self.sample_kid.update(fake, real=False, index=index)
+        self.sample_fid[kind].update(fake, real=False)
+        self.sample_kid[kind].update(fake, real=False, index=index)
 
     def compute(self) -> dict[tuple[str, float, str], tuple[float, float]]:
         """{(kind, level, metric): (value, standard deviation)}, synchronised across devices; the FID
         has no spread (0), the KID's is over its subsets."""
         scores = {(kind, level, "fid"): (float(metric.compute()), 0.0)
                   for (kind, level), metric in zip(self.levels, self.recon_fid, strict=True)}  # fmt: skip
-        if self.samples:
-            scores[("samples", 0.0, "fid")] = (float(self.sample_fid.compute()), 0.0)
-            kid, kid_std = self.sample_kid.compute()
-            scores[("samples", 0.0, "kid")] = (float(kid), float(kid_std))
+        for kind, metric in self.sample_fid.items():
+            scores[(kind, 0.0, "fid")] = (float(metric.compute()), 0.0)
+            kid, kid_std = self.sample_kid[kind].compute()
+            scores[(kind, 0.0, "kid")] = (float(kid), float(kid_std))
         return scores
 
     def reset(self) -> None:
-        for metric in [*self.recon_fid, *([self.sample_fid, self.sample_kid] if self.samples else [])]:
+        for metric in [*self.recon_fid, *self.sample_fid.values(), *self.sample_kid.values()]:
             metric.reset()

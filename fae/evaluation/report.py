@@ -34,7 +34,13 @@ from pathlib import Path
 from fae.errors import UserError, make_folder
 
 QUALITY_METRICS = ("fid", "kid")  # rows of sample quality (fae.evaluation.quality); the others are errors
-QUALITY_COLUMNS = {("samples", "fid"): "sample FID", ("samples", "kid"): "sample KID", ("clean", "fid"): "recon FID"}
+QUALITY_COLUMNS = {  # the summary table's columns of FID/KID rows (kind, metric)
+    ("clean", "fid"): "recon FID",
+    ("samples", "fid"): "sample FID",
+    ("samples", "kid"): "sample KID",
+    ("fitted_samples", "fid"): "fitted-sample FID",
+    ("fitted_samples", "kid"): "fitted-sample KID",
+}
 FIELDS = {"model": str, "kind": str, "level": (int, float), "mean": (int, float), "std": (int, float), "n": int}
 KIND_LABELS = {"gaussian": "Gaussian noise sigma", "mask": "masking probability nu"}
 
@@ -244,7 +250,7 @@ def markdown_table(runs: dict[str, Curves]) -> str:
         lines.append(f"| {kind} | {level:g} | " + " | ".join(cells) + " |")
     fid = {label: {(r["kind"], r["level"]): r["mean"] for r in c.rows if r.get("metric") == "fid"}
            for label, c in runs.items()}  # fmt: skip
-    keys = sorted({k for values in fid.values() for k in values if k[0] != "samples"})
+    keys = sorted({k for values in fid.values() for k in values if k[0] not in ("samples", "fitted_samples")})
     if keys:
         mean = "mean across runs" if pooled else "one value per run"
         lines += ["", f"FID of the reconstructions against the clean test images, per noise level ({mean}):", ""]

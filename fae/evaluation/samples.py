@@ -5,7 +5,8 @@ decoded to the decoder mean, written as a PNG grid (FILE.png) or an array (FILE.
 The learned polynomial prior (the Fisher AE on CelebA) is sampled exactly, inverting each dimension's
 CDF (`--sampler inverse_cdf`, the default), or by SVGD as the paper samples it (`--sampler svgd`,
 `--svgd_steps`, `--svgd_step_size`; fae.priors.svgd). The VAE's and the WAE-GAN's N(0, sigma^2 I)
-priors are sampled directly.
+priors are sampled directly. `--sampler fitted` draws codes from the Gaussian fitted to the
+validation codes during training instead of the prior (AutoEncoder.sample_fitted; any family).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def generate(
             )
         z = prior.sample_svgd(n, svgd_steps, svgd_step_size, generator=generator)
         images = model.decode(z.to(model.device))
+    elif sampler == "fitted":
+        images = model.decode(model.sample_fitted(n, generator=generator))
     else:
         images = model.sample(n, generator=generator)
     return model.to_unit_range(images).cpu()
@@ -86,8 +89,9 @@ def main(args: list[str]) -> None:
     parser.add_argument("--out", required=True, help="FILE.png (a grid) or FILE.npy (float32 (N, C, H, W) in [0, 1])")
     parser.add_argument("--n", type=int, default=64, help="how many images")
     parser.add_argument("--seed", type=int, default=0, help="the prior draws' seed")
-    parser.add_argument("--sampler", default="inverse_cdf", choices=["inverse_cdf", "svgd"],
-                        help="for the polynomial prior: exact inverse CDF, or SVGD as the paper")  # fmt: skip
+    parser.add_argument("--sampler", default="inverse_cdf", choices=["inverse_cdf", "svgd", "fitted"],
+                        help="the prior's exact sampler, SVGD (the polynomial prior, as the paper), or the "
+                             "Gaussian fitted to the validation codes")  # fmt: skip
     parser.add_argument("--svgd_steps", type=int, default=500, help="SVGD iterations")
     parser.add_argument("--svgd_step_size", type=float, default=0.05, help="SVGD step size")
     config = parser.parse_args(args)

@@ -146,8 +146,11 @@ class RobustnessSweep(L.Callback):
         self.quality = self.quality_scores(trainer, pl_module)
         if self.quality is not None:
             (self.order, self.first_visit), self.place = first_visits(trainer, pl_module, n_samples), 0
-            if self.quality.samples:  # z_i for test image i: the same draws on any number of devices
-                self.prior_draws = pl_module.sample_prior(n_samples, torch.Generator().manual_seed(self.seed))
+            samplers = {"samples": pl_module.sample_prior, "fitted_samples": pl_module.sample_fitted}
+            self.draws = {  # z_i for test image i: the same draws on any number of devices
+                kind: samplers[kind](n_samples, torch.Generator().manual_seed(self.seed))
+                for kind in self.quality.sample_fid
+            }
 
     def quality_scores(self, trainer: L.Trainer, pl_module: L.LightningModule) -> QualityScores | None:
         """The FID/KID metrics, or None (with one line saying why) when they are off or have no network."""
@@ -163,8 +166,11 @@ class RobustnessSweep(L.Callback):
             return None
         features = load_features(Path(file), pl_module.encoder.image_shape)
         levels = [(c.kind, c.level) for c in self.corruptions]
-        scores = QualityScores(features, levels, pl_module.can_sample, self.kid_subset_size)
-        return scores.to(pl_module.device)
+        able = {"samples": pl_module.can_sample, "fitted_samples": pl_module.can_sample_fitted}
+        if not pl_module.can_sample_fitted:
+            rank_zero_info("fae: no fitted_samples rows: this checkpoint has no fit of its codes (made at validation)")
+        kinds = [kind for kind, can in able.items() if can]
+        return QualityScores(features, levels, kinds, self.kid_subset_size).to(pl_module.device)
 
     @torch.no_grad()
     def on_test_batch_end(self, trainer, pl_module, outputs, batch: Batch, batch_idx: int, dataloader_idx: int = 0):
@@ -198,10 +204,10 @@ class RobustnessSweep(L.Callback):
         self.quality.update_real(pl_module.to_unit_range(clean), index)
         with trainer.precision_plugin.forward_context():
             recon = pl_module.reconstruct(clean)
-            samples = pl_module.decode(self.prior_draws[index]) if self.quality.samples else None
+            samples = {kind: pl_module.decode(draws[index]) for kind, draws in self.draws.items()}
         self.quality.update_recon(0, pl_module.to_unit_range(recon))
-        if samples is not None:
-            self.quality.update_samples(pl_module.to_unit_range(samples), index)
+        for kind, images in samples.items():
+            self.quality.update_samples(kind, pl_module.to_unit_range(images), index)
         return scored
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -9,6 +9,10 @@ codes under "codes"). Everything else is here, once:
   - `decode(z)` = mu_theta(z), the decoder net's output through its activation;
   - `reconstruct(x)` = decode(encode(x)): what the robustness sweep scores against the clean image;
   - `sample(n)` = decode(z), z ~ p(z) from `sample_prior` (a family with a prior provides it);
+  - `sample_fitted(n)`: codes from N(m, C), the Gaussian fitted to the validation images' codes at
+    each validation (the ex-post density of Ghosh et al. 2020's RAEs; saved in checkpoints), for every
+    family: where a model's codes do not follow its prior, its decoder is still judged on codes it
+    saw;
   - the nets, built from the model's latent_dim and width and the data's image shape
     (fae.nets.contract), optionally compiled (`compile_nets`);
   - train/<term> on the steps the loggers write; val/<term> and val/recon_<metric> (test/... under
@@ -85,29 +89,39 @@ def per_pixel_mse(recon: Tensor, target: Tensor) -> Tensor:
     return (recon - target).pow(2).flatten(1).mean(1)
 
 
-class ActiveUnits(Metric):
-    """A_u over a whole split: the per-dimension variance of the codes from running sums (float64),
-    summed across devices, then counted above the threshold."""
+class CodeMoments(Metric):
+    """The mean and covariance of the codes over a whole split, from running sums (float64) summed
+    across devices: (mean (d_z,), covariance (d_z, d_z), count)."""
 
     full_state_update = False
 
-    def __init__(self, latent_dim: int, threshold: float = ACTIVE_UNIT_THRESHOLD) -> None:
+    def __init__(self, latent_dim: int) -> None:
         super().__init__()
-        self.threshold = threshold
         self.add_state("total", torch.zeros(latent_dim, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("squares", torch.zeros(latent_dim, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("outer", torch.zeros(latent_dim, latent_dim, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, codes: Tensor) -> None:
         codes = codes.detach().double()  # (B, d_z)
         self.total += codes.sum(0)
-        self.squares += codes.pow(2).sum(0)
+        self.outer += codes.T @ codes
         self.count += len(codes)
 
-    def compute(self) -> Tensor:
+    def compute(self) -> tuple[Tensor, Tensor, Tensor]:
         mean = self.total / self.count
-        variance = (self.squares / self.count - mean.pow(2)) * self.count / (self.count - 1).clamp(min=1)
-        return (variance > self.threshold).sum().float()
+        covariance = (self.outer / self.count - torch.outer(mean, mean)) * self.count / (self.count - 1).clamp(min=1)
+        return mean, covariance, self.count
+
+
+class ActiveUnits(CodeMoments):
+    """A_u over a whole split: the dimensions whose code variance (CodeMoments) is above the threshold."""
+
+    def __init__(self, latent_dim: int, threshold: float = ACTIVE_UNIT_THRESHOLD) -> None:
+        super().__init__(latent_dim)
+        self.threshold = threshold
+
+    def compute(self) -> Tensor:
+        return (super().compute()[1].diagonal() > self.threshold).sum().float()
 
 
 class AutoEncoder(L.LightningModule):
@@ -184,6 +198,12 @@ class AutoEncoder(L.LightningModule):
             {stage: nn.ModuleDict({name: MeanMetric() for name in names}) for stage in ("val", "test")}
         )
         self.eval_active_units = nn.ModuleDict({stage: ActiveUnits(self.latent_dim) for stage in ("val", "test")})
+        # N(code_mean, code_cov) fitted to the validation images' codes at each validation: the ex-post
+        # density of `sample_fitted` (Ghosh et al. 2020), saved in checkpoints; code_count 0: no fit yet
+        self.val_code_moments = CodeMoments(latent_dim)
+        self.register_buffer("code_mean", torch.zeros(latent_dim, dtype=torch.float64))
+        self.register_buffer("code_cov", torch.eye(latent_dim, dtype=torch.float64))
+        self.register_buffer("code_count", torch.zeros((), dtype=torch.float64))
 
     def __init_subclass__(cls, **kwargs) -> None:
         """A family cannot be half-implemented: a class that is not a base (`abstract = True` in its own
@@ -234,6 +254,33 @@ class AutoEncoder(L.LightningModule):
     @property
     def can_sample(self) -> bool:
         return type(self).sample_prior is not AutoEncoder.sample_prior
+
+    def sample_fitted(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n codes z ~ N(code_mean, code_cov), the Gaussian fitted to the validation codes at the last
+        validation (an ex-post density, as RAEs sample; not the model's prior), (n, d_z)."""
+        if not self.can_sample_fitted:
+            raise UserError(
+                f"this {type(self).__name__} has no fit of its codes: it is made at each validation, and this "
+                "checkpoint was saved before the first one (or by an older fae); use the prior's samples"
+            )
+        scale = self.code_cov.diagonal().mean().clamp(min=1e-12)  # a jitter for codes confined to a subspace
+        eye = torch.eye(self.latent_dim, dtype=torch.float64, device=self.code_cov.device)
+        root = torch.linalg.cholesky(self.code_cov + 1e-6 * scale * eye)
+        eps = torch.randn(n, self.latent_dim, generator=generator).double().to(self.device)  # N(0, I)'s stream
+        return (self.code_mean + eps @ root.T).float()
+
+    @property
+    def can_sample_fitted(self) -> bool:
+        return bool(self.code_count >= 2)
+
+    def on_validation_epoch_end(self) -> None:
+        """The fit of the codes, from this validation's (all devices'); not from the sanity check."""
+        if not self.trainer.sanity_checking and self.val_code_moments.update_count > 0:
+            mean, covariance, count = self.val_code_moments.compute()
+            self.code_mean.copy_(mean)
+            self.code_cov.copy_(covariance)
+            self.code_count.copy_(count)
+        self.val_code_moments.reset()
 
     def model_step(self, x: Tensor) -> dict[str, Tensor]:
         """The family's objective on x: per-sample terms {name: (B,)}, the loss under "loss", with
@@ -391,7 +438,10 @@ class AutoEncoder(L.LightningModule):
     def evaluation_step(self, batch: Batch, batch_idx: int, stage: str) -> None:
         """The objective's terms and the reconstruction error of `batch.x` against `batch.target`."""
         terms = self.evaluation_terms(batch.x)
-        self.eval_active_units[stage].update(terms.pop("codes"))
+        codes = terms.pop("codes")
+        self.eval_active_units[stage].update(codes)
+        if stage == "val":
+            self.val_code_moments.update(codes)
         recon = self.reconstruct(batch.x)
         terms["recon_mse"] = per_pixel_mse(recon, batch.target)  # of the paper's reconstruction, not a sample's
         terms[f"recon_{self.recon_metric}"] = RECONSTRUCTION_ERRORS[self.recon_metric](recon, batch.target)
@@ -436,6 +486,8 @@ class AutoEncoder(L.LightningModule):
             checkpoint["fae_rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        for name in ("code_mean", "code_cov", "code_count"):  # a checkpoint from before the fit of the codes
+            checkpoint["state_dict"].setdefault(name, getattr(self, name).detach().clone())
         state = checkpoint.get("fae_rng")
         if state is None:
             return
