@@ -123,7 +123,6 @@ def test_the_sweep_writes_fid_rows_for_samples_and_each_level_and_the_report_plo
     torch.manual_seed(0)
     vae = VAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0)
     vae.reconstruct = lambda x: x.clamp(0, 1)  # a perfect auto-encoder: its FID is the corruption's
-    vae.code_count.fill_(100)  # as if validated: a fit of its codes, N(0, I) here
     results = {}
     for name, model in [("vae", vae), ("ae", AE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0))]:
         sweep = RobustnessSweep(sigmas=[0.1, 1.0], nus=[0.3], seed=3, grid_images=0, features=str(digits_mnist[1]))
@@ -136,13 +135,17 @@ def test_the_sweep_writes_fid_rows_for_samples_and_each_level_and_the_report_plo
         ("clean", 0.0, "fid"), *[("gaussian", s, "fid") for s in (0.1, 1.0)], ("mask", 0.3, "fid"),
         *[(kind, 0.0, metric) for kind in ("samples", "fitted_samples") for metric in ("fid", "kid")],
     }  # fmt: skip
-    # the VAE's fit is its prior, N(0, I), and the sweep draws both from one seed: the same images
-    assert rows[("fitted_samples", 0.0, "fid")].mean == pytest.approx(rows[("samples", 0.0, "fid")].mean, rel=1e-6)
+    # fitted_samples: the sweep fits the codes again with the tested weights, on the validation images
+    data = DigitsDataModule()
+    data.setup()
+    codes = vae.eval().encode(data.to_float(data.splits["val"])).double()
+    torch.testing.assert_close(vae.code_mean, codes.mean(0))
+    torch.testing.assert_close(vae.code_cov, torch.cov(codes.T))
     assert all(r.n == 500 for r in results["vae"])
     assert abs(rows[("clean", 0.0, "fid")].mean) < 1e-3
     assert rows[("gaussian", 1.0, "fid")].mean > rows[("gaussian", 0.1, "fid")].mean > 0.01  # more noise, worse
     ae_rows = {(r.kind, r.metric) for r in results["ae"]}
-    assert ("samples", "fid") not in ae_rows and ("fitted_samples", "fid") not in ae_rows  # no prior, not validated
+    assert ("samples", "fid") not in ae_rows and ("fitted_samples", "fid") in ae_rows  # no prior; a fit of its codes
     report_main([str(tmp_path / "vae"), str(tmp_path / "ae"), "--out", str(tmp_path / "report")])
     for figure in ("robustness_gaussian.png", "fid_gaussian.png", "fid_mask.png"):
         assert (tmp_path / "report" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -86,7 +86,7 @@ def test_validation_fits_a_gaussian_to_its_codes_and_fitted_samples_draw_from_it
     data = DigitsDataModule()
     data.setup("fit")
     codes = model.encode(data.to_float(data.splits["val"][:128])).double()  # 2 validation batches of 64
-    assert model.code_count.item() == 128
+    assert model.code_count.item() == 128 and int(model.code_step) == 2  # the validation at step 2
     torch.testing.assert_close(model.code_mean, codes.mean(0))
     torch.testing.assert_close(model.code_cov, torch.cov(codes.T))
     z = model.sample_fitted(20000, generator=torch.Generator().manual_seed(0)).double()

@@ -99,4 +99,8 @@ def main(args: list[str]) -> None:
         raise UserError(f"--n must be >= 1, got {config.n}")
     model = load_model(Path(config.checkpoint))
     images = generate(model, config.n, config.seed, config.sampler, config.svgd_steps, config.svgd_step_size)
+    step = read_checkpoint(Path(config.checkpoint)).get("global_step")
+    if config.sampler == "fitted" and step is not None and int(model.code_step) != step:
+        print(f"fae: note: the codes were fitted at the validation of step {int(model.code_step)}; this checkpoint "
+              f"is at step {step} (`fae test` fits them again with its weights)")  # fmt: skip
     print(f"fae: sample done; {config.n} images from {config.checkpoint} in {write(images, Path(config.out))}")

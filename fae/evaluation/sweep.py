@@ -11,6 +11,9 @@ each batch is corrupted at all levels on the device, so the data is read once. T
 errors are >= 0 and a sample's error is the same on every device that saw it, so the duplicates
 that a DistributedSampler pads the last batch with are counted once, and a sweep on several devices
 equals the sweep on one.
+
+With a feature network, the same pass scores sample quality (fae.evaluation.quality): FID of the
+reconstructions at every level and FID/KID of generated images, as more rows of the same files.
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ from fae.tracking import reconstruction_grid
 
 # The authors' code sweeps 10 noise levels from 0.01 to 2; masking from 0.01 to about 0.9.
 DEFAULT_SIGMAS = [0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0]
-CORRUPTION_KINDS = (GaussianNoise.kind, BinaryMask.kind)
 DEFAULT_NUS = [0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+CORRUPTION_KINDS = (GaussianNoise.kind, BinaryMask.kind)
 
 
 @dataclass
@@ -133,6 +136,8 @@ class RobustnessSweep(L.Callback):
         self.grid_images = grid_images
         if quality not in ("auto", "on", "off"):
             raise UserError(f"--sweep.quality must be auto, on or off, got {quality!r}")
+        if kid_subset_size < 2:
+            raise UserError(f"--sweep.kid_subset_size must be >= 2 (KID compares pairs), got {kid_subset_size}")
         self.quality_mode, self.features, self.kid_subset_size = quality, features, kid_subset_size
         self.quality: QualityScores | None = None
         self.results: list[LevelResult] = []
@@ -158,7 +163,8 @@ class RobustnessSweep(L.Callback):
             return None
         file = self.features or getattr(trainer.datamodule, "feature_network", None)
         if file is None or not Path(file).is_file():
-            why = f"{file} not found" if file else f"{type(trainer.datamodule).__name__} has no default network"
+            data = type(trainer.datamodule).__name__ if trainer.datamodule is not None else "the test data"
+            why = f"{file} not found" if file else f"{data} has no default network"
             fix = "train MNIST's with `fae classifier --data_dir DIR`, or give --sweep.features FILE"
             if self.quality_mode == "on" or self.features:
                 raise UserError(f"--sweep.quality: no feature network for FID/KID ({why}): {fix}")
@@ -166,9 +172,13 @@ class RobustnessSweep(L.Callback):
             return None
         features = load_features(Path(file), pl_module.encoder.image_shape)
         levels = [(c.kind, c.level) for c in self.corruptions]
+        data = trainer.datamodule
+        if data is not None and hasattr(data, "val_dataloader") and hasattr(data, "to_float"):
+            # the fit of the codes made again with these weights (the checkpoint's is of its last validation)
+            pl_module.fit_codes(data.to_float(images.to(pl_module.device)) for images, _ in data.val_dataloader())
+        else:
+            rank_zero_info("fae: fitted samples from the checkpoint's fit of the codes (no validation data to refit)")
         able = {"samples": pl_module.can_sample, "fitted_samples": pl_module.can_sample_fitted}
-        if not pl_module.can_sample_fitted:
-            rank_zero_info("fae: no fitted_samples rows: this checkpoint has no fit of its codes (made at validation)")
         kinds = [kind for kind, can in able.items() if can]
         return QualityScores(features, levels, kinds, self.kid_subset_size).to(pl_module.device)
 

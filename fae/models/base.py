@@ -30,7 +30,8 @@ codes under "codes"). Everything else is here, once:
                       the decoder mean at the objective's code);
       encoder_sigma   mean over samples and dimensions of the encoder's sigma_j(x) (Gaussian encoders);
       active_units    A_u = #{j : Var_x(E_q[z_j | x]) > 0.01} (Burda et al. 2016): over the batch in
-                      training, over the whole split in evaluation;
+                      training, over the whole split in evaluation (of encode(x), the codes the
+                      reconstructions decode);
       decoder_scale   s of a Gaussian decoder N(mu_theta(z), s^2 I), when the model has one.
 """
 
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import inspect
 import random
+from collections.abc import Iterable
 from typing import ClassVar, Literal
 
 import lightning as L
@@ -95,8 +97,8 @@ class CodeMoments(Metric):
 
     full_state_update = False
 
-    def __init__(self, latent_dim: int) -> None:
-        super().__init__()
+    def __init__(self, latent_dim: int, **kwargs) -> None:
+        super().__init__(**kwargs)
         self.add_state("total", torch.zeros(latent_dim, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("outer", torch.zeros(latent_dim, latent_dim, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
@@ -204,6 +206,7 @@ class AutoEncoder(L.LightningModule):
         self.register_buffer("code_mean", torch.zeros(latent_dim, dtype=torch.float64))
         self.register_buffer("code_cov", torch.eye(latent_dim, dtype=torch.float64))
         self.register_buffer("code_count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("code_step", torch.zeros((), dtype=torch.long))  # the global step of the fit
 
     def __init_subclass__(cls, **kwargs) -> None:
         """A family cannot be half-implemented: a class that is not a base (`abstract = True` in its own
@@ -276,11 +279,23 @@ class AutoEncoder(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         """The fit of the codes, from this validation's (all devices'); not from the sanity check."""
         if not self.trainer.sanity_checking and self.val_code_moments.update_count > 0:
-            mean, covariance, count = self.val_code_moments.compute()
-            self.code_mean.copy_(mean)
-            self.code_cov.copy_(covariance)
-            self.code_count.copy_(count)
+            self.set_code_fit(*self.val_code_moments.compute())
         self.val_code_moments.reset()
+
+    @torch.no_grad()
+    def fit_codes(self, images: Iterable[Tensor]) -> None:
+        """Fit N(m, C) to encode(x) of every batch x (B, C, H, W) of `images`, on this device alone (each
+        device given all the images fits the same), in place of the last validation's fit."""
+        moments = CodeMoments(self.latent_dim, sync_on_compute=False).to(self.device)
+        for x in images:
+            moments.update(self.encode(x.to(self.device)))
+        self.set_code_fit(*moments.compute())
+
+    def set_code_fit(self, mean: Tensor, covariance: Tensor, count: Tensor) -> None:
+        self.code_mean.copy_(mean)
+        self.code_cov.copy_(covariance)
+        self.code_count.copy_(count)
+        self.code_step.fill_(self.global_step if self._trainer is not None else 0)
 
     def model_step(self, x: Tensor) -> dict[str, Tensor]:
         """The family's objective on x: per-sample terms {name: (B,)}, the loss under "loss", with
@@ -438,11 +453,13 @@ class AutoEncoder(L.LightningModule):
     def evaluation_step(self, batch: Batch, batch_idx: int, stage: str) -> None:
         """The objective's terms and the reconstruction error of `batch.x` against `batch.target`."""
         terms = self.evaluation_terms(batch.x)
-        codes = terms.pop("codes")
+        terms.pop("codes")  # the objective's (the Fisher AE's under batch statistics); evaluation's are encode(x)
+        with torch.no_grad():
+            codes = self.encode(batch.x)
+            recon = self.decode(codes)  # reconstruct(x)
         self.eval_active_units[stage].update(codes)
         if stage == "val":
             self.val_code_moments.update(codes)
-        recon = self.reconstruct(batch.x)
         terms["recon_mse"] = per_pixel_mse(recon, batch.target)  # of the paper's reconstruction, not a sample's
         terms[f"recon_{self.recon_metric}"] = RECONSTRUCTION_ERRORS[self.recon_metric](recon, batch.target)
         metrics = self.eval_metrics[stage]
@@ -486,7 +503,7 @@ class AutoEncoder(L.LightningModule):
             checkpoint["fae_rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        for name in ("code_mean", "code_cov", "code_count"):  # a checkpoint from before the fit of the codes
+        for name in ("code_mean", "code_cov", "code_count", "code_step"):  # a checkpoint from before the fit
             checkpoint["state_dict"].setdefault(name, getattr(self, name).detach().clone())
         state = checkpoint.get("fae_rng")
         if state is None:
