@@ -58,10 +58,8 @@ def test_two_models_see_byte_identical_corrupted_images():
         model.reconstruct = lambda x, _o=original, _i=inputs: (_i.append(x.clone()), _o(x))[1]
         sweep_of(model, eval_batch_size=64 if name == "vae" else 100)
         seen[name] = inputs
-    per_level = lambda xs, n_batches: [torch.cat(xs[k::4]) for k in range(4)]  # noqa: E731
-    vae = [torch.cat(seen["vae"][k::5][:8]) for k in range(1, 5)]  # test_step's own call is index 0
-    wae = [torch.cat(seen["wae"][k::5][:5]) for k in range(1, 5)]
-    del per_level
+    vae = [torch.cat(seen["vae"][k::4][:8]) for k in range(4)]  # the 4 levels of each batch, in turn
+    wae = [torch.cat(seen["wae"][k::4][:5]) for k in range(4)]
     for a, b in zip(vae, wae, strict=True):
         assert a.numpy().tobytes() == b.numpy().tobytes()
 
