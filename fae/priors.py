@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -128,18 +129,27 @@ class PolynomialExpFamily(Prior):
         return (self.eta.double()[None] * self.powers(grid.double(), 1)).sum(1)
 
     @torch.no_grad()
-    def support(self, drop: float = 60.0, max_half_width: float = 1e6) -> tuple[Tensor, Tensor]:
+    def support(self, drop: float = 60.0) -> tuple[Tensor, Tensor]:
         """Per dimension, the interval (lo, hi) outside which the density is below exp(-drop) times its
-        peak: a symmetric grid is widened until its ends fall below that, then trimmed to the points
-        above it, one coarse step of margin each side. Wherever the learned coefficients put the mass."""
-        half_width = 10.0
+        peak. Every mode lies within the largest real root of the score polynomial in absolute value
+        (beyond it log p only falls), so a symmetric grid is started past that root and widened until
+        its ends fall below the threshold, then trimmed to the points above it, one step of margin each
+        side: wherever the learned coefficients put the modes."""
+        m = torch.arange(1, self.degree + 1, dtype=torch.float64)
+        score = (m[:, None] * self.eta.detach().double().cpu()).T  # (d_z, M): the score's coefficients of z^0..z^(M-1)
+        reach = []
+        for coefficients in score.numpy():
+            roots = np.roots(coefficients[::-1])  # highest power first
+            real = roots[np.abs(roots.imag) < 1e-9 * (1 + np.abs(roots))].real
+            reach.append(np.abs(real).max() if len(real) else 0.0)
+        half_width = max(10.0, 1.5 * max(reach))
         while True:
             grid = torch.linspace(-half_width, half_width, 4001, device=self.rho.device, dtype=torch.float64)
             logp = self.grid_log_prob(grid[:, None].expand(-1, self.latent_dim))  # (G, d_z)
             low = logp < logp.max(0).values - drop
-            if (low[0] & low[-1]).all() or half_width >= max_half_width:
+            if (low[0] & low[-1]).all():
                 break
-            half_width *= 4
+            half_width *= 2
         step = grid[1] - grid[0]
         above = ~low
         first = above.double().argmax(0)  # the first grid point above the threshold, per dimension

@@ -57,6 +57,18 @@ def test_the_inverse_cdf_sampler_finds_mass_far_from_zero():
     torch.testing.assert_close(sample_moments(z)[:2], exact, atol=0.05, rtol=0.01)
 
 
+def test_the_inverse_cdf_sampler_finds_a_mode_behind_a_deep_dip():
+    """log p = -0.01 (z^4 - 60 z^3 + 900 z^2): equal modes at 0 and 30 with a dip of 20 nats between; a
+    grid widened only until its ends are low would stop inside the dip and miss the far mode."""
+    prior = PolynomialExpFamily(1, degree=4).double()
+    with torch.no_grad():
+        prior.eta_lower.copy_(torch.tensor([[0.0], [-9.0], [0.6]]))
+        prior.rho.copy_(torch.tensor([0.01]).log())
+    z = prior.sample(20_000, generator=torch.Generator().manual_seed(0))
+    far = (z > 15).double().mean().item()
+    assert abs(far - 0.5) < 0.02  # half the mass is at the far mode
+
+
 def test_svgd_reproduces_the_moments():
     prior = skewed_prior()
     exact = quadrature_moments(prior)

@@ -100,8 +100,17 @@ def test_validation_fits_a_gaussian_to_its_codes_and_fitted_samples_draw_from_it
     assert out.returncode == 0, out.stderr[-2000:]
     expected = model.decode(model.sample_fitted(4, generator=torch.Generator().manual_seed(0)))
     np.testing.assert_allclose(np.load(tmp_path / "f.npy"), expected.detach().numpy(), atol=1e-6)
+    stale = torch.load(last, weights_only=False)
+    stale["state_dict"]["code_step"] = torch.tensor(1)  # as if the last validation came a step before the save
+    torch.save(stale, tmp_path / "stale.ckpt")
+    out = fae_here("sample", str(tmp_path / "stale.ckpt"), "--sampler", "fitted", "--out", str(tmp_path / "st.png"),
+                   cwd=tmp_path)  # fmt: skip
+    assert (
+        out.returncode == 0
+        and "the codes were fitted at the validation of step 1; this checkpoint is at step 2" in (out.stdout)
+    )
     old = torch.load(last, weights_only=False)
-    for name in ("code_mean", "code_cov", "code_count"):
+    for name in ("code_mean", "code_cov", "code_count", "code_step"):
         del old["state_dict"][name]
     torch.save(old, tmp_path / "old.ckpt")
     assert not load_model(tmp_path / "old.ckpt").can_sample_fitted

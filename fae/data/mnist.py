@@ -113,9 +113,8 @@ class MNISTDataModule(InMemoryImageDataModule):
             )
 
     def load_splits(self) -> dict[str, Tensor]:
-        self._raise_if_missing()
-        train = self._read(train=True)  # (60000, 1, 28, 28)
-        test = self._read(train=False)  # (10000, 1, 28, 28)
+        train = self.read(train=True)  # (60000, 1, 28, 28)
+        test = self.read(train=False)  # (10000, 1, 28, 28)
         perm = split_permutation(len(train), self.split_seed)
         return {
             "train": train[perm[self.val_size :]],
@@ -123,18 +122,24 @@ class MNISTDataModule(InMemoryImageDataModule):
             "test": test,
         }
 
-    def _read(self, train: bool) -> Tensor:
+    def read(self, train: bool, labels: bool = False, full: bool = True) -> Tensor | tuple[Tensor, Tensor]:
+        """The training (60000) or test (10000) images, (N, 1, 28, 28) uint8, and with `labels` their
+        classes (N,); a missing, truncated or corrupt file as one line. `full=False` accepts any number
+        of images in MNIST's format (a subset, or another digit set in its layout)."""
+        self._raise_if_missing()
         try:
-            images = MNIST(str(self.data_dir), train=train, download=False).data
+            dataset = MNIST(str(self.data_dir), train=train, download=False)
+            images, targets = dataset.data, dataset.targets
         except Exception as err:
             raise UserError(
                 f"cannot read MNIST from {self.raw_dir} ({type(err).__name__}: {err}); the files "
                 "may be truncated or corrupt: replace them with the original IDX files."
             ) from err
-        expected = (60000 if train else 10000, 28, 28)
-        if tuple(images.shape) != expected or images.dtype != torch.uint8:
+        expected = (60000 if train else 10000, 28, 28) if full else (len(images), 28, 28)
+        if tuple(images.shape) != expected or images.dtype != torch.uint8 or len(targets) != len(images):
             raise UserError(
-                f"MNIST in {self.raw_dir} has images of shape {tuple(images.shape)} ({images.dtype}), "
-                f"expected {expected} uint8: replace the files with the original IDX files."
+                f"MNIST in {self.raw_dir} has images of shape {tuple(images.shape)} ({images.dtype}) and "
+                f"{len(targets)} labels, expected {expected} uint8 and as many labels: replace the files with the "
+                "original IDX files."
             )
-        return images.unsqueeze(1)
+        return (images.unsqueeze(1), targets) if labels else images.unsqueeze(1)

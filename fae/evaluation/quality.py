@@ -3,8 +3,8 @@
 The sets of images scored against the clean test images, all in one pass over the test set:
   - samples: z ~ p(z) decoded (the decoder mean), one per test image, z_i drawn from a generator
     seeded once, so sample i is the same on any number of devices; FID and KID;
-  - fitted_samples: likewise from z ~ N(m, C), the Gaussian fitted to the validation codes during
-    training (AutoEncoder.sample_fitted; every family, the AE too); FID and KID;
+  - fitted_samples: likewise from z ~ N(m, C), the Gaussian fitted to the validation images' codes
+    with the tested weights (AutoEncoder.fit_codes, sample_fitted; every family, the AE too); FID, KID;
   - reconstructions of the clean test images; FID;
   - reconstructions of the corrupted test images at each level of the sweep, as the authors score
     CelebA; FID.
@@ -24,9 +24,10 @@ import warnings
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance, poly_mmd
 from torchmetrics.utilities.data import dim_zero_cat
 
 from fae.evaluation.features import Frozen
@@ -45,9 +46,9 @@ class Passthrough(nn.Module):
 
 class OrderedKID(KernelInceptionDistance):
     """torchmetrics' KID whose random subsets do not depend on the number of devices: each feature row
-    carries its test-image index in an extra last column, the rows are sorted by it and the column
-    dropped, then the subsets are drawn from `seed` (with fewer images than `subset_size`: one subset
-    of all of them)."""
+    carries its test-image index in an extra last column, the rows are put in index order, and the
+    subsets are drawn by a generator of their own seeded with `seed` (the global random streams are
+    untouched). With fewer images than `subset_size`: one subset of all of them, and a line says so."""
 
     def __init__(self, num_features: int, seed: int = 0, **kwargs) -> None:
         with warnings.catch_warnings():  # its note that it keeps every feature: (d + 1) floats an image here
@@ -60,20 +61,20 @@ class OrderedKID(KernelInceptionDistance):
         super().update(torch.cat([features.double(), index[:, None].double()], dim=1), real)
 
     def compute(self) -> tuple[Tensor, Tensor]:
-        # the synchronised states here; torchmetrics puts the local ones back afterwards
-        for name in ("real_features", "fake_features"):
-            rows = dim_zero_cat(getattr(self, name))
-            setattr(self, name, [rows[rows[:, -1].argsort()][:, :-1]])
+        real, fake = (dim_zero_cat(rows) for rows in (self.real_features, self.fake_features))
+        real, fake = (rows[rows[:, -1].argsort()][:, :-1] for rows in (real, fake))
         size, subsets = self.subset_size, self.subsets
-        n = min(len(self.real_features[0]), len(self.fake_features[0]))
-        if n < size:
-            self.subset_size, self.subsets = n, 1
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                return super().compute()
-        finally:
-            self.subset_size, self.subsets = size, subsets
+        if min(len(real), len(fake)) < size:
+            size, subsets = min(len(real), len(fake)), 1
+            rank_zero_info(f"fae: KID on one subset of all {size} images (fewer than --sweep.kid_subset_size)")
+        generator = torch.Generator().manual_seed(self.seed)
+        scores = torch.stack([
+            poly_mmd(real[torch.randperm(len(real), generator=generator)[:size].to(real.device)],
+                     fake[torch.randperm(len(fake), generator=generator)[:size].to(fake.device)],
+                     self.degree, self.gamma, self.coef)
+            for _ in range(subsets)
+        ])  # fmt: skip
+        return scores.mean(), scores.std(unbiased=False)
 
 
 def first_visits(trainer: L.Trainer, pl_module: L.LightningModule, n_images: int) -> tuple[Tensor, Tensor]:

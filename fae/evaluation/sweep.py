@@ -158,11 +158,21 @@ class RobustnessSweep(L.Callback):
             }
 
     def quality_scores(self, trainer: L.Trainer, pl_module: L.LightningModule) -> QualityScores | None:
-        """The FID/KID metrics, or None (with one line saying why) when they are off or have no network."""
+        """The FID/KID metrics, or None (with one line saying why) when they are off or have no network.
+        Fits the model's codes again with the tested weights (AutoEncoder.fit_codes) on the validation
+        images, for the fitted samples."""
         if self.quality_mode == "off":
             return None
         file = self.features or getattr(trainer.datamodule, "feature_network", None)
-        if file is None or not Path(file).is_file():
+        found = file is not None and Path(file).is_file()
+        strategy = trainer.strategy  # every process decides alike, or some would wait for the others forever
+        found_everywhere, found_somewhere = (
+            strategy.reduce_boolean_decision(found),
+            strategy.reduce_boolean_decision(found, all=False),
+        )
+        if found_somewhere and not found_everywhere:
+            raise UserError(f"--sweep.features: {file} is missing on some nodes: put it on storage every node sees")
+        if not found:
             data = type(trainer.datamodule).__name__ if trainer.datamodule is not None else "the test data"
             why = f"{file} not found" if file else f"{data} has no default network"
             fix = "train MNIST's with `fae classifier --data_dir DIR`, or give --sweep.features FILE"
@@ -174,10 +184,10 @@ class RobustnessSweep(L.Callback):
         levels = [(c.kind, c.level) for c in self.corruptions]
         data = trainer.datamodule
         if data is not None and hasattr(data, "val_dataloader") and hasattr(data, "to_float"):
-            # the fit of the codes made again with these weights (the checkpoint's is of its last validation)
-            pl_module.fit_codes(data.to_float(images.to(pl_module.device)) for images, _ in data.val_dataloader())
-        else:
-            rank_zero_info("fae: fitted samples from the checkpoint's fit of the codes (no validation data to refit)")
+            with trainer.precision_plugin.forward_context():  # the checkpoint's fit is of its last validation
+                pl_module.fit_codes(data.to_float(images.to(pl_module.device)) for images, _ in data.val_dataloader())
+        if not pl_module.can_sample_fitted:
+            rank_zero_info("fae: no fitted_samples rows: no validation images to fit the codes on, nor a fit saved")
         able = {"samples": pl_module.can_sample, "fitted_samples": pl_module.can_sample_fitted}
         kinds = [kind for kind, can in able.items() if can]
         return QualityScores(features, levels, kinds, self.kid_subset_size).to(pl_module.device)
@@ -240,13 +250,15 @@ class RobustnessSweep(L.Callback):
             )
             for corruption, mean, std in zip(self.corruptions, means, stds, strict=True)
         ]
-        if self.quality is not None:
+        if self.quality is not None and n < 2:
+            rank_zero_info(f"fae: FID/KID not scored: they need 2 test images or more, {n} were tested")
+        elif self.quality is not None:
             template = self.results[0]
             self.results += [
                 replace(template, kind=kind, level=level, metric=metric, mean=value, std=spread)
                 for (kind, level, metric), (value, spread) in self.quality.compute().items()
             ]
-            self.quality.reset()
+        self.quality, self.draws = None, {}  # the feature network and the metrics' states go with them
         if trainer.is_global_zero and trainer.loggers:  # a Trainer without loggers writes no files
             folder = Path(folder)
             write_results(self.results, folder)

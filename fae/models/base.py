@@ -266,11 +266,15 @@ class AutoEncoder(L.LightningModule):
                 f"this {type(self).__name__} has no fit of its codes: it is made at each validation, and this "
                 "checkpoint was saved before the first one (or by an older fae); use the prior's samples"
             )
-        scale = self.code_cov.diagonal().mean().clamp(min=1e-12)  # a jitter for codes confined to a subspace
-        eye = torch.eye(self.latent_dim, dtype=torch.float64, device=self.code_cov.device)
-        root = torch.linalg.cholesky(self.code_cov + 1e-6 * scale * eye)
+        mean, covariance = self.code_mean.double(), self.code_cov.double()
+        scale = covariance.diagonal().mean().clamp(min=1e-12)  # a jitter for codes confined to a subspace
+        eye = torch.eye(self.latent_dim, dtype=torch.float64, device=covariance.device)
+        root, info = torch.linalg.cholesky_ex(covariance + 1e-6 * scale * eye)
+        if info.item() != 0 or not torch.isfinite(mean).all():
+            raise UserError(f"the fit of this {type(self).__name__}'s codes is not a Gaussian (non-finite codes?): "
+                            "sample its prior instead")  # fmt: skip
         eps = torch.randn(n, self.latent_dim, generator=generator).double().to(self.device)  # N(0, I)'s stream
-        return (self.code_mean + eps @ root.T).float()
+        return (mean + eps @ root.T).float()
 
     @property
     def can_sample_fitted(self) -> bool:
@@ -289,7 +293,8 @@ class AutoEncoder(L.LightningModule):
         moments = CodeMoments(self.latent_dim, sync_on_compute=False).to(self.device)
         for x in images:
             moments.update(self.encode(x.to(self.device)))
-        self.set_code_fit(*moments.compute())
+        if moments.count >= 2:  # else the fit saved in the checkpoint stays
+            self.set_code_fit(*moments.compute())
 
     def set_code_fit(self, mean: Tensor, covariance: Tensor, count: Tensor) -> None:
         self.code_mean.copy_(mean)
