@@ -1,4 +1,5 @@
-# fae: the two commands a newcomer needs are `make demo` and `make test`; each installs what it needs.
+# fae: the commands a newcomer needs are `make demo` and `make test` (`make test-fast` while working); each
+# installs what it needs.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -10,7 +11,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 MNIST_ROOT ?= $(abspath ../shared/data)
 export FAE_MNIST_ROOT ?= $(if $(wildcard $(MNIST_ROOT)/MNIST/raw),$(MNIST_ROOT),)
 
-.PHONY: install demo test lint bench ablation-mnist reproduce-mnist clean
+.PHONY: install demo test test-fast lint bench ablation-mnist reproduce-mnist clean
 
 install: $(STAMP)
 
@@ -25,6 +26,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the working loop: every test but those marked slow (end-to-end runs of fae) or multiprocess (DDP, torchrun)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not multiprocess"
 
 lint: $(STAMP)
 	$(BIN)/ruff check fae tests benchmarks scripts

@@ -78,8 +78,15 @@ def main() -> None:
         cycle = itertools.cycle(batches)
         median_ms(lambda: train[next(cycle)], 10)  # warm-up: every batch once
         memmap = median_ms(lambda: train[next(cycle)], 200)
-        model = VAE(CelebAEncoder, CelebADecoder, latent_dim=64, width=args.width, image_shape=dm.image_shape,
-                    likelihood="gaussian", grid_images=0)  # fmt: skip
+        model = VAE(
+            CelebAEncoder,
+            CelebADecoder,
+            latent_dim=64,
+            width=args.width,
+            image_shape=dm.image_shape,
+            likelihood="gaussian",
+            grid_images=0,
+        )
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         x = dm.to_float(train[batches[0]])
 

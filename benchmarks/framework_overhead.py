@@ -32,7 +32,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from fae.cli import FaeCLI, main
+from fae.cli import main
+from fae.cli.lightning import FaeCLI
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
 FAMILIES = ("vae", "fisher", "wae_gan")
@@ -56,12 +57,15 @@ class BareLoop:
 
     def step(self) -> None:
         x = self.data.to_float(self.images[torch.randint(len(self.images), (64,))])
-        if self.family == "wae_gan":
-            with torch.no_grad():
-                codes = self.model.encode(x)
+        if self.family == "wae_gan":  # one encoding, two updates, as the family's training_step
+            codes = self.model.encode(x)
             self.discriminator_optimizer.zero_grad(set_to_none=True)
-            self.model.discriminator_terms(x, codes)["disc_loss"].mean().backward()
+            self.model.discriminator_terms(codes.detach())["disc_loss"].mean().backward()
             self.discriminator_optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model.objective(x, codes)["loss"].mean().backward()
+            self.optimizer.step()
+            return
         self.optimizer.zero_grad(set_to_none=True)
         self.model.model_step(x)["loss"].mean().backward()
         self.optimizer.step()

@@ -53,17 +53,17 @@ class Stepper:
 
     def step(self, x: torch.Tensor) -> float:
         start = time.perf_counter()
-        if self.family == "wae_gan":
-            with self.context(), torch.no_grad():
-                codes = self.model.encode(x)
+        with self.context():
+            codes = self.model.encode(x) if self.family == "wae_gan" else None  # one encoding, as the family's step
+        if codes is not None:
             self.discriminator_optimizer.zero_grad(set_to_none=True)
             with self.context():
-                disc = self.model.discriminator_terms(x, codes)["disc_loss"].mean()
+                disc = self.model.discriminator_terms(codes.detach())["disc_loss"].mean()
             disc.backward()
             self.discriminator_optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with self.context():
-            loss = self.model.model_step(x)["loss"].mean()
+            loss = (self.model.objective(x, codes) if codes is not None else self.model.model_step(x))["loss"].mean()
         loss.backward()
         self.optimizer.step()
         return time.perf_counter() - start

@@ -28,7 +28,8 @@ import lightning as L
 import torch
 
 from fae.cli import main as fae
-from fae.evaluation.features import CLASSIFIER_FORMAT, MNISTClassifier
+from fae.evaluation.features import CLASSIFIER_FORMAT
+from fae.nets.classifier import MNISTClassifier
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart" / "digits_vae.yaml"
 TIMES: list[float] = []
@@ -74,8 +75,10 @@ def main() -> None:
                 quiet(["test", *common, *run, "--ckpt_path", "last", *flags, "--trainer.callbacks+=__main__.TestTimer"])
                 seconds[name] += TIMES
     clean, sweep, quality = (statistics.median(seconds[name]) for name in ways)
-    print(f"fae test of 500 digits, VAE width {args.width}: clean pass {clean:.2f} s, with the sweep {sweep:.2f} s, "
-          f"with the sweep and FID/KID {quality:.2f} s")  # fmt: skip
+    print(
+        f"fae test of 500 digits, VAE width {args.width}: clean pass {clean:.2f} s, with the sweep {sweep:.2f} s, "
+        f"with the sweep and FID/KID {quality:.2f} s"
+    )
     print(f"ratio sweep/clean test: {sweep / clean:.2f}")
     print(f"ratio sweep with FID/KID/sweep: {quality / sweep:.2f}")
 

@@ -1,17 +1,25 @@
-"""Checkpoints a run can trust: written atomically, read with a one-line error, last.ckpt always the
-newest state, saved every few minutes mid-epoch and when the run is stopped by a signal.
+"""Checkpoints a run can trust: read once, with a one-line error; written atomically; last.ckpt always
+the newest state, saved every few minutes mid-epoch and when the run is stopped by a signal.
+
+`checkpoint_facts(path)` is the one reader of what a command needs to know of a checkpoint (its step,
+epochs, family, arguments in today's form, best checkpoint, whether it can be resumed): the planner,
+the CLI's rebuild of the model and `fae sample` share it, and `read_checkpoint` hands the same loaded
+file to the loader of its weights (Lightning's restore, fae.models.load), so that a command loads each
+file version once. A checkpoint that cannot be read (missing, truncated, a flipped byte, not
+Lightning's) is named in one line. `upgrade_hparams` reads the arguments of checkpoints written when
+each net took its own sizes in today's form.
 
 `AtomicCheckpointIO` (the CLI installs it on every Trainer) writes a checkpoint beside its destination
 (`.<name>.partial-<pid>`), fsyncs it and renames it over the destination: the previous file stays whole
 until the new one is complete, on any filesystem and when the disk fills (Lightning's own writer
 stages the file in the temp folder and copies it across filesystems, truncating the destination
-first). A checkpoint that cannot be read is named in one line (`read_checkpoint`).
+first).
 
 `Checkpoint` is Lightning's ModelCheckpoint (same arguments) plus:
   - last.ckpt is always the newest state. Lightning 2.6 rewrites last.ckpt at a validation only when
     a top-k checkpoint is saved at the same step, and at the end of training only when none was ever
-    written, so a run whose monitored metric stops improving keeps a stale last.ckpt (seen here: a run
-    of 3000 batches whose last.ckpt held step 1000). `Checkpoint` saves last.ckpt after each of
+    written, so a run whose monitored metric stops improving keeps a stale last.ckpt
+    (tests/test_checkpoint.py pins it). `Checkpoint` saves last.ckpt after each of
     Lightning's saving points and when training ends, unless it already holds that step;
   - `last_every_minutes`: last.ckpt is also written mid-epoch once that many minutes have passed
     since it was last written (at most that much work is lost to a crash);
@@ -28,6 +36,7 @@ It relies on ModelCheckpoint's `_monitor_candidates`, `_save_last_checkpoint` an
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import shutil
@@ -35,6 +44,7 @@ import signal
 import threading
 import time
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,18 +58,45 @@ from fae.errors import UserError, short_reason
 
 _VERIFIED: set[tuple[str, int, int]] = set()  # (path, mtime, size) of checkpoints whose checksums passed
 UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError)
+_LOADED: dict[tuple[str, int, int], dict] = {}  # file versions read for their facts, until their loader takes them
+_FACTS: dict[tuple[str, int, int], CheckpointFacts] = {}
 
 
-def read_checkpoint(path: str | Path, map_location: Any = "cpu", resume: bool = False) -> dict:
+@dataclass(frozen=True)
+class CheckpointFacts:
+    """What a command needs to know of a checkpoint, read once per file version (`checkpoint_facts`)."""
+
+    path: Path
+    step: int  # the global step: batches trained
+    epochs_done: int
+    resumable: bool  # it holds the optimizer and loop state a resumed run needs, not only weights
+    class_path: str | None  # the model family, as the CLI records it
+    recorded_hparams: dict = field(repr=False)  # the family's arguments in today's form (`upgrade_hparams`)
+    best_model_path: str | None = None  # the best-by-monitor checkpoint its run recorded
+
+    @property
+    def family(self) -> str:
+        return (self.class_path or "model").rsplit(".", 1)[-1]
+
+    @property
+    def hparams(self) -> dict:
+        """The family's arguments in today's form: a copy each time (a parser may change what it is given)."""
+        return copy.deepcopy(self.recorded_hparams)
+
+
+def version_key(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
+
+
+def load_verified(path: Path) -> dict:
     """torch.load of a Lightning checkpoint, or one UserError naming the file when it cannot be read:
     missing, truncated, corrupt (every entry's CRC32 is checked: a flipped byte in a tensor is found),
-    not a Lightning checkpoint, or, with `resume`, one that holds weights only."""
-    path = Path(path)
+    or not a Lightning checkpoint."""
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path} (give the path of a .ckpt file)")
     fix = "use another checkpoint, e.g. a best-*.ckpt beside it"
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    key = version_key(path)
     try:
         with zipfile.ZipFile(path) as archive:
             # the checksums take a read of the whole file: once per file version, however often it is read
@@ -73,7 +110,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", resume: bool = 
         raise UserError(f"checkpoint {path} is corrupt ({damaged} fails its checksum): {fix}")
     try:
         # mmap: only what is read is paged in, so checking a large checkpoint costs little
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except UNREADABLE as err:
         reason = short_reason(err).split(". ")[0][:100]
         raise UserError(f"checkpoint {path} cannot be read, it is truncated or corrupt ({reason}): {fix}") from None
@@ -83,12 +120,79 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", resume: bool = 
     if not isinstance(checkpoint.get("global_step", 0), int):
         raise UserError(f"checkpoint {path} is corrupt (its global_step is not a number): {fix}")
     _VERIFIED.add(key)
-    if resume and not checkpoint.get("optimizer_states"):
+    return checkpoint
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The whole checkpoint (on the CPU), for the one reader that loads it (Lightning's restore, `fae
+    sample`): the copy its facts were read from when there is one, so that a file version is loaded once."""
+    path = Path(path)
+    cached = _LOADED.pop(version_key(path), None) if path.is_file() else None
+    return cached if cached is not None else load_verified(path)
+
+
+def checkpoint_facts(path: str | Path, resume: bool = False) -> CheckpointFacts:
+    """The facts of a checkpoint, read once per file version; with `resume`, one that holds weights only
+    is refused in one line (no run can continue from it)."""
+    path = Path(path)
+    key = version_key(path) if path.is_file() else None
+    facts = _FACTS.get(key) if key else None
+    if facts is None:
+        checkpoint = load_verified(path)
+        key = version_key(path)
+        _LOADED[key] = checkpoint
+        facts = _FACTS[key] = facts_of(path, checkpoint)
+    if resume and not facts.resumable:
         raise UserError(
             f"{path} holds weights only (no optimizer or loop state), so no run can resume from it: evaluate it "
             "with `fae test`, or start a new run"
         )
-    return checkpoint
+    return facts
+
+
+def facts_of(path: Path, checkpoint: dict) -> CheckpointFacts:
+    hparams = upgrade_hparams(checkpoint.get("hyper_parameters") or {})
+    class_path = hparams.pop("_class_path", None)
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    states = checkpoint.get("callbacks", {})
+    best = [state.get("best_model_path") for key, state in states.items() if "Checkpoint" in key]
+    return CheckpointFacts(
+        path=path,
+        step=int(checkpoint.get("global_step", 0)),
+        epochs_done=int(progress.get("completed", checkpoint.get("epoch", 0))),
+        resumable=bool(checkpoint.get("optimizer_states")),
+        class_path=class_path,
+        recorded_hparams=hparams,
+        best_model_path=next((p for p in best if p), None),
+    )
+
+
+def forget_checkpoints(keep: Path | None = None) -> None:
+    """Drop the checkpoints read for their facts but `keep`'s (the end of planning), or everything read
+    (the end of a command)."""
+    kept = {k: v for k, v in _LOADED.items() if keep is not None and k[0] == str(Path(keep).resolve())}
+    _LOADED.clear()
+    _LOADED.update(kept)
+    if keep is None:
+        _FACTS.clear()
+
+
+def upgrade_hparams(hparams: dict) -> dict:
+    """A checkpoint's model hyperparameters in today's form: those written when each net took its own
+    latent_dim and width (and gaussian, image_size) have them moved to the model, where they are now
+    stated once; the weights are the same. Lightning's instantiator marker is dropped."""
+    hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
+    for net in ("encoder", "decoder"):
+        spec = hparams.get(net)
+        if isinstance(spec, dict) and isinstance(spec.get("init_args"), dict):
+            args = dict(spec["init_args"])
+            for key in ("latent_dim", "width"):
+                if key in args:
+                    hparams.setdefault(key, args.pop(key))
+            args.pop("gaussian", None)  # the family's
+            args.pop("image_size", None)  # the data's
+            hparams[net] = {**spec, "init_args": args}
+    return hparams
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -121,7 +225,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.close(directory)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
-        return read_checkpoint(path, map_location=map_location or "cpu")
+        checkpoint = read_checkpoint(path)
+        if map_location not in (None, "cpu"):  # Lightning's restore asks for none: it moves the state itself
+            checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        return checkpoint
 
 
 class Preempted(SystemExit):
@@ -152,6 +259,11 @@ class Checkpoint(ModelCheckpoint):
         self._last_written_at = time.monotonic()
         self._signal: dict = {}
         self._previous_handlers: dict = {}
+
+    @property
+    def last_saved_step(self) -> int | None:
+        """The global step last.ckpt holds, as this callback last wrote it (None: not written yet)."""
+        return self._last_step_saved_as_last
 
     # --- last.ckpt: the newest state -------------------------------------------------------------
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:

@@ -52,7 +52,7 @@ def reconstruction_mse(recon: Tensor, target: Tensor) -> Tensor:
 RECONSTRUCTION_ERRORS = {"bce": reconstruction_bce, "mse": reconstruction_mse}
 
 
-# --- Fisher auto-encoder (Elkhalil et al. 2021, Theorem 1; DESIGN.md section 1) -------------------
+# --- Fisher auto-encoder (Elkhalil et al. 2021, Theorem 1 and its proof in the supplement) --------
 #
 #   L(x) = E_{z ~ q(z|x)} [ s(x; p_theta(.|z))
 #                           + 1/2 || grad_x log q_phi(z|x) ||^2

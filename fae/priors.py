@@ -1,7 +1,7 @@
 """Latent priors p_eta(z): log-density up to a constant, score grad_z log p(z), and a sampler.
 
 - StandardNormal:  log p(z) = -1/2 ||z||^2,  grad_z log p(z) = -z.
-- PolynomialExpFamily (the paper's learned prior, DESIGN.md section 1): independent dimensions,
+- PolynomialExpFamily (the learned prior of Elkhalil et al. 2021): independent dimensions,
 
       log p_eta(z) = sum_j sum_{m=1..M} eta_{m,j} z_j^m        (unnormalised; M = 4 on CelebA)
       d/dz_j log p_eta(z) = sum_{m=1..M} m eta_{m,j} z_j^(m-1)

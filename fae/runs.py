@@ -12,6 +12,8 @@ metrics of the run it resumes.
     interruption) move to metrics-superseded-<time>.csv, so metrics.csv is one continuous record
     with each step once, and no row is lost (all earlier rows, when a run that saved no checkpoint
     is started again in its folder);
+  - `make_run_folder`: a run folder made afresh (or its parents), recorded so that a start that fails
+    leaves nothing behind (`remove_failed_starts`);
   - `global_rank_from_env()`, `several_processes_from_env()`: the rank of this process, and whether
     it is one of several, before Lightning has set up, from the variables that its launchers, torchrun
     and SLURM set.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -31,9 +34,10 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from fae.errors import UserError
+from fae.errors import UserError, make_folder
 
 LOCK_NAME = ".fae.lock"
+RUN_DIR_ENV = "FAE_RUN_DIR"  # the run folder, for the worker processes Lightning starts
 METRICS_NAME = _ExperimentWriter.NAME_METRICS_FILE
 
 
@@ -41,6 +45,48 @@ def holds_results(folder: Path) -> bool:
     """True when `folder` holds an earlier run's metrics or checkpoints."""
     checkpoints = [*folder.glob("checkpoints/*.ckpt"), *folder.glob("hpc_ckpt_*.ckpt")]
     return (folder / METRICS_NAME).is_file() or bool(checkpoints)
+
+
+# folders this process made, which a start that fails must not leave behind (remove_failed_starts)
+CREATED: list[Path] = []
+
+
+def make_run_folder(path: Path, unique: bool) -> Path:
+    """Make the run folder `path` (with `unique`, as a new folder: `path-2`, `path-3`, ... when a command
+    started in the same second took the name) or explain in one line why not; recorded, so that a
+    start that fails removes what it made."""
+    if not unique:
+        top = next((p for p in reversed([path, *path.parents]) if not p.exists()), None)  # the first folder made
+        fix = "choose another --runs_dir or --run_dir"
+        make_folder(path, "the run folder", fix)
+        if not os.access(path, os.W_OK):
+            raise UserError(f"cannot write in the run folder {path}: permission denied ({fix})")
+        if top is not None:
+            CREATED.append(top)
+        return path
+    make_run_folder(path.parent, unique=False)
+    suffix = 1
+    while True:  # created at once and exclusively: two commands never share one
+        candidate = path if suffix == 1 else path.with_name(f"{path.name}-{suffix}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            suffix += 1
+            continue
+        except OSError as err:
+            raise UserError(
+                f"cannot make the run folder {candidate}: {err.strerror} (choose another --runs_dir)"
+            ) from None
+        CREATED.append(candidate)
+        return candidate
+
+
+def remove_failed_starts() -> None:
+    """Remove the folders this command made, when it failed before writing any result into them."""
+    for path in CREATED:
+        results = [*path.rglob("*.ckpt"), *path.rglob(METRICS_NAME)] if path.is_dir() else [None]
+        if not results:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def global_rank_from_env() -> int:

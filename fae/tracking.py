@@ -7,7 +7,8 @@ the one picture of reconstructions (`reconstruction_grid`) that validation and t
     the W&B host) and offline where they do not, saying so in one line with the command that syncs
     the run later;
   - an online start that fails (no network, a bad key) falls back to offline with one line, instead
-    of stopping the training.
+    of stopping the training;
+  - the run ends with the command that started it (`finish_wandb_run`), marked failed if it failed.
 `flat_config` turns a resolved CLI config into {flag: value} (`data.batch_size`, `trainer.max_epochs`,
 `seed_everything`, ...): what the CLI gives each logger as the run's hyperparameters, so that a W&B
 dashboard can group, filter and sort runs by any setting (Lightning logs only the model's).
@@ -157,6 +158,16 @@ class WandbLogger(LightningWandbLogger):
             )
             self.mode = self._wandb_init["mode"] = "offline"
             return super().experiment
+
+
+def finish_wandb_run(failed: bool) -> None:
+    """End the W&B run a command started, if any (its files complete, offline too), marked failed when
+    the command failed: one command is one run, and a later command in the same process starts its own."""
+    import sys
+
+    wandb = sys.modules.get("wandb")  # imported only by a command that logged to W&B
+    if wandb is not None and wandb.run is not None:
+        wandb.run.finish(exit_code=1 if failed else 0)
 
 
 def training_group(run_dir: Path) -> str | None:

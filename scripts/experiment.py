@@ -44,7 +44,7 @@ from pathlib import Path
 
 import yaml
 
-from fae.evaluation.report import QUALITY_COLUMNS, error_rows
+from fae.evaluation.results import QUALITY_COLUMNS, error_rows, read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,8 +98,9 @@ def finished(job: Job) -> bool:
 def fae(args: list[str], log, env: dict) -> int:
     log.write(f"$ fae {' '.join(args)}\n")
     log.flush()
-    return subprocess.run([sys.executable, "-m", "fae.cli", *args], stdout=log, stderr=subprocess.STDOUT,
-                          env=env, cwd=ROOT).returncode  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "fae.cli", *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+    ).returncode
 
 
 def run(job: Job, spec: dict) -> str:
@@ -172,24 +173,25 @@ def at_steps(rows: list[dict[str, str]], key: str, steps: list[int]) -> list[flo
 
 def summarise_run(job: Job, spec: dict) -> dict[str, float]:
     test_dir = sorted(job.run_dir.glob("test-*/robustness.json"))[-1].parent
-    rows = json.loads((test_dir / "robustness.json").read_text())
+    rows = read_rows(test_dir)
     errors = error_rows(rows)
-    metric = errors[0]["metric"]
+    metric = errors[0].metric
     test = last_values(read_csv(test_dir / "metrics.csv"))
     train = read_csv(job.run_dir / "metrics.csv")
     out = {}
-    for step, value in zip(spec["table"]["val_at"], at_steps(train, f"val/recon_{metric}", spec["table"]["val_at"]),
-                           strict=True):  # fmt: skip
+    for step, value in zip(
+        spec["table"]["val_at"], at_steps(train, f"val/recon_{metric}", spec["table"]["val_at"]), strict=True
+    ):
         out[f"val {metric} @{step}"] = value
     for name in ("recon_" + metric, "recon_mse", "posterior_fisher", "active_units", "encoder_sigma", "decoder_scale"):
         out[f"test {name}"] = test.get(f"test/{name}", math.nan)
     for kind, levels in spec["table"]["levels"].items():
         for level in levels:
-            row = next((r for r in errors if r["kind"] == kind and math.isclose(r["level"], level)), None)
-            out[f"{kind} {level:g}"] = row["mean"] if row else math.nan
+            row = next((r for r in errors if r.kind == kind and math.isclose(r.level, level)), None)
+            out[f"{kind} {level:g}"] = row.mean if row else math.nan
     for (kind, name), column in QUALITY_COLUMNS.items():  # FID/KID when `fae test` had a feature network
-        row = next((r for r in rows if (r["kind"], r.get("metric")) == (kind, name)), None)
-        out[column] = row["mean"] if row else math.nan
+        row = next((r for r in rows if (r.kind, r.metric) == (kind, name)), None)
+        out[column] = row.mean if row else math.nan
     timing = json.loads(job.timing.read_text()) if job.timing.is_file() else {}
     out["fit min"] = timing.get("fit_seconds", math.nan) / 60
     return out

@@ -1,16 +1,17 @@
-"""Shared fixtures: real MNIST when FAE_MNIST_ROOT points at it, and a runner for the `fae` CLI."""
+"""Shared fixtures: real MNIST when FAE_MNIST_ROOT points at it, the `fae` command in this process, the
+embedded digits in MNIST's layout, and tiny trained runs of each family made once per session."""
 
 from __future__ import annotations
 
-import logging
 import os
-import struct
+import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from .helpers import QUICKSTART, run_in_process, write_idx
 
 
 @pytest.fixture(scope="session")
@@ -22,120 +23,59 @@ def mnist_root() -> Path:
     return Path(root)
 
 
-def run_fae(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `fae ARGS` in a subprocess (DDP re-executes sys.argv, so the CLI is never run in-process)."""
-    root = str(Path(__file__).resolve().parent.parent)  # so that --trainer.callbacks can name tests.callbacks
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": path, **(env or {})}
-    full_env.pop("FAE_RUN_DIR", None)
-    return subprocess.run(
-        [sys.executable, "-m", "fae.cli", *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 @pytest.fixture
-def fae_here(monkeypatch, capfd):
-    """Run `fae ARGS` in this process (for commands on one device: Lightning's DDP re-executes sys.argv);
-    returns a CompletedProcess with the exit status and the captured output. Saves the interpreter's
-    start for each command."""
-    from fae.cli import main
+def fae_here(capfd):
+    """Run `fae ARGS` in this process (commands on one device: Lightning's DDP re-executes sys.argv);
+    returns a CompletedProcess with the exit status and the captured output."""
 
     def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        with monkeypatch.context() as scoped:  # `env` for this command only
-            for key, value in (env or {}).items():
-                scoped.setenv(key, value)
-            return run_here(args, cwd)
-
-    def run_here(args: tuple[str, ...], cwd: Path) -> subprocess.CompletedProcess:
-        monkeypatch.chdir(cwd)
-        monkeypatch.setattr(sys, "argv", ["fae"])
-        monkeypatch.setenv("WANDB_MODE", "offline")
-        monkeypatch.delenv("FAE_RUN_DIR", raising=False)
-        capfd.readouterr()
-        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # handlers hold the stderr of their import
-            for handler in logging.getLogger(name).handlers:
-                if isinstance(handler, logging.StreamHandler):
-                    handler.stream = sys.stderr  # not setStream: it flushes the old one, maybe closed
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        code = run_in_process(list(args), cwd, env, capture=capfd)
         out, err = capfd.readouterr()
         return subprocess.CompletedProcess(args, code, out, err)
 
     return run
 
 
-def wandb_run_records(run_folder: Path) -> dict:
-    """What an offline W&B run under `run_folder` recorded, read from its transaction log (a LevelDB-style
-    log of protobuf records in 32 KiB blocks): {"run": the run record, "config": {key: value},
-    "summary": {key: value}} (values decoded from JSON). wandb itself has no reader of these files."""
-    import json
-    import struct
-
-    from wandb.proto import wandb_internal_pb2
-
-    (path,) = run_folder.glob("wandb/offline-run-*/run-*.wandb")
-    data, pos, block, pending, raw = path.read_bytes(), 7, 32768, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind == 1:
-            raw.append(chunk)
-        elif kind in (2, 3):  # first, middle
-            pending = (pending if kind == 3 else b"") + chunk
-        elif kind == 4:  # last
-            raw.append(pending + chunk)
-    out: dict = {"run": None, "config": {}, "summary": {}}
-    for item in raw:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(item)
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            out["run"] = record.run
-        elif kind == "config":
-            out["config"] |= {u.key: json.loads(u.value_json) for u in record.config.update}
-        elif kind == "summary":
-            out["summary"] |= {u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in record.summary.update}
-    return out
+# the runs of `trained_run`: 6 batches of 64 at width 4, a validation of 2 batches at steps 3 and 6
+TRAINED = ["--model.width", "4", "--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
+           "--trainer.limit_val_batches", "2", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+           "--trainer.log_every_n_steps", "2"]  # fmt: skip
 
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory):
+    """family -> the folder of its tiny run (TRAINED on the family's quickstart config), trained once per
+    session. Read only: tests copy it (`trained_run`)."""
+    root, made = tmp_path_factory.mktemp("trained"), {}
 
-# A Trainer for tests: CPU, no files, no bars; evaluation with gradients (as the CLI sets it), which the
-# posterior Fisher divergence and the Fisher objective need.
-QUIET = dict(
-    accelerator="cpu",
-    logger=False,
-    enable_checkpointing=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    inference_mode=False,
-)
+    def get(family: str) -> Path:
+        if family not in made:
+            run = root / family
+            code = run_in_process(["fit", *QUICKSTART[family], *TRAINED, "--run_dir", str(run)], root)
+            assert code == 0, f"the session's {family} run failed"
+            made[family] = run
+        return made[family]
+
+    return get
 
 
-def write_idx(folder, name: str, array: np.ndarray) -> None:
-    """An MNIST IDX file: magic (0, 0, type 0x08 = uint8, number of dimensions), the sizes, the bytes."""
-    with open(folder / name, "wb") as f:
-        f.write(struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape))
-        f.write(array.astype(np.uint8).tobytes())
+@pytest.fixture
+def trained_run(trained_runs, tmp_path):
+    """A copy of the session's tiny run of a family in tmp_path/NAME (for evaluations of its checkpoints;
+    its checkpoints record the original's paths, so a test that resumes trains its own run)."""
+
+    def copy(family: str = "vae", name: str = "run") -> Path:
+        return Path(shutil.copytree(trained_runs(family), tmp_path / name, ignore=shutil.ignore_patterns(".fae.lock")))
+
+    return copy
 
 
 @pytest.fixture(scope="session")
 def digits_mnist(tmp_path_factory):
     """The 5000 embedded digits in MNIST's layout (4500 to train, 500 to test), with a classifier
-    trained briefly on them (fae.evaluation.features): (data folder, classifier file)."""
+    trained briefly on them (fae.evaluation.classifier): (data folder, classifier file)."""
     from fae.data.digits import load_digits
-    from fae.evaluation.features import train_classifier
+    from fae.evaluation.classifier import train_classifier
 
     root = tmp_path_factory.mktemp("digits-mnist")
     raw = root / "MNIST" / "raw"

@@ -15,7 +15,7 @@ from fae.data import DigitsDataModule
 from fae.models import VAE, WAEGAN, FisherAE
 from fae.nets import MNISTDecoder, MNISTEncoder
 
-from .conftest import QUIET
+from .helpers import QUIET
 
 
 class CountBatches(L.Callback):
@@ -42,8 +42,13 @@ def model_of(family: str):
 def test_max_steps_checkpoints_and_logged_steps_count_batches(tmp_path, family):
     counter = CountBatches()
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}")
-    trainer = L.Trainer(max_steps=7, limit_val_batches=0, log_every_n_steps=1, callbacks=[counter, saver],
-                        **{**QUIET, "enable_checkpointing": True, "logger": CSVLogger(tmp_path)})  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=7,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+        callbacks=[counter, saver],
+        **{**QUIET, "enable_checkpointing": True, "logger": CSVLogger(tmp_path)},
+    )
     trainer.fit(model_of(family), datamodule=DigitsDataModule(batch_size=16))
     assert counter.batches == 7 and trainer.global_step == 7
     assert counter.updates == (14 if family == "wae_gan" else 7)  # the discriminator's updates are real

@@ -19,7 +19,7 @@ from fae.errors import UserError, user_message
 from fae.models import VAE, WAEGAN, FisherAE
 from fae.nets import CelebADecoder, CelebAEncoder, MNISTDecoder, MNISTEncoder
 
-from .conftest import CONFIGS, QUIET, run_fae
+from .helpers import CONFIGS, QUIET, run_fae
 
 # the official codes: 0 train, 1 validation, 2 test; interleaved so that a split's order is the file's
 CODES = [0, 0, 1, 0, 2, 0, 0, 1, 2, 0, 0, 2, 0, 1, 0, 2, 0, 0, 1, 2, 0]
@@ -160,8 +160,9 @@ def celeba_family(family: str):
     if family == "vae":
         return VAE(**nets, likelihood="gaussian", learn_decoder_scale=True, recon_metric="mse", grid_images=0)
     if family == "fisher":
-        return FisherAE(**nets, learn_decoder_scale=True, prior="polynomial", prior_degree=4, recon_metric="mse",
-                        grid_images=0)  # fmt: skip
+        return FisherAE(
+            **nets, learn_decoder_scale=True, prior="polynomial", prior_degree=4, recon_metric="mse", grid_images=0
+        )
     return WAEGAN(**nets, penalty_weight=1.0, prior_std=2**0.5, recon_metric="mse", grid_images=0)
 
 
@@ -192,17 +193,18 @@ def test_nets_of_another_data_set_are_refused_before_training(tiny_celeba):
         L.Trainer(max_steps=1, **QUIET).fit(model, datamodule=CelebADataModule(data_dir=str(root)))
 
 
-def test_cli_fit_and_robustness_sweep_with_mse_on_the_tanh_scale(tiny_celeba, tmp_path):
+@pytest.mark.slow
+def test_cli_fit_and_robustness_sweep_with_mse_on_the_tanh_scale(tiny_celeba, tmp_path, fae_here):
     root, _ = tiny_celeba
     small = ["--data.init_args.data_dir", str(root), "--data.init_args.batch_size", "4", "--data.init_args.num_workers",
              "0", "--model.width", "4",
              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]  # fmt: skip
     config = ["--config", str(CONFIGS / "celeba_vae.yaml")]
-    fit = run_fae("fit", *config, *small, "--trainer.max_epochs", "1", "--run_dir", "runs/v", cwd=tmp_path)
+    fit = fae_here("fit", *config, *small, "--trainer.max_epochs", "1", "--run_dir", "runs/v", cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr[-2000:]
     ckpt = str(tmp_path / "runs" / "v" / "checkpoints" / "last.ckpt")
     sweep = ["--sweep.sigmas", "[0.1, 1.0]", "--sweep.nus", "[0.5]", "--sweep.grid_images", "4"]
-    test = run_fae("test", *config, *small, *sweep, "--ckpt_path", ckpt, "--run_dir", "runs/t", cwd=tmp_path)
+    test = fae_here("test", *config, *small, *sweep, "--ckpt_path", ckpt, "--run_dir", "runs/t", cwd=tmp_path)
     assert test.returncode == 0, test.stderr[-2000:]
     (test_dir,) = (tmp_path / "runs" / "t").glob("test-*")  # an evaluation gets its own folder
     rows = json.loads((test_dir / "robustness.json").read_text())
@@ -223,11 +225,12 @@ def test_cli_fit_and_robustness_sweep_with_mse_on_the_tanh_scale(tiny_celeba, tm
     bad.write_bytes(b"not a jpeg")
     for array in (root / "fae-cache").glob("*.npy"):
         array.unlink()
-    broken = run_fae("fit", *config, *small, "--trainer.max_epochs", "1", cwd=tmp_path)
+    broken = fae_here("fit", *config, *small, "--trainer.max_epochs", "1", cwd=tmp_path)
     assert broken.returncode == 2 and "Traceback" not in broken.stderr
     assert broken.stderr.strip().splitlines()[-1].startswith(f"fae: error: cannot read CelebA image {bad} (")
 
 
+@pytest.mark.multiprocess
 def test_ddp_converts_once_and_both_processes_train_from_the_memory_map(tiny_celeba, tmp_path):
     root, _ = tiny_celeba
     out = run_fae("fit", "--config", str(CONFIGS / "celeba_fisher.yaml"), "--data.init_args.data_dir", str(root),

@@ -13,7 +13,7 @@ from fae.data import DigitsDataModule
 from fae.models import VAE
 from fae.nets import MNISTDecoder, MNISTEncoder
 
-from .conftest import QUIET
+from .helpers import QUIET
 
 
 class WorseEveryValidation(VAE):
@@ -29,8 +29,9 @@ class WorseEveryValidation(VAE):
 def test_last_checkpoint_is_the_newest_state(tmp_path, callback, validation):
     saver = callback(dirpath=tmp_path, monitor="val/score", mode="min", save_last=True, filename="best-{step}")
     schedule = {"val_check_interval": 4} if validation == "every 4 batches" else {"limit_train_batches": 4}
-    trainer = L.Trainer(max_steps=10, limit_val_batches=1, callbacks=[saver], **schedule,
-                        **{**QUIET, "enable_checkpointing": True})  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=10, limit_val_batches=1, callbacks=[saver], **schedule, **{**QUIET, "enable_checkpointing": True}
+    )
     model = WorseEveryValidation(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0)
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
     assert [p.name for p in tmp_path.glob("best-*.ckpt")] == ["best-step=4.ckpt"]  # the first validation's

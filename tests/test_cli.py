@@ -1,50 +1,62 @@
-"""The `fae` command: help, config printing, one-line errors, and a round trip config -> checkpoint -> test."""
+"""The `fae` command: the table of commands, every argument documented, config printing, one-line
+errors, and a round trip config -> checkpoint -> test."""
 
 from __future__ import annotations
 
-import csv
+import inspect
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from fae.data import DigitsDataModule
-from fae.models import VAE
+from fae.models import VAE, WAEGAN, FisherAE
+from fae.models.ae import AE
+from fae.models.base import AutoEncoder
 from fae.nets import MNISTDecoder, MNISTEncoder
 from fae.objectives import reconstruction_bce
 
-from .conftest import CONFIGS, run_fae
-
-QUICK = ["--config", str(CONFIGS / "quickstart" / "digits_vae.yaml")]
-TINY = [
-    "--model.width",
-    "4",
-    "--trainer.logger",
-    "false",
-    "--trainer.enable_progress_bar",
-    "false",
-]
+from .helpers import CONFIGS, QUICK, TINY, last_value, rows_of
 
 
-def read_metrics(path: Path) -> list[dict[str, str]]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
+def test_help_lists_every_command_and_each_tool_documents_its_arguments(tmp_path, fae_here):
+    from fae.cli import LIGHTNING, TOOLS
+
+    listed = fae_here("--help", cwd=tmp_path)
+    assert listed.returncode == 0
+    for name in (*LIGHTNING, *TOOLS):
+        assert f"\n    {name} " in listed.stdout, name
+    assert set(TOOLS) >= {"report", "sample", "classifier"}
+    documented = {  # each from the function's signature and docstring (jsonargparse), not a hand-built parser
+        "report": ["RUN_DIR [RUN_DIR ...]", "--out OUT", "--group_by {run,parent,model}", "pool runs into one curve"],
+        "sample": ["checkpoint", "--out OUT", "--n N", "--sampler {inverse_cdf,svgd,fitted}", "SVGD iterations"],
+        "classifier": ["--data_dir DATA_DIR", "--epochs EPOCHS", "the folder holding MNIST/raw/"],
+    }
+    for name, parts in documented.items():
+        out = fae_here(name, "--help", cwd=tmp_path)
+        assert out.returncode == 0, (name, out.stderr)
+        text = " ".join(out.stdout.split())
+        assert all(" ".join(part.split()) in text for part in parts), (name, out.stdout)
+    assert fae_here(cwd=tmp_path).returncode == 2  # no command: the table, and a status that says so
 
 
-def last_value(rows: list[dict[str, str]], key: str) -> float:
-    return float([r[key] for r in rows if r.get(key)][-1])
+@pytest.mark.parametrize("family", [VAE, FisherAE, WAEGAN, AE])
+def test_fit_help_documents_every_argument_of_a_family_and_of_the_base(tmp_path, fae_here, family):
+    """A family states only its own arguments and passes the base's on as **kwargs; `fae fit --help` still
+    shows each of them, with its documentation."""
+    out = fae_here("fit", "--model.help", f"{family.__module__}.{family.__name__}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = " ".join(out.stdout.split())
+    own = [name for name in inspect.signature(family).parameters if name not in ("kwargs", "encoder", "decoder")]
+    base = [name for name in inspect.signature(AutoEncoder).parameters if name not in ("encoder", "decoder")]
+    for name in (*own, *base):
+        assert f"--model.{name} " in text, (family.__name__, name)
+    assert "validation images shown in the reconstruction grid (0 for none)" in text  # the base's docstring
+    assert "in 'skip' mode" in text.lower() or 'in "skip" mode, give up after this many' in text
 
 
-def test_help_lists_the_subcommands(tmp_path):
-    out = run_fae("--help", cwd=tmp_path)
-    assert out.returncode == 0
-    for sub in ("fit", "validate", "test", "predict"):
-        assert sub in out.stdout
-
-
-def test_print_config_shows_the_paper_setting(tmp_path):
-    out = run_fae("fit", "--config", str(CONFIGS / "mnist_vae.yaml"), "--print_config", cwd=tmp_path)
+def test_print_config_shows_the_paper_setting(tmp_path, fae_here):
+    out = fae_here("fit", "--config", str(CONFIGS / "mnist_vae.yaml"), "--print_config", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "class_path: fae.models.VAE" in out.stdout
     assert "width: 64" in out.stdout and "latent_dim: 8" in out.stdout
@@ -52,13 +64,9 @@ def test_print_config_shows_the_paper_setting(tmp_path):
 
 
 def test_bad_input_gives_one_line_errors_before_anything_runs(tmp_path, fae_here):
-    run_fae = fae_here  # in this process: nothing here trains
     cases = {
         ("--model.init_args.nope", "1"): "fae: error: model: Option 'nope' is not accepted",
-        (
-            "--trainer.max_epochs",
-            "abc",
-        ): "fae: error: trainer.max_epochs: Expected a <class 'int'>, got 'abc'",
+        ("--trainer.max_epochs", "abc"): "fae: error: trainer.max_epochs: Expected a <class 'int'>, got 'abc'",
         ("--model.width", "x"): "fae: error: model.width: Expected a <class 'int'>",
         # the nets' sizes are the model's, stated once: a net is not given its own
         ("--model.encoder.width", "4"): "fae: error: model.encoder.width: the nets take latent_dim, width and",
@@ -68,47 +76,44 @@ def test_bad_input_gives_one_line_errors_before_anything_runs(tmp_path, fae_here
     }
     for extra, message in cases.items():
         subcommand = "test" if "--ckpt_path" in extra else "fit"
-        out = run_fae(subcommand, *QUICK, *extra, cwd=tmp_path)
+        out = fae_here(subcommand, *QUICK, *extra, cwd=tmp_path)
         assert out.returncode == 2, (extra, out.stderr)
         assert out.stderr.strip().splitlines()[-1].startswith(message), (extra, out.stderr)
         assert "Traceback" not in out.stderr
-    missing = run_fae("fit", "--config", str(CONFIGS / "mnist_vae.yaml"), "--data.data_dir", "nowhere", cwd=tmp_path)
+    missing = fae_here("fit", "--config", str(CONFIGS / "mnist_vae.yaml"), "--data.data_dir", "nowhere", cwd=tmp_path)
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines()[-1].startswith("fae: error: MNIST not found: nowhere/MNIST/raw lacks")
     assert "Traceback" not in missing.stderr
+    for tool, extra, message in [
+        ("report", [], "fae: error: the following arguments are required: run_dirs (see `fae report --help`)"),
+        ("sample", ["x.ckpt", "--n", "many"], "fae: error: n: Expected a <class 'int'>. Got value: many"),
+        ("classifier", [], "fae: error: the following arguments are required: data_dir"),
+    ]:
+        out = fae_here(tool, *extra, cwd=tmp_path)
+        assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(message), (tool, out.stderr)
     assert not (tmp_path / "runs").exists()  # a failed start leaves no run folder
 
 
-def test_fit_then_test_round_trip(tmp_path):
-    fit = run_fae(
-        "fit",
-        *QUICK,
-        *TINY,
-        "--trainer.max_epochs",
-        "2",
-        "--trainer.limit_train_batches",
-        "15",
-        "--trainer.limit_val_batches",
-        "2",
-        "--run_name",
-        "tiny",
-        cwd=tmp_path,
-    )
+@pytest.mark.slow
+def test_fit_then_test_round_trip(tmp_path, fae_here):
+    budget = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "15", "--trainer.limit_val_batches", "2"]
+    fit = fae_here("fit", *QUICK, *TINY, *budget, "--run_name", "tiny", cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr
     (run,) = (tmp_path / "runs").iterdir()
     assert run.name.startswith("tiny-")
     assert f"fae: fit done; run folder runs/{run.name}" in fit.stdout
     last = run / "checkpoints" / "last.ckpt"
+    assert f"last:        {last.resolve()} (step 30)" in fit.stdout
     assert last.is_file() and list((run / "checkpoints").glob("best-*.ckpt"))
     assert (run / "config.yaml").is_file() and list((run / "images").glob("val_reconstructions_*.png"))
-    rows = read_metrics(run / "metrics.csv")
+    rows = rows_of(run / "metrics.csv")
     assert last_value(rows, "step") >= 29 and last_value(rows, "val/loss") > 0
     assert torch.load(last, weights_only=False)["global_step"] == 30
 
-    test = run_fae("test", *QUICK, *TINY, "--ckpt_path", str(last), cwd=tmp_path)
+    test = fae_here("test", *QUICK, *TINY, "--ckpt_path", str(last), cwd=tmp_path)
     assert test.returncode == 0, test.stderr
     (test_dir,) = run.glob("test-*")  # an evaluation lives inside the training run's folder
-    reported = last_value(read_metrics(test_dir / "metrics.csv"), "test/recon_bce")
+    reported = last_value(rows_of(test_dir / "metrics.csv"), "test/recon_bce")
 
     model = VAE.load_from_checkpoint(last, map_location="cpu").eval()  # rebuilt from the saved config
     dm = DigitsDataModule()
@@ -138,10 +143,10 @@ def test_every_config_parses(capsys, monkeypatch, tmp_path):
 def test_every_config_builds_its_model_data_and_trainer(monkeypatch, tmp_path):
     """Each shipped config instantiates (model, data module, trainer with its loggers and callbacks) and
     its model reconstructs a batch of the encoder's image shape; nothing is trained or written."""
-    from fae.cli import FaeCLI
-    from fae.models.base import AutoEncoder
+    from fae.cli.lightning import FaeCLI
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["fae"])
     monkeypatch.setenv("WANDB_MODE", "offline")
     for config in sorted(CONFIGS.glob("**/*.yaml")):
         cli = FaeCLI(args=["--config", str(config)], run=False)
@@ -157,13 +162,16 @@ def test_every_config_builds_its_model_data_and_trainer(monkeypatch, tmp_path):
 def test_save_config_records_the_cli_config_and_only_plain_values_outside_the_cli(monkeypatch, tmp_path):
     """AutoEncoder.save_config tells a CLI instantiation by Lightning's private marker (no public one
     exists): under the CLI the hyperparameters are the config, nets as class paths, so that a checkpoint
-    rebuilds the model; outside it, the plain values only (a class or callable is not a weights-only value)."""
-    from fae.cli import FaeCLI
+    rebuilds the model; outside it, the plain values only (a class or callable is not a weights-only value),
+    also those a family passes on to the base as **kwargs."""
+    from fae.cli.lightning import FaeCLI
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["fae"])
     cli = FaeCLI(args=[*QUICK, "--model.width", "4", "--model.encoder.norm", "group"], run=False)
     assert cli.model.hparams["encoder"] == {"class_path": "fae.nets.MNISTEncoder", "init_args": {"norm": "group"}}
     assert cli.model.hparams["optimizer"]["class_path"] == "torch.optim.Adam"
     assert (cli.model.hparams["width"], tuple(cli.model.hparams["image_shape"])) == (4, (1, 28, 28))
-    plain = VAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4)
+    adam = lambda p: torch.optim.Adam(p, lr=1e-4)  # noqa: E731
+    plain = VAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, optimizer=adam)
     assert {"encoder", "decoder", "optimizer"}.isdisjoint(plain.hparams) and plain.hparams["width"] == 4

@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
-from .conftest import CONFIGS, run_fae
-from .test_cli import TINY, last_value, read_metrics
+from .helpers import CONFIGS, TINY, last_value, rows_of, run_fae
+
+pytestmark = pytest.mark.multiprocess
 
 
 @pytest.mark.parametrize("family", ["vae", "fisher", "wae_gan"])
-def test_fit_on_two_cpu_processes(tmp_path, family):
+def test_fit_on_two_cpu_processes(tmp_path, family, fae_here):
     out = run_fae(
         "fit",
         "--config",
@@ -38,10 +39,10 @@ def test_fit_on_two_cpu_processes(tmp_path, family):
     # is a batch in every family (the WAE-GAN's two optimizer updates per batch count once)
     assert ckpt["global_step"] == math.ceil(4000 / 2 / 64)
     assert len(ckpt["optimizer_states"]) == (2 if family == "wae_gan" else 1)
-    rows = read_metrics(run / "metrics.csv")
-    if family == "wae_gan":  # plain ddp is refused with the fix in one line
-        plain = run_fae("fit", "--config", str(CONFIGS / "quickstart" / "digits_wae_gan.yaml"), *TINY,
-                        "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=tmp_path, timeout=400)  # fmt: skip
+    rows = rows_of(run / "metrics.csv")
+    if family == "wae_gan":  # plain ddp is refused with the fix in one line, before any process starts
+        plain = fae_here("fit", "--config", str(CONFIGS / "quickstart" / "digits_wae_gan.yaml"), *TINY,
+                         "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=tmp_path)  # fmt: skip
         assert plain.returncode == 2
         assert "use --trainer.strategy ddp_find_unused_parameters_true" in plain.stderr.strip().splitlines()[-1]
     assert math.isfinite(last_value(rows, "val/loss"))

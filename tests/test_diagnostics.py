@@ -11,11 +11,12 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from fae.data import DigitsDataModule
-from fae.models import VAE, WAEGAN, FisherAE, base
-from fae.models.base import ActiveUnits, active_units
+from fae.models import VAE, WAEGAN, FisherAE
+from fae.models import metrics as metrics_module
+from fae.models.metrics import ActiveUnits, active_units
 from fae.nets import MNISTDecoder, MNISTEncoder
 
-from .conftest import QUIET
+from .helpers import QUIET
 
 
 def test_active_units_count_dimensions_whose_code_varies_across_the_batch():
@@ -45,7 +46,7 @@ def families():
             learn_decoder_scale=True,
             decoder_scale=0.7,
             grid_images=0,
-        ),  # fmt: skip
+        ),
         "wae_gan": WAEGAN(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0),
     }
 
@@ -112,8 +113,13 @@ def test_training_terms_are_computed_for_the_steps_the_loggers_write_and_match_t
         torch.manual_seed(0)
         model = VAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0)
         losses = StepLosses()
-        trainer = L.Trainer(max_steps=10, limit_val_batches=0, log_every_n_steps=every, callbacks=[losses],
-                            **{**QUIET, "logger": CSVLogger(folder)})  # fmt: skip
+        trainer = L.Trainer(
+            max_steps=10,
+            limit_val_batches=0,
+            log_every_n_steps=every,
+            callbacks=[losses],
+            **{**QUIET, "logger": CSVLogger(folder)},
+        )
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
         (path,) = folder.glob("**/metrics.csv")
         rows = [r for r in csv.DictReader(open(path)) if r.get("train/loss")]
@@ -123,5 +129,5 @@ def test_training_terms_are_computed_for_the_steps_the_loggers_write_and_match_t
     assert sorted(gated) == list(range(every - 1, 10, every))
     for step, logged in gated.items():
         assert logged == pytest.approx(losses.losses[step], rel=1e-6), step
-    monkeypatch.setattr(base, "loggers_write_this_step", lambda trainer: True)  # self.log on every step
+    monkeypatch.setattr(metrics_module, "loggers_write_this_step", lambda trainer: True)  # self.log on every step
     assert train(tmp_path / "every")[0] == gated

@@ -1,4 +1,4 @@
-"""The family interface: the README's example family (a new module of ~20 lines) trains through the
+"""The family interface: the example family of docs/develop.md (a new module of ~20 lines) trains through the
 base class alone, a half-implemented family is refused when defined, and nets that break the net
 contract are named in one line."""
 
@@ -16,22 +16,22 @@ from fae.errors import UserError
 from fae.models.base import AutoEncoder
 from fae.nets import MNISTDecoder, MNISTEncoder
 
-from .conftest import CONFIGS, QUIET
+from .helpers import CONFIGS, QUIET
 
 
-def readme_family() -> type:
-    """The README's example family, which is fae/models/ae.py."""
+def documented_family() -> type:
+    """The example family of docs/develop.md, which is fae/models/ae.py."""
     from fae.models.ae import AE
 
-    text = (CONFIGS.parent / "README.md").read_text()
+    text = (CONFIGS.parent / "docs" / "develop.md").read_text()
     (code,) = [block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "class AE(" in block]
     assert code in (CONFIGS.parent / "fae" / "models" / "ae.py").read_text()
     return AE
 
 
-def test_the_readme_family_trains_through_the_base_class_alone():
+def test_the_documented_family_trains_through_the_base_class_alone():
     L.seed_everything(0)
-    model = readme_family()(MNISTEncoder, MNISTDecoder, latent_dim=8, width=8, grid_images=0)
+    model = documented_family()(MNISTEncoder, MNISTDecoder, latent_dim=8, width=8, grid_images=0)
     dm = DigitsDataModule(batch_size=64)
     trainer = L.Trainer(max_steps=60, limit_val_batches=4, val_check_interval=30, **QUIET)
     before = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/recon_bce"]
@@ -58,7 +58,7 @@ def test_a_half_implemented_family_is_refused_when_defined():
 
 
 def test_nets_that_break_the_contract_are_named_in_one_line():
-    family = readme_family()
+    family = documented_family()
     with pytest.raises(UserError, match=r"the encoder Linear does not declare latent_dim, image_shape, gaussian"):
         family(lambda *sizes: nn.Linear(4, 4), MNISTDecoder, latent_dim=8, width=4)
 
@@ -67,8 +67,11 @@ def test_nets_that_break_the_contract_are_named_in_one_line():
         decoder.image_shape = (1, 14, 14)
         return decoder
 
-    with pytest.raises(UserError, match=r"the decoder MNISTDecoder was asked for latent_dim 8 and image_shape "
-                       r"\(1, 28, 28\) but declares 8 and \(1, 14, 14\)"):  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=r"the decoder MNISTDecoder was asked for latent_dim 8 and image_shape "
+        r"\(1, 28, 28\) but declares 8 and \(1, 14, 14\)",
+    ):
         family(MNISTEncoder, small, latent_dim=8, width=4)
     with pytest.raises(UserError, match=r"the encoder MNISTEncoder was asked for latent_dim 8 and image_shape"):
         family(lambda d, w, shape, gaussian: MNISTEncoder(4, w, shape, gaussian), MNISTDecoder, latent_dim=8, width=4)
@@ -113,5 +116,5 @@ def test_a_non_finite_gradient_stops_or_skips_the_step_before_any_weight_moves()
                 trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
         else:
             trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
-            assert model.skipped_steps == 3  # each step skipped: every gradient cleared, no update
+            assert model.nonfinite.skipped_steps == 3  # each step skipped: every gradient cleared, no update
         assert all(torch.equal(before[k], v) for k, v in model.named_parameters()), mode

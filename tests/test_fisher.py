@@ -14,7 +14,7 @@ from fae.models import VAE, FisherAE
 from fae.nets import MNISTDecoder, MNISTEncoder
 from fae.objectives import fisher_terms, reconstruction_bce
 
-from .conftest import QUIET
+from .helpers import QUIET
 
 
 def small_fisher(**kwargs) -> FisherAE:
@@ -95,8 +95,9 @@ def test_batch_statistics_modes_equal_one_sample_at_a_time_through_the_net_holdi
     batch = model.fisher_terms(x, eps)
     for hook in hooks:
         hook.remove()
-    for original, layer in zip(layers, [m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)],
-                               strict=True):  # fmt: skip
+    for original, layer in zip(
+        layers, [m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)], strict=True
+    ):
         h = seen[original]
         layer.running_mean = h.mean((0, 2, 3))
         layer.running_var = h.var((0, 2, 3), unbiased=False)
@@ -148,8 +149,9 @@ def test_posterior_term_trains_the_decoder_only_when_asked():
         model = small_fisher(batchnorm="detached", posterior_trains_decoder=trains).train()
         terms = model.fisher_terms(x, eps)
         values[trains] = terms["posterior_fisher"].detach()
-        grads[trains] = torch.autograd.grad(terms["posterior_fisher"].sum(), list(model.decoder.parameters()),
-                                            allow_unused=True, retain_graph=True)  # fmt: skip
+        grads[trains] = torch.autograd.grad(
+            terms["posterior_fisher"].sum(), list(model.decoder.parameters()), allow_unused=True, retain_graph=True
+        )
         encoder = torch.autograd.grad(terms["posterior_fisher"].sum(), list(model.encoder.parameters()))
         assert any(g.abs().sum() > 0 for g in encoder)  # the encoder is trained by the posterior term either way
     torch.testing.assert_close(values[True], values[False])  # the same values, other gradients
@@ -228,7 +230,7 @@ def test_non_finite_step_is_skipped_on_request(batchnorm):
     model.fisher_terms = poisoned
     trainer = L.Trainer(max_steps=6, limit_val_batches=0, callbacks=[AfterPoisonedStep()], **QUIET)
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
-    assert model.skipped_steps == 1  # only the poisoned step: nothing non-finite leaked into later ones
+    assert model.nonfinite.skipped_steps == 1  # only the poisoned step: nothing non-finite leaked into later ones
     before, after = states
     for name, value in after.items():  # the skipped step changed no weight and no BatchNorm statistic
         assert torch.equal(value, before[name]), name
@@ -250,11 +252,20 @@ def test_vae_logs_the_posterior_fisher_divergence_per_sample():
     assert metrics["val/posterior_fisher"] > 0
 
 
+@pytest.mark.slow
 def test_training_on_real_digits_beats_the_mean_image_clearly():
     """The shipped settings (per-sample BatchNorm, learned s from 0.5) learn digits, not the mean image."""
     L.seed_everything(0)
-    model = FisherAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=8, learn_decoder_scale=True, decoder_scale=0.5,
-                     grid_images=0, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))  # fmt: skip
+    model = FisherAE(
+        MNISTEncoder,
+        MNISTDecoder,
+        latent_dim=8,
+        width=8,
+        learn_decoder_scale=True,
+        decoder_scale=0.5,
+        grid_images=0,
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
+    )
     dm = DigitsDataModule(batch_size=64)
     dm.setup()
     val = dm.to_float(dm.splits["val"])

@@ -188,9 +188,16 @@ def linear_gaussian_model():
     dx, dz = 3, 2
     L = torch.randn(dx, dx) * 0.5 + torch.eye(dx)
     return dict(
-        Sx=L @ L.T, A=torch.randn(dz, dx), a=torch.randn(dz) * 0.5, sigma=torch.tensor([0.5, 0.7]),
-        B=torch.randn(dx, dz) * 0.3, b=torch.randn(dx) * 0.5, s=torch.tensor(1.2), dx=dx, dz=dz,
-    )  # fmt: skip
+        Sx=L @ L.T,
+        A=torch.randn(dz, dx),
+        a=torch.randn(dz) * 0.5,
+        sigma=torch.tensor([0.5, 0.7]),
+        B=torch.randn(dx, dz) * 0.3,
+        b=torch.randn(dx) * 0.5,
+        s=torch.tensor(1.2),
+        dx=dx,
+        dz=dz,
+    )
 
 
 def analytic_joint_fisher_divergence(m) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Every flag a user is told to type (README, config headers, fae's messages and docstrings, scripts)
+"""Every flag a user is told to type (README, docs, config headers, fae's messages and docstrings, scripts)
 is spelled one way, the short form (`--data.data_dir`, never `--data.init_args.data_dir`), and parses."""
 
 from __future__ import annotations
@@ -10,12 +10,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import CONFIGS
+from .helpers import CONFIGS
 
 ROOT = CONFIGS.parent
 FLAG = re.compile(r"--([a-z_]+(?:\.[a-z_]+)+)")
 # top-level arguments and those of other commands (fae report, scripts/experiment.py) need no dotted key
-SOURCES = ["README.md", "configs/**/*.yaml", "fae/**/*.py", "scripts/*", "Makefile", "experiments/*.yaml"]
+SOURCES = [
+    "README.md",
+    "docs/**/*.md",
+    "configs/**/*.yaml",
+    "fae/**/*.py",
+    "scripts/*",
+    "Makefile",
+    "experiments/*.yaml",
+]
 
 
 def told_flags() -> dict[str, list[str]]:
@@ -69,6 +77,7 @@ def accepted(tmp_path_factory) -> dict[str, tuple[list[str], object]]:
     vae = str(CONFIGS / "mnist_vae.yaml")
     runs += [["--config", vae, "--data.corruption", f"fae.data.{c}", f"--data.corruption.{k}", "0.5"]
              for c, k in (("GaussianNoise", "sigma"), ("BinaryMask", "nu"))]  # fmt: skip
+    runs.append(["--config", vae, "--sweep.corruptions+=tests.corruptions.Speckle", "--sweep.corruptions.level", "0.5"])
     out = tmp_path_factory.mktemp("print") / "out.yaml"
     for args in runs:
         for key, value in config_keys(print_config(main, args, out)).items():
@@ -81,6 +90,7 @@ def test_no_flag_a_user_is_told_to_type_has_init_args():
     assert not long_form, long_form
 
 
+@pytest.mark.slow
 def test_every_flag_a_user_is_told_to_type_parses(accepted, monkeypatch, tmp_path):
     """Each flag is a key of some config and, given on the command line in the short form with a value
     of its type, parses and lands there."""
@@ -88,12 +98,21 @@ def test_every_flag_a_user_is_told_to_type_parses(accepted, monkeypatch, tmp_pat
 
     monkeypatch.setattr(sys, "argv", ["fae"])
     flags = told_flags()
+    helps = [flag for flag in flags if flag.endswith(".help")]  # `--model.help CLASS`: the help of a class key
+    assert all(isinstance(accepted[flag.removesuffix(".help")][1], dict) for flag in helps), helps
+    flags = {flag: files for flag, files in flags.items() if flag not in helps}
     unknown = {flag: files for flag, files in flags.items() if flag not in accepted}
     assert not unknown, unknown
+    by_config: dict[tuple[str, ...], dict[str, object]] = {}  # the flags of one config are given at once
     for flag in flags:
         args, value = accepted[flag]
-        if isinstance(value, dict):  # a class: its own keys are flags of their own
-            continue
-        given = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-        printed = config_keys(print_config(main, [*args, f"--{flag}", given], tmp_path / "out.yaml"))
-        assert printed[flag] == value, (flag, given, printed[flag])
+        if not isinstance(value, dict):  # a class: its own keys are flags of their own
+            by_config.setdefault(tuple(args), {})[flag] = value
+    for args, values in by_config.items():
+        given = {
+            f: yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip() for f, v in values.items()
+        }
+        command = [*args, *(part for flag, text in given.items() for part in (f"--{flag}", text))]
+        printed = config_keys(print_config(main, command, tmp_path / "out.yaml"))
+        for flag, value in values.items():
+            assert printed[flag] == value, (flag, given[flag], printed[flag])

@@ -1,4 +1,4 @@
-"""The package's layering (README, "Develop"): a module imports only from layers below its own, or
+"""The package's layering (docs/develop.md, "Layout"): a module imports only from layers below its own, or
 from its own subpackage; nothing imports upward."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fae"
 LAYERS = {  # the first component under fae -> its layer
-    **dict.fromkeys(["errors", "objectives", "likelihoods", "priors", "tracking", "checkpoint", "runs"], 0),
+    **dict.fromkeys(["errors", "objectives", "likelihoods", "priors", "tracking", "checkpoint", "runs", "plan"], 0),
     "data": 1,
     "nets": 2,
     "models": 3,
@@ -40,5 +40,25 @@ def test_no_module_imports_from_a_layer_above_its_own():
             if other != part and (LAYERS[other] > LAYERS[part] or same_layer):
                 upward.append(f"{path.relative_to(PACKAGE)} imports fae.{name}")
     assert not upward, upward
-    assert set(LAYERS) == {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir() if p.name != "__init__.py"
-                           and (p.suffix == ".py" or (p / "__init__.py").is_file())}  # fmt: skip
+    assert set(LAYERS) == {
+        p.stem if p.is_file() else p.name
+        for p in PACKAGE.iterdir()
+        if p.name != "__init__.py" and (p.suffix == ".py" or (p / "__init__.py").is_file())
+    }
+
+
+def test_every_room_is_small_enough_to_hold_one_job():
+    """No module over 400 lines, no class over 250, no function over 60; the README for a newcomer, at
+    most 320 lines (its details live in docs/)."""
+    too_large = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text()
+        name = path.relative_to(PACKAGE)
+        if source.count("\n") > 400:
+            too_large.append(f"{name}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source)):
+            limit = {ast.ClassDef: 250, ast.FunctionDef: 60, ast.AsyncFunctionDef: 60}.get(type(node))
+            if limit and node.end_lineno - node.lineno + 1 > limit:
+                too_large.append(f"{name}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    readme = (PACKAGE.parent / "README.md").read_text().count("\n")
+    assert not too_large and readme <= 320, (too_large, readme)

@@ -14,7 +14,7 @@ from fae.data import DigitsDataModule
 from fae.models import VAE, WAEGAN, FisherAE
 from fae.nets import MNISTDecoder, MNISTEncoder
 
-from .conftest import CONFIGS
+from .helpers import CONFIGS
 
 NETS = dict(encoder=MNISTEncoder, decoder=MNISTDecoder, latent_dim=8, width=8, grid_images=0)
 FAMILIES = {

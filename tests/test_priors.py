@@ -3,6 +3,7 @@ k = 1..4, computed by quadrature of its density; SVGD also recovers the standard
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fae.priors import PolynomialExpFamily, StandardNormal, svgd
@@ -69,6 +70,7 @@ def test_the_inverse_cdf_sampler_finds_a_mode_behind_a_deep_dip():
     assert abs(far - 0.5) < 0.02  # half the mass is at the far mode
 
 
+@pytest.mark.slow
 def test_svgd_reproduces_the_moments():
     prior = skewed_prior()
     exact = quadrature_moments(prior)
@@ -80,6 +82,7 @@ def test_svgd_reproduces_the_moments():
     torch.testing.assert_close(got[2:], exact[2:], atol=0.1, rtol=0.1)
 
 
+@pytest.mark.slow
 def test_svgd_moves_particles_from_anywhere_to_a_standard_normal():
     start = 3.0 + 0.1 * torch.randn(400, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     z = svgd(StandardNormal(2).score, start, steps=1500, step_size=0.1)

@@ -14,15 +14,16 @@ from scipy import linalg
 from torch.utils.data import DistributedSampler
 
 from fae.data import DigitsDataModule
+from fae.data.mnist import CLASSIFIER_FILE
 from fae.errors import UserError
 from fae.evaluation import RobustnessSweep
-from fae.evaluation.features import CLASSIFIER_FILE, load_features
+from fae.evaluation.features import load_features
 from fae.evaluation.quality import OrderedKID, QualityScores, first_visit_mask
 from fae.models import VAE
 from fae.models.ae import AE
 from fae.nets import MNISTDecoder, MNISTEncoder
 
-from .conftest import QUIET
+from .helpers import QUIET
 
 
 def test_fae_classifier_trains_once_caches_and_prints_its_test_accuracy(digits_mnist, tmp_path, fae_here):
@@ -128,8 +129,8 @@ def test_first_visits_count_every_image_once_under_a_distributed_sampler(n_image
 
 
 def test_the_sweep_writes_fid_rows_for_samples_and_each_level_and_the_report_plots_them(digits_mnist, tmp_path):
-    from fae.evaluation.report import main as report_main
-    from fae.evaluation.sweep import write_results
+    from fae.evaluation.report import report
+    from fae.evaluation.results import write_rows
 
     torch.manual_seed(0)
     vae = VAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0)
@@ -139,31 +140,36 @@ def test_the_sweep_writes_fid_rows_for_samples_and_each_level_and_the_report_plo
         sweep = RobustnessSweep(sigmas=[0.1, 1.0], nus=[0.3], seed=3, grid_images=0, features=str(digits_mnist[1]))
         L.Trainer(callbacks=[sweep], **QUIET).test(model, datamodule=DigitsDataModule(), verbose=False)
         results[name] = sweep.results
-        write_results(sweep.results, tmp_path / name / "test-1")
+        write_rows(sweep.results, tmp_path / name / "test-1")
     rows = {(r.kind, r.level, r.metric): r for r in results["vae"]}
     assert set(rows) == {
-        *[("gaussian", s, "bce") for s in (0.1, 1.0)], ("mask", 0.3, "bce"),
-        ("clean", 0.0, "fid"), *[("gaussian", s, "fid") for s in (0.1, 1.0)], ("mask", 0.3, "fid"),
+        *[("gaussian", s, "bce") for s in (0.1, 1.0)],
+        ("mask", 0.3, "bce"),
+        ("clean", 0.0, "fid"),
+        *[("gaussian", s, "fid") for s in (0.1, 1.0)],
+        ("mask", 0.3, "fid"),
         *[(kind, 0.0, metric) for kind in ("samples", "fitted_samples") for metric in ("fid", "kid")],
-    }  # fmt: skip
+    }
     # fitted_samples: the sweep fits the codes again with the tested weights, on the validation images
     data = DigitsDataModule()
     data.setup()
     codes = vae.eval().encode(data.to_float(data.splits["val"])).double()
-    torch.testing.assert_close(vae.code_mean, codes.mean(0))
-    torch.testing.assert_close(vae.code_cov, torch.cov(codes.T))
+    torch.testing.assert_close(vae.code_fit.mean, codes.mean(0))
+    torch.testing.assert_close(vae.code_fit.cov, torch.cov(codes.T))
     assert all(r.n == 500 for r in results["vae"])
     assert abs(rows[("clean", 0.0, "fid")].mean) < 1e-3
     assert rows[("gaussian", 1.0, "fid")].mean > rows[("gaussian", 0.1, "fid")].mean > 0.01  # more noise, worse
     ae_rows = {(r.kind, r.metric) for r in results["ae"]}
     assert ("samples", "fid") not in ae_rows and ("fitted_samples", "fid") in ae_rows  # no prior; a fit of its codes
-    report_main([str(tmp_path / "vae"), str(tmp_path / "ae"), "--out", str(tmp_path / "report")])
+    report([tmp_path / "vae", tmp_path / "ae"], out=tmp_path / "report")
     for figure in ("robustness_gaussian.png", "fid_gaussian.png", "fid_mask.png"):
         assert (tmp_path / "report" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "report" / "robustness.md").read_text()
     header = table.splitlines()[0]
-    assert header == ("| run | runs | gaussian AUC | mask AUC | recon FID | sample FID | sample KID | "
-                      "fitted-sample FID | fitted-sample KID |")  # fmt: skip
+    assert header == (
+        "| run | runs | gaussian AUC | mask AUC | recon FID | sample FID | sample KID | "
+        "fitted-sample FID | fitted-sample KID |"
+    )
     vae_line = table.splitlines()[2]
     assert f"{rows[('samples', 0.0, 'fid')].mean:.4g}" in vae_line
     assert "FID of the reconstructions against the clean test images" in table

@@ -4,7 +4,6 @@ atomic and validated checkpoints, non-finite values in every family, one-line er
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 import resource
@@ -18,33 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import CONFIGS, run_fae
-
-QUICK = ["--config", str(CONFIGS / "quickstart" / "digits_vae.yaml")]
-FISHER = ["--config", str(CONFIGS / "quickstart" / "digits_fisher.yaml")]
-TINY = ["--model.width", "4", "--trainer.logger", "false",
-        "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "5"]  # fmt: skip
+from .helpers import CONFIGS, FISHER, QUICK, TINY, one_line_error, rows_of, run_fae, step_of, steps_of
 
 
-def rows_of(path: Path) -> list[dict[str, str]]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
-def steps_of(path: Path, key: str) -> list[int]:
-    return [int(r["step"]) for r in rows_of(path) if r.get(key)]
-
-
-def step_of(ckpt: Path) -> int:
-    return torch.load(ckpt, weights_only=False, map_location="cpu")["global_step"]
-
-
-def one_line_error(out: subprocess.CompletedProcess, starts: str) -> None:
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert "Traceback" not in out.stderr, out.stderr[-2000:]
-    assert out.stderr.strip().splitlines()[-1].startswith(f"fae: error: {starts}"), out.stderr[-800:]
-
-
+@pytest.mark.slow
 def test_a_run_folder_is_resumed_in_place_and_never_reused_or_overwritten(tmp_path, fae_here):
     run_fae = fae_here
     run = tmp_path / "runs" / "a"
@@ -99,6 +75,7 @@ def test_evaluations_need_a_trained_checkpoint(tmp_path, fae_here):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "nothing").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_last_ckpt_and_the_resumed_run_ends_as_an_uninterrupted_one(tmp_path, fae_here):
     signal_name = "SIGTERM"
     """The Fisher AE stopped mid-epoch at step 20 of 40 (an epoch is 63 batches), resumed to 40."""
@@ -108,7 +85,7 @@ def test_sigterm_saves_last_ckpt_and_the_resumed_run_ends_as_an_uninterrupted_on
     stop = ["--trainer.callbacks+=tests.callbacks.SignalAt", "--trainer.callbacks.step", "20",
             "--trainer.callbacks.signal_name", signal_name]  # fmt: skip
     often = ["--checkpoint.last_every_minutes", "0.0005"]  # last.ckpt at nearly every step: changes nothing
-    stopped = run_fae("fit", *FISHER, *TINY, *budget, *often, *stop, "--run_dir", "parts", cwd=tmp_path)
+    stopped = fae_here("fit", *FISHER, *TINY, *budget, *often, *stop, "--run_dir", "parts", cwd=tmp_path)
     assert stopped.returncode == 128 + getattr(signal, signal_name), stopped.stderr[-2000:]
     last = tmp_path / "parts" / "checkpoints" / "last.ckpt"
     message = stopped.stderr.strip().splitlines()[-1]
@@ -130,14 +107,16 @@ def test_sigterm_saves_last_ckpt_and_the_resumed_run_ends_as_an_uninterrupted_on
     )
 
 
+@pytest.mark.multiprocess
 def test_a_second_live_run_in_the_same_folder_is_refused_and_ctrl_c_saves_the_first(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     env.pop("FAE_RUN_DIR", None)
     often = ["--checkpoint.last_every_minutes", "0.002"]  # last.ckpt mid-epoch, every 0.12 s
     command = [sys.executable, "-m", "fae.cli", "fit", *QUICK, *TINY, *often, "--trainer.max_epochs", "1000",
                "--run_dir", "r"]  # fmt: skip
-    live = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    live = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 120
         last = tmp_path / "r" / "checkpoints" / "last.ckpt"
@@ -155,6 +134,7 @@ def test_a_second_live_run_in_the_same_folder_is_refused_and_ctrl_c_saves_the_fi
     assert step_of(last) > first
 
 
+@pytest.mark.slow
 def test_checkpoints_are_written_atomically_and_a_corrupt_one_is_named(tmp_path, fae_here):
     fit = fae_here("fit", *QUICK, *TINY, "--trainer.max_steps", "64", "--run_dir", "r", cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr[-2000:]
@@ -180,6 +160,7 @@ def test_checkpoints_are_written_atomically_and_a_corrupt_one_is_named(tmp_path,
         one_line_error(out, f"checkpoint {truncated} cannot be read, it is truncated or corrupt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["digits_vae", "digits_fisher", "digits_wae_gan"])
 def test_a_non_finite_loss_stops_every_family_with_the_last_good_checkpoint_kept(tmp_path, config, fae_here):
     run_fae = fae_here
@@ -203,6 +184,7 @@ def test_skipping_non_finite_steps_gives_up_after_a_bound(tmp_path, fae_here):
     assert out.stderr.strip().splitlines()[-1].startswith(expected), out.stderr[-800:]
 
 
+@pytest.mark.slow
 def test_mistakes_are_one_line_errors_and_leave_nothing_behind(tmp_path, fae_here):
     run_fae = fae_here
     (tmp_path / "afile").write_text("")
@@ -242,6 +224,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.multiprocess
 def test_two_nodes_under_torchrun_share_one_run_folder_written_by_rank_zero(tmp_path, fae_here):
     """torchrun with 2 nodes of 1 process each on this machine (gloo), the run folder on 'shared storage'."""
     port = str(free_port())
@@ -275,7 +258,7 @@ def test_two_nodes_under_torchrun_share_one_run_folder_written_by_rank_zero(tmp_
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for rank in (0, 1)
     ]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
@@ -290,6 +273,7 @@ def test_two_nodes_under_torchrun_share_one_run_folder_written_by_rank_zero(tmp_
         one_line_error(alone, "with several nodes, or under torchrun or srun, every process must write to one run")
 
 
+@pytest.mark.slow
 def test_results_cannot_be_mixed_up_by_a_folder_checkpoint_or_report_given_by_hand(tmp_path, fae_here):
     run = tmp_path / "a"
     assert (
@@ -382,14 +366,27 @@ def test_a_run_that_saved_no_checkpoint_starts_again_with_ckpt_path_last(tmp_pat
     assert [r["train/loss"] for r in rows_of(kept)] == ["0.9", "0.8"]
 
 
-def test_a_signal_outside_training_exits_non_zero_with_one_line(tmp_path, fae_here):
-    fit = fae_here("fit", *QUICK, *TINY, "--trainer.max_steps", "5", "--run_dir", "r", cwd=tmp_path)
-    assert fit.returncode == 0, fit.stderr[-2000:]
+@pytest.mark.slow
+def test_a_signal_outside_training_exits_non_zero_with_one_line(tmp_path, fae_here, trained_run):
+    run = trained_run("vae", "r")
     stop = ["--trainer.callbacks+=tests.callbacks.SignalAtTestStart"]
-    out = run_fae("test", *QUICK, *TINY, *stop, "--ckpt_path", "last", "--run_dir", "r", cwd=tmp_path)
+    out = fae_here("test", *QUICK, *TINY, *stop, "--ckpt_path", "last", "--run_dir", "r", cwd=tmp_path)
     assert out.returncode == 143, out.stderr[-2000:]
     assert (
         out.stderr.strip().splitlines()[-1]
         == "fae: stopped by SIGTERM during `fae test`; nothing was saved at the stop"
     )
-    assert not list((tmp_path / "r").glob("test-*"))  # the stopped evaluation left no folder
+    assert not list(run.glob("test-*"))  # the stopped evaluation left no folder
+
+
+def test_a_resumed_fit_loads_its_checkpoint_once(tmp_path, fae_here, trained_run, monkeypatch):
+    """The planner, the model's rebuild and Lightning's restore share one read of the checkpoint."""
+    run = trained_run("vae", "r")
+    last = run / "checkpoints" / "last.ckpt"
+    loads = []
+    original = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: loads.append(str(f)) or original(f, *a, **k))
+    out = fae_here("fit", *QUICK, *TINY, "--trainer.max_steps", "8", "--ckpt_path", str(last), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert loads.count(str(last)) == 1, loads  # before the change: up to five reads of it
+    assert step_of(last) == 8

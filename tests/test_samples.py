@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from fae.errors import UserError
-from fae.evaluation.samples import generate, load_model
+from fae.evaluation.samples import generate
 from fae.models import VAE, WAEGAN, FisherAE
 from fae.models.ae import AE
+from fae.models.load import load_model
 from fae.nets import MNISTDecoder, MNISTEncoder
-
-from .conftest import CONFIGS
 
 NETS = dict(encoder=MNISTEncoder, decoder=MNISTDecoder, latent_dim=8, width=4, grid_images=0)
 
@@ -45,13 +44,8 @@ def test_svgd_samples_the_polynomial_prior_and_is_refused_for_a_gaussian_one():
         generate(VAE(**NETS), 2, sampler="svgd")
 
 
-def test_validation_writes_a_sample_grid_and_fae_sample_writes_a_checkpoints_samples(tmp_path, fae_here):
-    run = tmp_path / "run"
-    fit = fae_here("fit", "--config", str(CONFIGS / "quickstart" / "digits_vae.yaml"), "--model.width", "4",
-                   "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
-                   "--trainer.logger", "false",
-                   "--trainer.enable_progress_bar", "false", "--run_dir", str(run), cwd=tmp_path)  # fmt: skip
-    assert fit.returncode == 0, fit.stderr[-2000:]
+def test_validation_writes_a_sample_grid_and_fae_sample_writes_a_checkpoints_samples(tmp_path, fae_here, trained_run):
+    run = trained_run("vae")
     assert list((run / "images").glob("val_samples_step*.png"))  # beside the reconstructions
     last = run / "checkpoints" / "last.ckpt"
     out = fae_here("sample", str(last), "--n", "10", "--out", str(tmp_path / "s.npy"), cwd=tmp_path)
@@ -69,26 +63,20 @@ def test_validation_writes_a_sample_grid_and_fae_sample_writes_a_checkpoints_sam
     assert png.returncode == 0 and (tmp_path / "grid.png").stat().st_size > 0
 
 
-def test_validation_fits_a_gaussian_to_its_codes_and_fitted_samples_draw_from_it(tmp_path, fae_here):
+def test_validation_fits_a_gaussian_to_its_codes_and_fitted_samples_draw_from_it(tmp_path, fae_here, trained_run):
     """The fit is the mean and covariance of the validation images' codes (a slow reference: the codes of
-    that batch through encode); it is saved in checkpoints, `--sampler fitted` draws from it, and a
+    those batches through encode); it is saved in checkpoints, `--sampler fitted` draws from it, and a
     checkpoint from before the fit loads and says in one line that it has none."""
     from fae.data import DigitsDataModule
 
-    run = tmp_path / "run"
-    fit = fae_here("fit", "--config", str(CONFIGS / "quickstart" / "digits_vae.yaml"), "--model.width", "4",
-                   "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
-                   "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--run_dir", str(run),
-                   cwd=tmp_path)  # fmt: skip
-    assert fit.returncode == 0, fit.stderr[-2000:]
-    last = run / "checkpoints" / "last.ckpt"
+    last = trained_run("vae") / "checkpoints" / "last.ckpt"  # validations of 2 batches at steps 3 and 6
     model = load_model(last)
     data = DigitsDataModule()
     data.setup("fit")
     codes = model.encode(data.to_float(data.splits["val"][:128])).double()  # 2 validation batches of 64
-    assert model.code_count.item() == 128 and int(model.code_step) == 2  # the validation at step 2
-    torch.testing.assert_close(model.code_mean, codes.mean(0))
-    torch.testing.assert_close(model.code_cov, torch.cov(codes.T))
+    assert model.code_fit.count.item() == 128 and int(model.code_fit.step) == 6  # the validation at step 6
+    torch.testing.assert_close(model.code_fit.mean, codes.mean(0))
+    torch.testing.assert_close(model.code_fit.cov, torch.cov(codes.T))
     z = model.sample_fitted(20000, generator=torch.Generator().manual_seed(0)).double()
     torch.testing.assert_close(z.mean(0), codes.mean(0), atol=0.05 * codes.std(0).max().item(), rtol=0)
     torch.testing.assert_close(
@@ -101,20 +89,54 @@ def test_validation_fits_a_gaussian_to_its_codes_and_fitted_samples_draw_from_it
     expected = model.decode(model.sample_fitted(4, generator=torch.Generator().manual_seed(0)))
     np.testing.assert_allclose(np.load(tmp_path / "f.npy"), expected.detach().numpy(), atol=1e-6)
     stale = torch.load(last, weights_only=False)
-    stale["state_dict"]["code_step"] = torch.tensor(1)  # as if the last validation came a step before the save
+    stale["state_dict"]["code_fit.step"] = torch.tensor(5)  # as if the last validation came a step before the save
     torch.save(stale, tmp_path / "stale.ckpt")
     out = fae_here("sample", str(tmp_path / "stale.ckpt"), "--sampler", "fitted", "--out", str(tmp_path / "st.png"),
                    cwd=tmp_path)  # fmt: skip
     assert (
         out.returncode == 0
-        and "the codes were fitted at the validation of step 1; this checkpoint is at step 2" in (out.stdout)
+        and "the codes were fitted at the validation of step 5; this checkpoint is at step 6" in (out.stdout)
     )
     old = torch.load(last, weights_only=False)
-    for name in ("code_mean", "code_cov", "code_count", "code_step"):
-        del old["state_dict"][name]
+    for name in ("mean", "cov", "count", "step"):
+        del old["state_dict"][f"code_fit.{name}"]
     torch.save(old, tmp_path / "old.ckpt")
-    assert not load_model(tmp_path / "old.ckpt").can_sample_fitted
+    assert not load_model(tmp_path / "old.ckpt").code_fit.fitted
     refused = fae_here("sample", str(tmp_path / "old.ckpt"), "--sampler", "fitted", "--out", str(tmp_path / "o.png"),
                        cwd=tmp_path)  # fmt: skip
     assert refused.returncode == 2
     assert "has no fit of its codes" in refused.stderr.strip().splitlines()[-1]
+
+
+def old_form(checkpoint: dict) -> dict:
+    """A checkpoint as an earlier fae wrote it: each net with its own latent_dim and width (and the
+    encoder its heads), the fit of the codes under its first names."""
+    hparams = checkpoint["hyper_parameters"]
+    sizes = {"latent_dim": hparams.pop("latent_dim"), "width": hparams.pop("width")}
+    hparams.pop("image_shape")
+    for net, extra in (("encoder", {"gaussian": True}), ("decoder", {})):
+        spec = hparams[net]
+        spec = {"class_path": spec} if isinstance(spec, str) else spec
+        hparams[net] = {**spec, "init_args": {**spec.get("init_args", {}), **sizes, **extra}}
+    state = checkpoint["state_dict"]
+    for name in ("mean", "cov", "count", "step"):
+        state[f"code_{name}"] = state.pop(f"code_fit.{name}")
+    return checkpoint
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["vae", "fisher", "wae_gan"])
+def test_fae_sample_takes_every_checkpoint_fae_test_takes_an_old_form_one_too(tmp_path, fae_here, trained_run, family):
+    """Both read checkpoints with one reader (fae.checkpoint.checkpoint_facts): an old-form checkpoint loads
+    into the same model, which samples the same images."""
+    last = trained_run(family) / "checkpoints" / "last.ckpt"
+    old = tmp_path / "old.ckpt"
+    torch.save(old_form(torch.load(last, weights_only=False)), old)
+    for sampler in ("inverse_cdf", "fitted"):
+        images = [tmp_path / f"{name}-{sampler}.npy" for name in ("new", "old")]
+        for ckpt, out in zip((last, old), images, strict=True):
+            done = fae_here("sample", str(ckpt), "--n", "5", "--sampler", sampler, "--out", str(out), cwd=tmp_path)
+            assert done.returncode == 0, done.stderr[-2000:]
+        assert np.array_equal(np.load(images[0]), np.load(images[1])), sampler
+    for name, tensor in load_model(last).state_dict().items():
+        assert torch.equal(load_model(old).state_dict()[name], tensor), name

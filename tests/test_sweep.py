@@ -12,19 +12,20 @@ import torch
 from fae.data import DigitsDataModule
 from fae.evaluation import RobustnessSweep
 from fae.models import VAE, WAEGAN
+from fae.models.load import load_model
 from fae.nets import MNISTDecoder, MNISTEncoder
 from fae.objectives import reconstruction_bce
 
-from .conftest import QUIET, run_fae, wandb_run_records
-from .test_cli import QUICK, TINY
+from .helpers import QUICK, QUIET, TINY, run_fae, wandb_run_records
 
 SIGMAS, NUS = [0.1, 0.8], [0.3, 0.9]
 
 
 def sweep_of(model, eval_batch_size=64) -> RobustnessSweep:
     sweep = RobustnessSweep(sigmas=SIGMAS, nus=NUS, seed=3, grid_images=0)
-    L.Trainer(callbacks=[sweep], **QUIET).test(model, datamodule=DigitsDataModule(eval_batch_size=eval_batch_size),
-                                               verbose=False)  # fmt: skip
+    L.Trainer(callbacks=[sweep], **QUIET).test(
+        model, datamodule=DigitsDataModule(eval_batch_size=eval_batch_size), verbose=False
+    )
     return sweep
 
 
@@ -64,15 +65,13 @@ def test_two_models_see_byte_identical_corrupted_images():
         assert a.numpy().tobytes() == b.numpy().tobytes()
 
 
-def test_sweep_on_two_ddp_processes_equals_one(tmp_path, digits_mnist):
+@pytest.mark.multiprocess
+def test_sweep_on_two_ddp_processes_equals_one(tmp_path, digits_mnist, trained_run, fae_here):
     """Errors, FID and KID rows alike: each test image counts once, the samples are the same draws."""
-    fit = run_fae("fit", *QUICK, *TINY, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "5",
-                  "--trainer.limit_val_batches", "1", "--run_dir", "runs/m", cwd=tmp_path)  # fmt: skip
-    assert fit.returncode == 0, fit.stderr[-2000:]
-    ckpt = str(tmp_path / "runs" / "m" / "checkpoints" / "last.ckpt")
+    ckpt = str(trained_run("vae", "runs/m") / "checkpoints" / "last.ckpt")
     sweep = ["--sweep.sigmas", str(SIGMAS), "--sweep.nus", str(NUS), "--sweep.features", str(digits_mnist[1]),
              "--sweep.kid_subset_size", "200"]  # fmt: skip
-    one = run_fae("test", *QUICK, *TINY, *sweep, "--ckpt_path", ckpt, "--run_dir", "runs/one", cwd=tmp_path)
+    one = fae_here("test", *QUICK, *TINY, *sweep, "--ckpt_path", ckpt, "--run_dir", "runs/one", cwd=tmp_path)
     two = run_fae("test", *QUICK, *TINY, *sweep, "--ckpt_path", ckpt, "--run_dir", "runs/two",
                   "--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.init_args.eval_batch_size", "64",
                   cwd=tmp_path, timeout=400)  # fmt: skip
@@ -88,19 +87,18 @@ def test_sweep_on_two_ddp_processes_equals_one(tmp_path, digits_mnist):
         assert a["mean"] == pytest.approx(b["mean"], rel=1e-5, abs=1e-6), a
         assert a["std"] == pytest.approx(b["std"], rel=1e-5, abs=1e-6), a
     assert rows_one[-1]["std"] > 0  # the KID's spread over its subsets
-    assert (one_dir / "robustness.csv").read_text().startswith("model,dataset,checkpoint,kind")
 
 
 def test_report_makes_figures_and_table_and_rejects_malformed_files(tmp_path):
     from fae.errors import UserError
-    from fae.evaluation.report import main as report_main
-    from fae.evaluation.sweep import write_results
+    from fae.evaluation.report import report
+    from fae.evaluation.results import write_rows
 
     vae = VAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0)
     wae = WAEGAN(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0)
     for name, model in [("vae", vae), ("wae", wae)]:
-        write_results(sweep_of(model).results, tmp_path / name / "test-1")
-    report_main([str(tmp_path / "vae"), str(tmp_path / "wae"), "--out", str(tmp_path / "report")])
+        write_rows(sweep_of(model).results, tmp_path / name / "test-1")
+    report([tmp_path / "vae", tmp_path / "wae"], out=tmp_path / "report")
     for figure in ("robustness_gaussian.png", "robustness_mask.png"):
         assert (tmp_path / "report" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "report" / "robustness.md").read_text().split("\n\n")
@@ -112,16 +110,17 @@ def test_report_makes_figures_and_table_and_rejects_malformed_files(tmp_path):
     broken.parent.mkdir()
     broken.write_text(json.dumps([{"model": "VAE", "kind": "mask", "level": 0.1, "std": 0.0, "n": 3}]))
     with pytest.raises(UserError, match=r"broken/robustness.json is malformed: row 0 has no valid 'mean' field"):
-        report_main([str(tmp_path / "vae"), str(broken.parent)])
+        report([tmp_path / "vae", broken.parent])
     broken.write_text("{not json")
     with pytest.raises(UserError, match="is not valid JSON"):
-        report_main([str(broken)])
+        report([broken])
 
 
-def test_fae_test_writes_sweep_files_grids_and_a_wandb_table_offline(tmp_path):
+@pytest.mark.slow
+def test_fae_test_writes_sweep_files_grids_and_a_wandb_table_offline(tmp_path, fae_here):
     i = TINY.index("--trainer.logger")
     quick_with_wandb = TINY[:i] + TINY[i + 2 :]  # the config's W&B logger (offline in tests) stays
-    fit = run_fae("fit", *QUICK, *quick_with_wandb, "--trainer.max_epochs", "1", "--trainer.limit_train_batches",
+    fit = fae_here("fit", *QUICK, *quick_with_wandb, "--trainer.max_epochs", "1", "--trainer.limit_train_batches",
                   "3", "--trainer.limit_val_batches", "1", "--run_dir", "runs/m", cwd=tmp_path)  # fmt: skip
     assert fit.returncode == 0, fit.stderr[-2000:]
     trained = wandb_run_records(tmp_path / "runs" / "m")  # the whole resolved config, as flags
@@ -132,7 +131,7 @@ def test_fae_test_writes_sweep_files_grids_and_a_wandb_table_offline(tmp_path):
         "quickstart",
         "train",
     )
-    test = run_fae("test", *QUICK, *quick_with_wandb, "--sweep.sigmas", "[0.2, 0.5]", "--sweep.nus", "[0.2, 0.5]",
+    test = fae_here("test", *QUICK, *quick_with_wandb, "--sweep.sigmas", "[0.2, 0.5]", "--sweep.nus", "[0.2, 0.5]",
                    "--ckpt_path", str(tmp_path / "runs/m/checkpoints/last.ckpt"), cwd=tmp_path)  # fmt: skip
     assert test.returncode == 0, test.stderr[-2000:]
     (folder,) = (tmp_path / "runs" / "m").glob("test-*")
@@ -151,10 +150,11 @@ def test_fae_test_writes_sweep_files_grids_and_a_wandb_table_offline(tmp_path):
     assert tested["summary"]["test/recon_bce"] > 0
     (table,) = folder.glob("wandb/offline-run-*/files/media/table/robustness/table_*.table.json")
     assert json.loads(table.read_text())["columns"][:5] == ["model", "dataset", "checkpoint", "kind", "level"]
-    report = run_fae("report", str(tmp_path / "runs" / "m"), str(folder), "--out", "cmp", cwd=tmp_path)
+    assert (folder / "robustness.csv").read_text().startswith("model,dataset,checkpoint,kind")
+    report = fae_here("report", str(tmp_path / "runs" / "m"), str(folder), "--out", "cmp", cwd=tmp_path)
     assert report.returncode == 0, report.stderr
     assert (tmp_path / "cmp" / "reconstructions_mask_0.8.png").is_file()
-    bad = run_fae("report", str(tmp_path / "nowhere"), cwd=tmp_path)
+    bad = fae_here("report", str(tmp_path / "nowhere"), cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("fae: error: no robustness.json in")
 
 
@@ -162,24 +162,30 @@ def fake_run(folder, model: str, means: dict[tuple[str, float], float], clean: f
     """A run folder as `fae test` leaves it: test-*/robustness.json and, optionally, metrics.csv."""
     test = folder / "test-20260101-000000"
     test.mkdir(parents=True)
-    rows = [{"model": model, "kind": k, "level": lv, "metric": "bce", "mean": m, "std": 0.1, "n": 10}
-            for (k, lv), m in means.items()]  # fmt: skip
+    rows = [
+        {"model": model, "kind": k, "level": lv, "metric": "bce", "mean": m, "std": 0.1, "n": 10}
+        for (k, lv), m in means.items()
+    ]
     (test / "robustness.json").write_text(json.dumps(rows))
     if clean is not None:
         (test / "metrics.csv").write_text(f"step,test/recon_bce,test/posterior_fisher\n0,{clean},{2 * clean}\n")
 
 
 def test_report_pools_seeds_by_folder_with_the_spread_across_runs(tmp_path):
-    from fae.evaluation.report import main as report_main
+    from fae.evaluation.report import report
 
     levels = [("mask", 0.0), ("mask", 0.5), ("mask", 1.0)]
     runs = {"fisher": [[1.0, 2.0, 4.0], [3.0, 2.0, 6.0], [2.0, 5.0, 5.0]], "vae": [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]}
     for family, seeds in runs.items():
         for seed, means in enumerate(seeds):
-            fake_run(tmp_path / "exp" / family / f"seed{seed}", family, dict(zip(levels, means, strict=True)),
-                     clean=0.1 * (seed + 1))  # fmt: skip
+            fake_run(
+                tmp_path / "exp" / family / f"seed{seed}",
+                family,
+                dict(zip(levels, means, strict=True)),
+                clean=0.1 * (seed + 1),
+            )
     paths = [str(p) for p in sorted((tmp_path / "exp").glob("*/seed*"))]
-    report_main([*paths, "--group_by", "parent", "--out", str(tmp_path / "report")])
+    report(paths, out=tmp_path / "report", group_by="parent")
     summary, _, levels_table = (tmp_path / "report" / "robustness.md").read_text().split("\n\n")[:3]
     # fisher: per level, mean and sample standard deviation of the three runs' means
     assert "| mask | 0.5 | 3.0000 ± 1.7321 | 1.5000 ± 0.7071 |" in levels_table
@@ -191,10 +197,44 @@ def test_report_pools_seeds_by_folder_with_the_spread_across_runs(tmp_path):
 
 
 def test_report_labels_runs_with_the_same_folder_name_apart(tmp_path):
-    from fae.evaluation.report import main as report_main
+    from fae.evaluation.report import report
 
     for parent, mean in (("a", 1.0), ("b", 2.0)):
         fake_run(tmp_path / parent / "fisher", "FisherAE", {("mask", 0.1): mean, ("mask", 0.2): mean})
-    report_main([str(tmp_path / "a" / "fisher"), str(tmp_path / "b" / "fisher"), "--out", str(tmp_path / "r")])
+    report([tmp_path / "a" / "fisher", tmp_path / "b" / "fisher"], out=tmp_path / "r")
     table = (tmp_path / "r" / "robustness.md").read_text()
     assert "| FisherAE (a/fisher) | 1 |" in table and "| FisherAE (b/fisher) | 1 |" in table
+
+
+def test_a_new_corruption_kind_is_one_class_and_a_config_line(tmp_path, fae_here, trained_run):
+    """tests.corruptions.Speckle, swept beside the shorthand levels by a config line: its rows equal a slow
+    per-sample loop, it is keyed by the sweep's seed, and the report draws its curve on its own axis."""
+    from fae.data.noise import corruption_label
+    from fae.evaluation.results import read_rows
+
+    from .corruptions import Speckle
+
+    run = trained_run("vae")
+    config = tmp_path / "speckle.yaml"
+    config.write_text(
+        "sweep:\n  corruptions:\n    - class_path: tests.corruptions.Speckle\n      init_args: {level: 0.5}\n"
+    )
+    test = fae_here("test", *QUICK, "--config", str(config), *TINY, "--sweep.sigmas", "[0.1]", "--sweep.nus", "[]",
+                    "--sweep.seed", "3", "--sweep.corruptions+=tests.corruptions.Speckle",
+                    "--sweep.corruptions.level", "1.0", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+                    cwd=tmp_path)  # fmt: skip
+    assert test.returncode == 0, test.stderr[-2000:]
+    (folder,) = run.glob("test-*")
+    rows = read_rows(folder)
+    assert [(r.kind, r.level) for r in rows] == [("gaussian", 0.1), ("speckle", 0.5), ("speckle", 1.0)]
+    model = load_model(run / "checkpoints" / "last.ckpt")
+    dm = DigitsDataModule()
+    dm.setup()
+    clean = dm.to_float(dm.splits["test"])
+    corrupt = Speckle(1.0, seed=3)
+    slow = [
+        reconstruction_bce(model.reconstruct(corrupt(clean[i : i + 1], torch.tensor([i]))), clean[i : i + 1])
+        for i in range(len(clean))
+    ]
+    assert rows[-1].mean == pytest.approx(torch.cat(slow).double().mean().item(), abs=1e-6)
+    assert (folder / "robustness_speckle.png").is_file() and corruption_label("speckle") == "speckle noise level"

@@ -31,6 +31,7 @@ def test_mode_with_credentials_is_online(no_wandb_env, monkeypatch):
     assert resolve_wandb_mode("online") == "offline"
 
 
+@pytest.mark.slow
 def test_failed_online_start_falls_back_to_offline(no_wandb_env, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens: connection refused

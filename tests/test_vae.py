@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 
 from fae.data import DigitsDataModule
@@ -10,7 +11,7 @@ from fae.models import VAE
 from fae.nets import MNISTDecoder, MNISTEncoder
 from fae.objectives import bernoulli_nll, kl_to_standard_normal
 
-from .conftest import QUIET
+from .helpers import QUIET
 
 
 def small_vae(width: int = 4, **kwargs) -> VAE:
@@ -56,6 +57,7 @@ def test_the_model_states_the_sizes_once_and_builds_both_nets_from_them():
     assert first.out_channels == last.in_channels == 4  # the width, in both nets
 
 
+@pytest.mark.slow
 def test_training_on_real_digits_lowers_loss_and_reconstruction_error():
     L.seed_everything(0)
     vae = small_vae(width=8, optimizer=lambda p: torch.optim.Adam(p, lr=2e-3), grid_images=0)

@@ -15,7 +15,7 @@ from fae.models import VAE, WAEGAN, FisherAE
 from fae.nets import MNISTDecoder, MNISTEncoder
 from fae.objectives import mmd_imq
 
-from .conftest import QUIET
+from .helpers import QUIET
 
 
 def small_wae(**kwargs) -> WAEGAN:
@@ -96,6 +96,7 @@ def test_schedulers_and_gradient_clipping_work_under_manual_optimisation():
     assert len(norms) == 8 and max(norms) <= clip * (1 + 1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["wae_gan", "vae", "fisher"])
 def test_resuming_mid_epoch_ends_with_the_same_weights(tmp_path, family):
     batches = 63 + 20  # one epoch of 4000 digits in batches of 64, and 20 batches of the next
@@ -104,29 +105,44 @@ def test_resuming_mid_epoch_ends_with_the_same_weights(tmp_path, family):
     def run(ckpt_path=None, callbacks=()):
         L.seed_everything(0)
         nets = dict(encoder=MNISTEncoder, decoder=MNISTDecoder, latent_dim=8, width=4)
-        model = {"wae_gan": small_wae, "vae": lambda: VAE(**nets, grid_images=0),
-                 "fisher": lambda: FisherAE(**nets, learn_decoder_scale=True, grid_images=0)}[family]()  # fmt: skip
-        trainer = L.Trainer(max_steps=batches, limit_val_batches=0, callbacks=list(callbacks),
-                            **{**QUIET, "enable_checkpointing": bool(callbacks)})  # fmt: skip
+        model = {
+            "wae_gan": small_wae,
+            "vae": lambda: VAE(**nets, grid_images=0),
+            "fisher": lambda: FisherAE(**nets, learn_decoder_scale=True, grid_images=0),
+        }[family]()
+        trainer = L.Trainer(
+            max_steps=batches,
+            limit_val_batches=0,
+            callbacks=list(callbacks),
+            **{**QUIET, "enable_checkpointing": bool(callbacks)},
+        )
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=ckpt_path)
         return model
 
     saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=ckpt_every, save_top_k=-1, filename="{step}")
     uninterrupted = run(callbacks=[saver])
     mid = tmp_path / f"step={ckpt_every}.ckpt"
-    assert torch.load(mid, weights_only=False)["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"][
-        "processed"
-    ] == 10  # fmt: skip
+    assert (
+        torch.load(mid, weights_only=False)["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"]
+        == 10
+    )
     resumed = run(ckpt_path=str(mid))
     for (name, a), (_, b) in zip(uninterrupted.state_dict().items(), resumed.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_training_on_real_digits_lowers_reconstruction_error_and_moves_codes_to_the_prior():
     L.seed_everything(0)
-    model = WAEGAN(MNISTEncoder, MNISTDecoder, latent_dim=8, width=8, grid_images=0,
-                   optimizer=lambda p: torch.optim.Adam(p, lr=1e-3, betas=(0.5, 0.999)),
-                   discriminator_optimizer=lambda p: torch.optim.Adam(p, lr=5e-4, betas=(0.5, 0.999)))  # fmt: skip
+    model = WAEGAN(
+        MNISTEncoder,
+        MNISTDecoder,
+        latent_dim=8,
+        width=8,
+        grid_images=0,
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-3, betas=(0.5, 0.999)),
+        discriminator_optimizer=lambda p: torch.optim.Adam(p, lr=5e-4, betas=(0.5, 0.999)),
+    )
     dm = DigitsDataModule(batch_size=64)
     before = L.Trainer(**QUIET).validate(model, datamodule=dm, verbose=False)[0]
     L.Trainer(max_steps=200, limit_val_batches=0, **QUIET).fit(model, datamodule=dm)

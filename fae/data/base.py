@@ -8,7 +8,7 @@ index within its split, the key of its test-time noise (fae.data.noise).
 A batch reaching a model is a `Batch(x, index, target)`: `x` is what the model sees, `target` is
 the clean image its reconstruction is scored against. They are the same tensor unless a
 `corruption` is set, which corrupts `x` of test and predict batches only: models are trained on
-clean data and corrupted only at test time (DESIGN.md section 3).
+clean data and corrupted only at test time, as in the paper's experiments.
 """
 
 from __future__ import annotations
@@ -177,8 +177,9 @@ class InMemoryImageDataModule(L.LightningDataModule):
         """Shuffled by (seed, epoch) with the seed of seed_everything, resumable mid-epoch."""
         self.setup()
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        return self._loader("train", sampler=EpochShuffle(len(self.splits["train"]), seed),
-                            batches_done=self._train_batches_done)  # fmt: skip
+        return self._loader(
+            "train", sampler=EpochShuffle(len(self.splits["train"]), seed), batches_done=self._train_batches_done
+        )
 
     def _train_batches_done(self) -> int:
         """Batches of the current epoch trained on (what a resumed run must skip)."""

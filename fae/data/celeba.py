@@ -12,11 +12,11 @@ then x = u / 127.5 - 1 for the uint8 pixel u, the [-1, 1] range of the decoder's
 corruptions act on that scale: Gaussian noise adds sigma N(0, 1) to values in [-1, 1], and a masked
 pixel is set to 0, mid-grey.
 
-Decoding costs 20-35 ms per batch of 64 in one process, 50-140x a batch of a memory-mapped uint8
-array (benchmarks/celeba_loading.py): the order of a GPU training step of these nets (tens of ms; no
-GPU here to measure it), so decoding every epoch would leave a GPU waiting. Each split is therefore
-decoded ONCE into a uint8 array (N, 3, S, S), saved as .npy in `cache_dir` (2.5 GB for all of CelebA
-at 64x64; about two minutes on 2 cores), which every later epoch and run memory-maps. The conversion
+Decoding JPEGs costs far more per batch than reading a memory-mapped uint8 array
+(benchmarks/celeba_loading.py measures the ratio), about as much as a GPU training step of these nets,
+so decoding every epoch would leave a GPU waiting. Each split is therefore decoded ONCE into a uint8
+array (N, 3, S, S), saved as .npy in `cache_dir` (N x 3 x S x S bytes: 2.5 GB for all of CelebA at
+64x64), which every later epoch and run memory-maps. The conversion
 runs in `prepare_data`, on one process per node (nodes sharing a filesystem each build the same file:
 wasted work, not a race), with `decode_workers` decoding processes; it writes a temporary file
 (`*.partial-*`) that is renamed only when complete. The file's name carries a fingerprint of the
@@ -231,8 +231,12 @@ class CelebADataModule(InMemoryImageDataModule):
                 "to a writable folder"
             ) from err
         shape = (len(files), 3, self.image_size, self.image_size)
-        loader = DataLoader(JPEGFaces(files, self.crop, self.image_size), batch_size=256,
-                            num_workers=self.decode_workers, collate_fn=collate_batch)  # fmt: skip
+        loader = DataLoader(
+            JPEGFaces(files, self.crop, self.image_size),
+            batch_size=256,
+            num_workers=self.decode_workers,
+            collate_fn=collate_batch,
+        )
         try:
             with os.fdopen(handle, "wb") as file:
                 np.lib.format.write_array_header_1_0(file, {"descr": "|u1", "fortran_order": False, "shape": shape})

@@ -1,9 +1,12 @@
 """Test-time corruptions of images, drawn from a counter-based generator keyed per sample.
 
-The paper corrupts clean test images in two ways (DESIGN.md section 3):
+The paper's experiments corrupt clean test images in two ways (Elkhalil et al. 2021):
 
     Gaussian noise:  x_noisy = x + sigma * N(0, I)            (no clipping)
     binary masking:  each pixel (all channels together) set to zero with probability nu
+
+A corruption kind is one subclass of `Corruption` (its `kind`, the axis `label` of its level, and
+`__call__`); the robustness sweep takes any list of them (`--sweep.corruptions`).
 
 Every model must see the SAME corrupted images. A stateful generator (torch.Generator) cannot
 promise that: what a sample receives would depend on the batch it falls in, the worker that loads
@@ -16,9 +19,11 @@ the batch size, worker count, number of devices or device type, and costs a few 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import struct
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -73,24 +78,48 @@ def standard_normal(key: int, index: Tensor, shape: tuple[int, ...]) -> Tensor:
 
 class Corruption:
     """A corruption maps a batch of clean images (B, C, H, W) and their sample indices (B,) to
-    corrupted images of the same shape, deterministically in (seed, kind, level, index)."""
+    corrupted images of the same shape, deterministically in (seed, kind, level, index). A subclass
+    names its `kind` and the `label` of its level (a figure's axis), sets `level` and `seed`, and draws
+    its noise from `uniform`/`standard_normal` keyed by `self.key`."""
 
-    kind: str
+    kinds: ClassVar[dict[str, type[Corruption]]] = {}  # every kind defined, by name
+    kind: ClassVar[str]
+    label: ClassVar[str]
     level: float
     seed: int
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        Corruption.kinds[cls.kind] = cls
 
     @property
     def key(self) -> int:
         return stream_key(self.seed, self.kind, self.level)
 
+    def seeded(self, seed: int) -> Corruption:
+        """A copy drawing its noise from `seed` (the sweep's: every model sees the same images)."""
+        other = copy.copy(self)
+        other.seed = int(seed)
+        return other
+
     def __call__(self, x: Tensor, index: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(level={self.level}, seed={self.seed})"
+
+
+def corruption_label(kind: str) -> str:
+    """The axis label of a corruption kind's level (the kind itself for one not defined here)."""
+    known = Corruption.kinds.get(kind)
+    return known.label if known is not None else kind
 
 
 class GaussianNoise(Corruption):
     """x_noisy = x + sigma * N(0, I), the noise keyed by (seed, "gaussian", sigma, sample index)."""
 
     kind = "gaussian"
+    label = "Gaussian noise sigma"
 
     def __init__(self, sigma: float, seed: int = 0) -> None:
         if not sigma >= 0:
@@ -102,14 +131,12 @@ class GaussianNoise(Corruption):
         eps = standard_normal(self.key, index.to(x.device), tuple(x.shape[1:]))  # (B, C, H, W)
         return x + self.level * eps.to(x.dtype)
 
-    def __repr__(self) -> str:
-        return f"GaussianNoise(sigma={self.level}, seed={self.seed})"
-
 
 class BinaryMask(Corruption):
     """Each pixel, all channels together, set to zero with probability nu; keyed like GaussianNoise."""
 
     kind = "mask"
+    label = "masking probability nu"
 
     def __init__(self, nu: float, seed: int = 0) -> None:
         if not 0.0 <= nu <= 1.0:
@@ -120,6 +147,3 @@ class BinaryMask(Corruption):
     def __call__(self, x: Tensor, index: Tensor) -> Tensor:
         u = uniform(self.key, index.to(x.device), (1, *x.shape[2:]))  # (B, 1, H, W): one draw per pixel
         return x * (u >= self.level).to(x.dtype)
-
-    def __repr__(self) -> str:
-        return f"BinaryMask(nu={self.level}, seed={self.seed})"

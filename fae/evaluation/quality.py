@@ -68,12 +68,10 @@ class OrderedKID(KernelInceptionDistance):
             size, subsets = min(len(real), len(fake)), 1
             rank_zero_info(f"fae: KID on one subset of all {size} images (fewer than --sweep.kid_subset_size)")
         generator = torch.Generator().manual_seed(self.seed)
-        scores = torch.stack([
-            poly_mmd(real[torch.randperm(len(real), generator=generator)[:size].to(real.device)],
-                     fake[torch.randperm(len(fake), generator=generator)[:size].to(fake.device)],
-                     self.degree, self.gamma, self.coef)
-            for _ in range(subsets)
-        ])  # fmt: skip
+        draw = lambda rows: rows[torch.randperm(len(rows), generator=generator)[:size].to(rows.device)]  # noqa: E731
+        scores = torch.stack(
+            [poly_mmd(draw(real), draw(fake), self.degree, self.gamma, self.coef) for _ in range(subsets)]
+        )
         return scores.mean(), scores.std(unbiased=False)
 
 
@@ -100,8 +98,9 @@ class QualityScores(nn.Module):
     count (first visits) and, for KID's order, their indices. `sample_kinds` name the sets of
     generated images: "samples" (the prior's) and "fitted_samples" (the fit of the codes')."""
 
-    def __init__(self, features: Frozen, levels: list[tuple[str, float]], sample_kinds: list[str],
-                 kid_subset_size: int) -> None:  # fmt: skip
+    def __init__(
+        self, features: Frozen, levels: list[tuple[str, float]], sample_kinds: list[str], kid_subset_size: int
+    ) -> None:
         super().__init__()
         self.features = features
         self.levels = [("clean", 0.0), *levels]
@@ -131,8 +130,10 @@ class QualityScores(nn.Module):
     def compute(self) -> dict[tuple[str, float, str], tuple[float, float]]:
         """{(kind, level, metric): (value, standard deviation)}, synchronised across devices; the FID
         has no spread (0), the KID's is over its subsets."""
-        scores = {(kind, level, "fid"): (float(metric.compute()), 0.0)
-                  for (kind, level), metric in zip(self.levels, self.recon_fid, strict=True)}  # fmt: skip
+        scores = {
+            (kind, level, "fid"): (float(metric.compute()), 0.0)
+            for (kind, level), metric in zip(self.levels, self.recon_fid, strict=True)
+        }
         for kind, metric in self.sample_fid.items():
             scores[(kind, 0.0, "fid")] = (float(metric.compute()), 0.0)
             kid, kid_std = self.sample_kid[kind].compute()

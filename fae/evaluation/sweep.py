@@ -1,9 +1,11 @@
-"""The paper's robustness sweep (DESIGN.md section 3), run by `fae test` for any model family.
+"""The paper's robustness sweep, run by `fae test` for any model family: it scores; what it found is
+published by fae.evaluation.publish.
 
-Models are trained on clean data; at test time every test image is corrupted at every level of
-the sweep (additive Gaussian noise x + sigma N(0, I), and binary masking with probability nu), the
-model reconstructs decoder(encoder mean of the noisy image), and the error is taken against the
-CLEAN image (BCE for MNIST, MSE for CelebA: the data module's `recon_metric`). One pass over the test set:
+Models are trained on clean data; at test time every test image is corrupted by every corruption of
+the sweep (by default additive Gaussian noise x + sigma N(0, I) at each of `sigmas` and binary
+masking with probability nu at each of `nus`; any fae.data.Corruption in `corruptions`), the model
+reconstructs decoder(encoder mean of the corrupted image), and the error is taken against the CLEAN
+image (BCE for MNIST, MSE for CelebA: the data module's `recon_metric`). One pass over the test set:
 each batch is corrupted at all levels on the device, so the data is read once. The noise is keyed by
 (seed, kind, level, sample index) (fae.data.noise): every model sees the same corrupted images.
 
@@ -18,49 +20,30 @@ reconstructions at every level and FID/KID of generated images, as more rows of 
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import Metric
-from torchvision.utils import save_image
 
 from fae.data.base import Batch
 from fae.data.noise import BinaryMask, Corruption, GaussianNoise
 from fae.errors import UserError
 from fae.evaluation.features import load_features
+from fae.evaluation.publish import publish
 from fae.evaluation.quality import QualityScores, first_visits
-from fae.evaluation.report import QUALITY_METRICS, area_under_curve, error_rows, run_curves, write_report
+from fae.evaluation.results import Row
 from fae.objectives import RECONSTRUCTION_ERRORS
 from fae.tracking import reconstruction_grid
 
 # The authors' code sweeps 10 noise levels from 0.01 to 2; masking from 0.01 to about 0.9.
 DEFAULT_SIGMAS = [0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0]
 DEFAULT_NUS = [0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-CORRUPTION_KINDS = (GaussianNoise.kind, BinaryMask.kind)
-
-
-@dataclass
-class LevelResult:
-    """One row of robustness.csv / robustness.json."""
-
-    model: str
-    dataset: str
-    checkpoint: str
-    kind: str
-    level: float
-    metric: str
-    mean: float
-    std: float
-    n: int
 
 
 class PerSampleErrors(Metric):
@@ -86,14 +69,15 @@ class PerSampleErrors(Metric):
 
 
 class RobustnessSweep(L.Callback):
-    """Corrupts every test batch at every level and scores the reconstructions. `results` holds the
-    rows; with loggers, robustness.json, .csv and a figure per noise kind go to the log folder (the
-    run's test folder under the CLI) and the means to the loggers."""
+    """Corrupts every test batch by every corruption and scores the reconstructions. `results` holds
+    the rows; with loggers they are published to the log folder (the run's test folder under the CLI)
+    and to the loggers (fae.evaluation.publish)."""
 
     def __init__(
         self,
         sigmas: list[float] | None = None,
         nus: list[float] | None = None,
+        corruptions: list[Corruption] | None = None,
         seed: int = 0,
         grid_sigmas: list[float] | None = None,
         grid_nus: list[float] | None = None,
@@ -105,8 +89,11 @@ class RobustnessSweep(L.Callback):
     ) -> None:
         """
         Args:
-            sigmas: Gaussian noise levels (default: 10 values from 0.01 to 2, as the authors' code).
-            nus: masking probabilities (default: 0.01, 0.1, ..., 0.9).
+            sigmas: Gaussian noise levels, shorthand for GaussianNoise corruptions (default: 10 values
+                from 0.01 to 2, as the authors' code).
+            nus: masking probabilities, shorthand for BinaryMask corruptions (default: 0.01, 0.1, ..., 0.9).
+            corruptions: more corruptions to sweep, any fae.data.Corruption (one per level), e.g.
+                `--sweep.corruptions+=my.module.Kind --sweep.corruptions.level 2`; keyed by `seed`.
             seed: the noise seed; the same for every model so that all see the same images.
             grid_sigmas: noise levels at which to save a grid of reconstructions (default: none).
             grid_nus: masking levels at which to save a grid (default: 0.8, the paper's Figs 2 and 4).
@@ -123,13 +110,15 @@ class RobustnessSweep(L.Callback):
         """
         self.sigmas = list(DEFAULT_SIGMAS if sigmas is None else sigmas)
         self.nus = list(DEFAULT_NUS if nus is None else nus)
-        if enabled and not self.sigmas + self.nus:
-            raise UserError("the sweep has no level: give --sweep.sigmas or --sweep.nus, or --sweep.enabled false")
         self.seed = seed
         self.enabled = enabled
-        self.corruptions: list[Corruption] = [GaussianNoise(s, seed) for s in self.sigmas] + [
-            BinaryMask(nu, seed) for nu in self.nus
+        self.corruptions: list[Corruption] = [
+            *(GaussianNoise(s, seed) for s in self.sigmas),
+            *(BinaryMask(nu, seed) for nu in self.nus),
+            *(corruption.seeded(seed) for corruption in corruptions or []),
         ]
+        if enabled and not self.corruptions:
+            raise UserError("the sweep has no level: give --sweep.sigmas or --sweep.nus, or --sweep.enabled false")
         self.grid_corruptions: list[Corruption] = [GaussianNoise(s, seed) for s in grid_sigmas or []] + [
             BinaryMask(nu, seed) for nu in ([0.8] if grid_nus is None else grid_nus)
         ]
@@ -140,7 +129,7 @@ class RobustnessSweep(L.Callback):
             raise UserError(f"--sweep.kid_subset_size must be >= 2 (KID compares pairs), got {kid_subset_size}")
         self.quality_mode, self.features, self.kid_subset_size = quality, features, kid_subset_size
         self.quality: QualityScores | None = None
-        self.results: list[LevelResult] = []
+        self.results: list[Row] = []
         self.grids: dict[str, Tensor] = {}
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -186,9 +175,9 @@ class RobustnessSweep(L.Callback):
         if data is not None and hasattr(data, "val_dataloader") and hasattr(data, "to_float"):
             with trainer.precision_plugin.forward_context():  # the checkpoint's fit is of its last validation
                 pl_module.fit_codes(data.to_float(images.to(pl_module.device)) for images, _ in data.val_dataloader())
-        if not pl_module.can_sample_fitted:
+        if not pl_module.code_fit.fitted:
             rank_zero_info("fae: no fitted_samples rows: no validation images to fit the codes on, nor a fit saved")
-        able = {"samples": pl_module.can_sample, "fitted_samples": pl_module.can_sample_fitted}
+        able = {"samples": pl_module.can_sample, "fitted_samples": pl_module.code_fit.fitted}
         kinds = [kind for kind, can in able.items() if can]
         return QualityScores(features, levels, kinds, self.kid_subset_size).to(pl_module.device)
 
@@ -233,11 +222,27 @@ class RobustnessSweep(L.Callback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:
             return
-        means, stds, n = self.errors.compute()  # synchronised across devices
-        means, stds = means.reshape(-1), stds.reshape(-1)  # torchmetrics squeezes a sweep of one level to 0-d
         folder = trainer.log_dir  # every rank calls it: it broadcasts
-        self.results = [
-            LevelResult(
+        self.results = self.error_rows(trainer, pl_module)
+        n = self.results[0].n
+        if self.quality is not None and n < 2:
+            rank_zero_info(f"fae: FID/KID not scored: they need 2 test images or more, {n} were tested")
+        elif self.quality is not None:
+            self.results += [
+                replace(self.results[0], kind=kind, level=level, metric=metric, mean=value, std=spread)
+                for (kind, level, metric), (value, spread) in self.quality.compute().items()
+            ]
+        self.quality, self.draws = None, {}  # the feature network and the metrics' states go with them
+        if trainer.is_global_zero and trainer.loggers:  # a Trainer without loggers writes no files
+            publish(trainer, self.results, self.grids, Path(folder))
+        self.errors.reset()
+
+    def error_rows(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Row]:
+        """One row per corruption: the mean, spread and count of the errors (synchronised across devices)."""
+        means, stds, n = self.errors.compute()
+        means, stds = means.reshape(-1), stds.reshape(-1)  # torchmetrics squeezes a sweep of one level to 0-d
+        return [
+            Row(
                 model=type(pl_module).__name__,
                 dataset=type(trainer.datamodule).__name__ if trainer.datamodule is not None else "",
                 checkpoint=str(trainer.ckpt_path or ""),
@@ -250,69 +255,3 @@ class RobustnessSweep(L.Callback):
             )
             for corruption, mean, std in zip(self.corruptions, means, stds, strict=True)
         ]
-        if self.quality is not None and n < 2:
-            rank_zero_info(f"fae: FID/KID not scored: they need 2 test images or more, {n} were tested")
-        elif self.quality is not None:
-            template = self.results[0]
-            self.results += [
-                replace(template, kind=kind, level=level, metric=metric, mean=value, std=spread)
-                for (kind, level, metric), (value, spread) in self.quality.compute().items()
-            ]
-        self.quality, self.draws = None, {}  # the feature network and the metrics' states go with them
-        if trainer.is_global_zero and trainer.loggers:  # a Trainer without loggers writes no files
-            folder = Path(folder)
-            write_results(self.results, folder)
-            write_report({f"{self.results[0].model} ({folder.name})": run_curves(folder)}, folder)  # its figures
-            for name, grid in self.grids.items():
-                save_image(grid, folder / f"{name}.png")
-            log_to_loggers(trainer, self.results, self.grids, folder)
-        self.errors.reset()
-
-
-def log_to_loggers(trainer: L.Trainer, results: list[LevelResult], grids: dict[str, Tensor], folder: Path) -> None:
-    """Means and, per noise kind, the area under error(level) divided by the level range (the mean error
-    over the range, as `fae report`'s table has it) as metrics for every logger, and the FID/KID rows as
-    quality/<metric>/<kind>[/<level>]; for W&B also the rows as a table, a line plot per noise kind
-    (error against level) and the reconstruction grids as images."""
-    rows = [asdict(r) for r in results]
-    errors = error_rows(rows)
-    aucs = {f"robustness/auc_{kind}": area_under_curve(errors, kind) for kind in sorted({r["kind"] for r in errors})}
-    quality = {
-        f"quality/{r['metric']}/{r['kind']}" + (f"/{r['level']:g}" if r["kind"] in CORRUPTION_KINDS else ""): r["mean"]
-        for r in rows
-        if r["metric"] in QUALITY_METRICS
-    }
-    for logger in trainer.loggers:  # the last value of each is its W&B summary: runs tables sort by them
-        means = {f"robustness/{r['kind']}/{r['level']:g}": r["mean"] for r in errors}
-        logger.log_metrics(means, step=trainer.global_step)
-        logger.log_metrics({**aucs, **quality}, step=trainer.global_step)
-        if not isinstance(logger, WandbLogger):
-            continue
-        import wandb
-
-        columns = list(asdict(results[0]))
-        table = wandb.Table(columns=columns, data=[[getattr(r, c) for c in columns] for r in results])
-        kinds = sorted({r["kind"] for r in errors})
-        curves = {kind: [[r["level"], r["mean"]] for r in errors if r["kind"] == kind] for kind in kinds}
-        plots = {
-            f"robustness/plot_{kind}": wandb.plot.line(
-                wandb.Table(columns=["level", "mean"], data=points),
-                "level",
-                "mean",
-                title=f"reconstruction error vs {kind} level",
-            )
-            for kind, points in curves.items()
-        }
-        images = {f"robustness/{name}": wandb.Image(str(folder / f"{name}.png")) for name in grids}
-        logger.experiment.log({"robustness/table": table, **plots, **images})
-
-
-def write_results(results: list[LevelResult], folder: Path) -> None:
-    """robustness.json (a list of rows) and robustness.csv (the same rows) in `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = [asdict(r) for r in results]
-    (folder / "robustness.json").write_text(json.dumps(rows, indent=1))
-    with open(folder / "robustness.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)

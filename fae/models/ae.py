@@ -1,6 +1,6 @@
 """A plain auto-encoder: a deterministic encoder and decoder trained by the reconstruction's
-cross-entropy alone (no prior, no posterior). The README's example of a new family, verbatim: the
-whole of what a family needs; tests/test_family.py checks that both stay the same."""
+cross-entropy alone (no prior, no posterior). The example of a new family in docs/develop.md, verbatim:
+the whole of what a family needs; tests/test_family.py checks that both stay the same."""
 
 from __future__ import annotations
 

@@ -14,24 +14,23 @@ The pieces are fae.objectives.fisher_terms. Three choices, each a named option:
 
 - `stability`: grad_x log q_phi(z|x) at fixed z (Theorem 1, the default) or "total", the total
   derivative with z = mu(x) + sigma(x) eps still a function of x (the authors' public snapshot).
-- `batchnorm`: how the paper's BatchNorm layers normalise inside the objective (fae.nets.batchnorm),
-  whose derivatives in x and z must be those of each sample alone. "per_sample" (the default)
-  normalises with the current batch's statistics, recorded by an ordinary pass on the detached
-  inputs and replayed as constants in x and z: values as ordinary BatchNorm's, derivatives in x and z
-  without cross-sample terms, and the weights' gradient flowing through the statistics as in ordinary
-  BatchNorm training (one extra forward pass). "detached" uses the same statistics as constants
-  everywhere, "running" the lagged running statistics; both are per sample too, but their weight
-  gradients ignore the normalisation and they train far worse (measured: README, "Experiments").
-  "batch" keeps ordinary training-mode BatchNorm, whose batch statistics couple the samples: the
-  gradients of the batch sum then carry cross-sample terms (the authors' CelebA code does this). Nets
-  without BatchNorm (`norm: group` or `none`) are per sample whatever this says.
+- `batchnorm`: how the paper's BatchNorm layers normalise inside the objective, whose derivatives in x
+  and z must be those of each sample alone (how each mode computes: fae.nets.batchnorm).
+  "per_sample" (the default) normalises with the current batch's statistics, held constant in x and z:
+  values as ordinary BatchNorm's, per-sample derivatives, and the weights' gradient flowing through the
+  statistics as in ordinary BatchNorm training (one extra forward pass). "detached" holds the same
+  statistics constant everywhere, "running" uses the lagged running statistics: per sample too, but
+  their weight gradients ignore the normalisation and they train far worse
+  (docs/results/mnist/ablation/). "batch" is ordinary training-mode BatchNorm, whose statistics couple
+  the samples: the gradients of the batch sum carry cross-sample terms (the authors' CelebA code does
+  this). Nets without BatchNorm (`norm: group` or `none`) are per sample whatever this says.
 - `posterior_trains_decoder`: true differentiates the posterior term through grad_z log p_theta(x|z)
   (Theorem 1). False takes that score as a constant, as the authors' code does (it is computed
   without create_graph): the decoder then learns from the Hyvarinen score alone, and the posterior
   term trains the encoder (through grad_z log q and the prior score) and the prior.
 
 A non-finite loss term or gradient stops training (or skips the step), as in every family
-(`on_nonfinite`, fae.models.base).
+(`on_nonfinite`, fae.models.guard).
 """
 
 from __future__ import annotations
@@ -40,13 +39,12 @@ import contextlib
 from typing import Literal
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from fae.errors import UserError
-from fae.models.base import GaussianAutoEncoder
+from fae.models.gaussian import GaussianAutoEncoder
 from fae.nets.batchnorm import BatchStatistics, detached_batchnorm, running_batchnorm
-from fae.nets.contract import DecoderFactory, EncoderFactory, ImageShape
+from fae.nets.contract import DecoderFactory, EncoderFactory
 from fae.objectives import fisher_terms
 
 
@@ -63,9 +61,6 @@ class FisherAE(GaussianAutoEncoder):
         self,
         encoder: EncoderFactory,
         decoder: DecoderFactory,
-        latent_dim: int = 8,
-        width: int = 64,
-        image_shape: ImageShape = (1, 28, 28),
         decoder_scale: float = 1.0,
         learn_decoder_scale: bool = False,
         prior: Literal["standard_normal", "polynomial"] = "standard_normal",
@@ -73,20 +68,13 @@ class FisherAE(GaussianAutoEncoder):
         stability: Literal["fixed_z", "total"] = "fixed_z",
         batchnorm: Literal["per_sample", "detached", "running", "batch"] = "per_sample",
         posterior_trains_decoder: bool = True,
-        on_nonfinite: Literal["stop", "skip"] = "stop",
-        max_consecutive_skips: int = 20,
-        compile_nets: bool = False,
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        recon_metric: Literal["bce", "mse"] | None = None,
-        grid_images: int = 16,
+        **kwargs,
     ) -> None:
         """
         Args:
-            encoder, decoder, latent_dim, width, image_shape: the nets, as fae.models.base.AutoEncoder
-                builds them (a Gaussian encoder: two heads, mean and log-variance).
-                The likelihood is N(mu_theta(z), s^2 I) (a Bernoulli decoder is not admissible: the
-                Hyvarinen score needs a density in continuous x).
+            encoder, decoder: the nets, as fae.models.base.AutoEncoder builds them (a Gaussian encoder:
+                two heads, mean and log-variance). The likelihood is N(mu_theta(z), s^2 I) (a Bernoulli
+                decoder is not admissible: the Hyvarinen score needs a density in continuous x).
             decoder_scale: s (its initial value when learned).
             learn_decoder_scale: learn log s by the same loss (optimum s^2 = ||x - mu||^2 / d).
             prior: "standard_normal", or "polynomial", the learned exponential family of degree prior_degree.
@@ -96,26 +84,9 @@ class FisherAE(GaussianAutoEncoder):
                 samples); see the module docstring.
             posterior_trains_decoder: differentiate the posterior term through grad_z log p_theta(x|z)
                 (Theorem 1); false treats that score as a constant (the authors' code).
-            on_nonfinite: "stop" training with a message, or "skip" the step, on a non-finite loss or gradient.
-            max_consecutive_skips: in "skip" mode, give up after this many skipped steps in a row.
-            compile_nets: torch.compile the nets (fae.models.base.AutoEncoder).
+            **kwargs: the arguments every family takes (fae.models.base.AutoEncoder).
         """
-        super().__init__(
-            encoder,
-            decoder,
-            latent_dim=latent_dim,
-            width=width,
-            image_shape=image_shape,
-            prior=prior,
-            prior_degree=prior_degree,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            recon_metric=recon_metric,
-            grid_images=grid_images,
-            on_nonfinite=on_nonfinite,
-            max_consecutive_skips=max_consecutive_skips,
-            compile_nets=compile_nets,
-        )
+        super().__init__(encoder, decoder, prior=prior, prior_degree=prior_degree, **kwargs)
         self.save_config()
         self.build_likelihood("gaussian", decoder_scale, learn_decoder_scale)
         self.stability = stability

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from fae.models.base import GaussianAutoEncoder
-from fae.nets.contract import DecoderFactory, EncoderFactory, ImageShape
+from fae.models.gaussian import GaussianAutoEncoder
+from fae.nets.contract import DecoderFactory, EncoderFactory
 from fae.objectives import kl_to_standard_normal
 
 
@@ -30,47 +28,21 @@ class VAE(GaussianAutoEncoder):
         self,
         encoder: EncoderFactory,
         decoder: DecoderFactory,
-        latent_dim: int = 8,
-        width: int = 64,
-        image_shape: ImageShape = (1, 28, 28),
         likelihood: Literal["bernoulli", "gaussian"] = "bernoulli",
         decoder_scale: float = 1.0,
         learn_decoder_scale: bool = False,
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        recon_metric: Literal["bce", "mse"] | None = None,
-        grid_images: int = 16,
-        on_nonfinite: Literal["stop", "skip"] = "stop",
-        max_consecutive_skips: int = 20,
-        compile_nets: bool = False,
+        **kwargs,
     ) -> None:
         """
         Args:
-            encoder, decoder, latent_dim, width, image_shape: the nets, as fae.models.base.AutoEncoder
-                builds them (a Gaussian encoder: two heads, mean and log-variance).
+            encoder, decoder: the nets, as fae.models.base.AutoEncoder builds them (a Gaussian encoder:
+                two heads, mean and log-variance).
             likelihood: the decoder family p_theta(x|z).
             decoder_scale: s of a Gaussian decoder (its initial value when learned).
             learn_decoder_scale: learn log s with the other parameters.
-            on_nonfinite: "stop" training with a message, or "skip" the step, on a non-finite loss or gradient.
-            max_consecutive_skips: in "skip" mode, give up after this many skipped steps in a row.
-            compile_nets: torch.compile the nets (fae.models.base.AutoEncoder).
+            **kwargs: the arguments every family takes (fae.models.base.AutoEncoder).
         """
-        super().__init__(
-            encoder,
-            decoder,
-            latent_dim=latent_dim,
-            width=width,
-            image_shape=image_shape,
-            prior="standard_normal",
-            prior_degree=2,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            recon_metric=recon_metric,
-            grid_images=grid_images,
-            on_nonfinite=on_nonfinite,
-            max_consecutive_skips=max_consecutive_skips,
-            compile_nets=compile_nets,
-        )
+        super().__init__(encoder, decoder, prior="standard_normal", prior_degree=2, **kwargs)
         self.save_config()
         self.build_likelihood(likelihood, decoder_scale, learn_decoder_scale)
 

@@ -10,7 +10,9 @@ batch takes two optimizer steps, by hand (manual optimisation, two optimizers):
 with the WAE paper's cost c(x, y) = ||x - y||^2 (summed over pixels; G's output is its mean image) and
 gamma = `cost_scale`, 1 by default (c as the WAE paper writes it). The WAE authors' code scales c by
 0.05, which makes their lambda 20x stronger relative to the cost; `cost_scale: 0.05` reproduces that.
-A step is a batch, as in every family: Lightning counts each LightningOptimizer.step in global_step,
+Each batch is encoded once: the discriminator steps on the codes detached, the encoder and decoder on
+the same codes (the encoder's BatchNorm statistics move once per step). A step is a batch, as in
+every family: Lightning counts each LightningOptimizer.step in global_step,
 so the discriminator's update goes to the strategy directly and is not counted, and max_steps,
 step-based checkpoints and logged steps mean batches. Schedulers are stepped by hand once per epoch;
 gradients are clipped by hand (Lightning's `gradient_clip_val` does not apply under manual
@@ -21,8 +23,6 @@ MMD estimate between encoded codes and prior samples (how close the codes are to
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from fae.data.base import Batch
 from fae.errors import UserError, require_positive
 from fae.models.base import AutoEncoder, make_optimizer
-from fae.nets.contract import DecoderFactory, EncoderFactory, ImageShape
+from fae.nets.contract import DecoderFactory, EncoderFactory
 from fae.objectives import mmd_imq, per_sample_sum
 
 
@@ -62,55 +62,30 @@ class WAEGAN(AutoEncoder):
         self,
         encoder: EncoderFactory,
         decoder: DecoderFactory,
-        latent_dim: int = 8,
-        width: int = 64,
-        image_shape: ImageShape = (1, 28, 28),
         penalty_weight: float = 10.0,
         cost_scale: float = 1.0,
         prior_std: float = 1.0,
         discriminator_hidden: int = 256,
-        optimizer: OptimizerCallable = torch.optim.Adam,
         discriminator_optimizer: OptimizerCallable = torch.optim.Adam,
-        lr_scheduler: LRSchedulerCallable | None = None,
         discriminator_lr_scheduler: LRSchedulerCallable | None = None,
         gradient_clip_val: float | None = None,
-        recon_metric: Literal["bce", "mse"] | None = None,
-        grid_images: int = 16,
-        on_nonfinite: Literal["stop", "skip"] = "stop",
-        max_consecutive_skips: int = 20,
-        compile_nets: bool = False,
+        **kwargs,
     ) -> None:
         """
         Args:
-            encoder, decoder, latent_dim, width, image_shape: the nets, as fae.models.base.AutoEncoder
-                builds them (a deterministic encoder: one head, the code). The decoder's mean image G(z)
-                is scored by c(x, y) = ||x - y||^2.
+            encoder, decoder: the nets, as fae.models.base.AutoEncoder builds them (a deterministic
+                encoder: one head, the code). The decoder's mean image G(z) is scored by
+                c(x, y) = ||x - y||^2.
             penalty_weight: lambda (the WAE paper: 10 on MNIST, 1 on CelebA).
             cost_scale: gamma, the weight of the cost c(x, y) = ||x - y||^2 (1; 0.05 in the WAE authors' code).
             prior_std: sigma_z of the prior N(0, sigma_z^2 I).
             discriminator_hidden: width of the discriminator's hidden layer (256 in the paper).
-            optimizer: for the encoder and decoder.
-            discriminator_optimizer: for the discriminator.
-            lr_scheduler, discriminator_lr_scheduler: optional, stepped by hand once per epoch.
+            discriminator_optimizer: for the discriminator (`optimizer` steps the encoder and decoder).
+            discriminator_lr_scheduler: optional, stepped by hand once per epoch (as `lr_scheduler`).
             gradient_clip_val: clip each optimizer's gradient norm to this value (None: no clipping).
-            on_nonfinite: "stop" training with a message, or "skip" the step, on a non-finite loss or gradient.
-            max_consecutive_skips: in "skip" mode, give up after this many skipped steps in a row.
-            compile_nets: torch.compile the nets (fae.models.base.AutoEncoder).
+            **kwargs: the arguments every family takes (fae.models.base.AutoEncoder).
         """
-        super().__init__(
-            encoder,
-            decoder,
-            latent_dim=latent_dim,
-            width=width,
-            image_shape=image_shape,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            recon_metric=recon_metric,
-            grid_images=grid_images,
-            on_nonfinite=on_nonfinite,
-            max_consecutive_skips=max_consecutive_skips,
-            compile_nets=compile_nets,
-        )
+        super().__init__(encoder, decoder, **kwargs)
         require_positive(type(self).__name__, prior_std=prior_std, discriminator_hidden=discriminator_hidden)
         if penalty_weight < 0 or cost_scale <= 0:
             raise UserError(f"penalty_weight must be >= 0 and cost_scale > 0, got {penalty_weight} and {cost_scale}")
@@ -149,8 +124,11 @@ class WAEGAN(AutoEncoder):
         return [*self.encoder.parameters(), *self.decoder.parameters()]
 
     def model_step(self, x: Tensor) -> dict[str, Tensor]:
-        """The encoder/decoder objective: gamma c(x, G(Q(x))) - lambda log D(Q(x)), per sample."""
-        codes = self.encode(x)  # (B, d_z)
+        return self.objective(x, self.encode(x))
+
+    def objective(self, x: Tensor, codes: Tensor) -> dict[str, Tensor]:
+        """The encoder/decoder objective gamma c(x, G(Q(x))) - lambda log D(Q(x)), per sample, at the
+        codes Q(x) (B, d_z)."""
         recon = self.decode(codes)  # (B, C, H, W)
         reconstruction = per_sample_sum((x - recon).pow(2))
         adversarial = -nn.functional.logsigmoid(self.discriminator(codes))  # -log D(Q(x))
@@ -164,9 +142,10 @@ class WAEGAN(AutoEncoder):
     def decoder_scale(self) -> None:
         return None  # G(z) is a deterministic decoder: no likelihood scale
 
-    def discriminator_terms(self, x: Tensor, codes: Tensor | None = None) -> dict[str, Tensor]:
-        codes = self.encode(x) if codes is None else codes
-        logit_prior = self.discriminator(self.sample_prior(len(x)))
+    def discriminator_terms(self, codes: Tensor) -> dict[str, Tensor]:
+        """The discriminator's loss (lambda times its cross-entropy) and its mean outputs, on prior draws
+        against the codes (B, d_z)."""
+        logit_prior = self.discriminator(self.sample_prior(len(codes)))
         logit_codes = self.discriminator(codes)
         return {
             "disc_loss": self.penalty_weight * discriminator_loss(logit_prior, logit_codes),
@@ -182,21 +161,22 @@ class WAEGAN(AutoEncoder):
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
 
     def training_step(self, batch: Batch, batch_idx: int) -> None:
-        """One batch, two updates. Lightning counts every LightningOptimizer.step in global_step; the
-        discriminator's update goes to the strategy directly (the same precision handling, not counted),
-        so that global_step, max_steps and every step-based schedule count batches, as in every family.
-        A non-finite loss skips the rest of the batch, or stops training (`on_nonfinite`)."""
+        """One batch, two updates, from one encoding of the batch (so that the encoder's BatchNorm
+        statistics move once per step, as in every family). Lightning counts every
+        LightningOptimizer.step in global_step; the discriminator's update goes to the strategy directly
+        (the same precision handling, not counted), so that global_step, max_steps and every step-based
+        schedule count batches. A non-finite loss skips the rest of the batch, or stops training
+        (`on_nonfinite`)."""
         opt_ae, opt_disc = self.optimizers()
-        # 1. discriminator: prior codes against encoded codes (the encoder is not updated here)
-        with torch.no_grad():
-            codes = self.encode(batch.x)
-        disc = self.discriminator_terms(batch.x, codes)
+        codes = self.encode(batch.x)  # (B, d_z)
+        # 1. discriminator: prior codes against the codes, detached (the encoder is not updated here)
+        disc = self.discriminator_terms(codes.detach())
         if not self.finite_or_skip(disc, ("disc_loss",)):
             return self.skip_batch(opt_ae)
         self.compute_gradients(opt_disc, disc["disc_loss"].mean())
         self.trainer.strategy.optimizer_step(opt_disc.optimizer, closure=lambda: None)
         # 2. encoder and decoder: reconstruction + lambda * adversarial (the discriminator is not updated)
-        terms = self.model_step(batch.x)
+        terms = self.objective(batch.x, codes)
         if not self.finite_or_skip(terms):
             return self.skip_batch(opt_ae)
         self.compute_gradients(opt_ae, terms["loss"].mean())
@@ -219,7 +199,7 @@ class WAEGAN(AutoEncoder):
     def evaluation_terms(self, x: Tensor) -> dict[str, Tensor]:
         terms = self.model_step(x)
         codes = terms["codes"]
-        terms.update(self.discriminator_terms(x, codes))
+        terms.update(self.discriminator_terms(codes))
         mmd = mmd_imq(codes, self.sample_prior(len(codes)), scale=2.0 * self.latent_dim * self.prior_std**2)
         terms["mmd"] = mmd.expand(len(x))
         return terms

@@ -13,7 +13,7 @@ Decoder, (d_z, 1, 1) -> 4 -> 8 -> 16 -> 32 -> 64:
     5 x [bilinear upsampling, Conv(c_in, c, 5, 1, 2), BN, ReLU] with c = 8w, 4w, 2w, w, w
     Conv(w, 3, 5, 1, 2), followed by Tanh
 
-Two inconsistencies of the tables (DESIGN.md section 2), resolved here:
+Two inconsistencies of the supplement's Tables 3 and 4, resolved here:
 
 1. Table 3's FC(8192, 64) does not fit the layers before it: four 5x5 convs with padding 2 keep the
    size and three AvgPool(2) take 64 to 8, so the flattened features are 512 x 8 x 8 = 32768, not

@@ -1,0 +1,90 @@
+"""The figures of results, drawn from rows in memory: an error (or FID) curve per run against the
+corruption level (supplement Figs 1 and 3), and grids of several runs side by side (Figs 2 and 4).
+The test's own figures (fae.evaluation.publish) and `fae report`'s are these."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from fae.data.noise import corruption_label
+from fae.evaluation.results import Curves, error_rows
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (no display anywhere)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_kind(runs: dict[str, Curves], kind: str, file: Path, metric: str | None = None) -> None:
+    """Error (or, given `metric`, that quality score) against level, one curve and band per run; a log
+    scale when the values span more than a factor of 20 (a diverged run beside working ones), the
+    legend beside the axes for many runs."""
+    plt = pyplot()
+    many = len(runs) > 6
+    fig, ax = plt.subplots(figsize=(7.5 if many else 5, 3.6))
+    colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10")
+    name, plotted = "", []
+    pooled = any(c.runs > 1 for c in runs.values())
+    for i, (label, curves) in enumerate(runs.items()):
+        chosen = error_rows(curves.rows) if metric is None else [r for r in curves.rows if r.metric == metric]
+        rows = sorted((r for r in chosen if r.kind == kind), key=lambda r: r.level)
+        if not rows:
+            continue
+        name = rows[0].metric
+        levels, means, stds = [r.level for r in rows], [r.mean for r in rows], [r.std for r in rows]
+        color = colors(i % colors.N)
+        ax.plot(levels, means, marker="o", ms=3, color=color, label=f"{label} (n={curves.runs})" if pooled else label)
+        low = [m - s for m, s in zip(means, stds, strict=True)]
+        high = [m + s for m, s in zip(means, stds, strict=True)]
+        ax.fill_between(levels, low, high, alpha=0.2, color=color)
+        plotted += means
+    if plotted and min(plotted) > 0 and max(plotted) / min(plotted) > 20:
+        ax.set_yscale("log")
+    ax.set_xlabel(corruption_label(kind))
+    what = f"{name.upper()} of reconstructions" if metric else f"reconstruction {name.upper()}"
+    ax.set_ylabel(f"{what} vs clean image{'s' if metric else ''}")
+    ax.set_title(f"band: ±1 sd {'across runs (n = runs)' if pooled else 'over test images'}", fontsize=8)
+    if many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
+def plot_results(runs: dict[str, Curves], out: Path) -> list[Path]:
+    """robustness_<kind>.png for every corruption kind and fid_<kind>.png where FIDs were scored; returns them."""
+    written = []
+    for kind in sorted({r.kind for c in runs.values() for r in error_rows(c.rows)}):
+        written.append(out / f"robustness_{kind}.png")
+        plot_kind(runs, kind, written[-1])
+        if any(r.kind == kind and r.metric == "fid" for c in runs.values() for r in c.rows):
+            written.append(out / f"fid_{kind}.png")
+            plot_kind(runs, kind, written[-1], metric="fid")
+    return written
+
+
+def combine_grids(grids: dict[str, Path], file: Path, per_row: int = 4) -> None:
+    """The runs' grid images side by side, up to `per_row` to a row, titled by run."""
+    plt = pyplot()
+    images = {label: plt.imread(path) for label, path in grids.items()}
+    height, width = next(iter(images.values())).shape[:2]
+    rows, columns = math.ceil(len(grids) / per_row), min(per_row, len(grids))
+    figsize = (3.2 * columns, (3.2 * height / width + 0.3) * rows)
+    fig, axes = plt.subplots(rows, columns, figsize=figsize, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (label, image) in zip(axes.flat, images.items(), strict=False):
+        ax.imshow(image, cmap="gray", interpolation="nearest")
+        ax.set_title(label, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(file, dpi=110, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,161 @@
+"""What several test files share: the configs and flags of tiny runs, the `fae` command run in a
+subprocess or in this process, readers of run folders (metrics.csv, checkpoints, offline W&B files),
+and one-line-error checks. Tests import from here; no test imports another test file."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+QUICK = ["--config", str(CONFIGS / "quickstart" / "digits_vae.yaml")]
+FISHER = ["--config", str(CONFIGS / "quickstart" / "digits_fisher.yaml")]
+WAE = ["--config", str(CONFIGS / "quickstart" / "digits_wae_gan.yaml")]
+TINY = ["--model.width", "4", "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "5"]  # fmt: skip
+QUICKSTART = {"vae": QUICK, "fisher": FISHER, "wae_gan": WAE}
+
+# A Trainer for tests: CPU, no files, no bars; evaluation with gradients (as the CLI sets it), which the
+# posterior Fisher divergence and the Fisher objective need.
+QUIET = dict(
+    accelerator="cpu",
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    inference_mode=False,
+)
+
+
+def run_fae(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `fae ARGS` in a subprocess: for several processes (DDP re-executes sys.argv), signals, limits."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # tests.callbacks
+    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": path, **(env or {})}
+    full_env.pop("FAE_RUN_DIR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "fae.cli", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def run_in_process(args: list[str], cwd: Path, env: dict[str, str] | None = None, capture=None) -> int:
+    """`fae ARGS` in this process (one device), in `cwd` with `env`; its exit status. `capture`, a
+    pytest capfd, points Lightning's log handlers at the captured stderr."""
+    from fae.cli import main
+
+    with pytest.MonkeyPatch.context() as scoped:
+        scoped.chdir(cwd)
+        scoped.setattr(sys, "argv", ["fae"])
+        scoped.setenv("WANDB_MODE", "offline")
+        scoped.delenv("FAE_RUN_DIR", raising=False)
+        for key, value in (env or {}).items():
+            scoped.setenv(key, value)
+        if capture is not None:
+            capture.readouterr()
+            for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # handlers keep their import's stderr
+                for handler in logging.getLogger(name).handlers:
+                    if isinstance(handler, logging.StreamHandler):
+                        handler.stream = sys.stderr  # not setStream: it flushes the old one, maybe closed
+        try:
+            main(list(args))
+            return 0
+        except SystemExit as exit_:
+            return exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+
+
+def one_line_error(out: subprocess.CompletedProcess, starts: str) -> None:
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(f"fae: error: {starts}"), out.stderr[-800:]
+
+
+def rows_of(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def steps_of(path: Path, key: str) -> list[int]:
+    return [int(r["step"]) for r in rows_of(path) if r.get(key)]
+
+
+def last_value(rows: list[dict[str, str]], key: str) -> float:
+    return float([r[key] for r in rows if r.get(key)][-1])
+
+
+def step_of(ckpt: Path) -> int:
+    return torch.load(ckpt, weights_only=False, map_location="cpu")["global_step"]
+
+
+def wandb_run_records(run_folder: Path) -> dict:
+    """What an offline W&B run under `run_folder` recorded, read from its transaction log (a LevelDB-style
+    log of protobuf records in 32 KiB blocks): {"run": the run record, "config": {key: value},
+    "summary": {key: value}} (values decoded from JSON). wandb itself has no reader of these files."""
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_folder.glob("wandb/offline-run-*/run-*.wandb")
+    data, pos, block, pending, raw = path.read_bytes(), 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            raw.append(chunk)
+        elif kind in (2, 3):  # first, middle
+            pending = (pending if kind == 3 else b"") + chunk
+        elif kind == 4:  # last
+            raw.append(pending + chunk)
+    out: dict = {"run": None, "config": {}, "summary": {}}
+    for item in raw:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(item)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            out["run"] = record.run
+        elif kind == "config":
+            out["config"] |= {u.key: json.loads(u.value_json) for u in record.config.update}
+        elif kind == "summary":
+            out["summary"] |= {u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in record.summary.update}
+    return out
+
+
+def write_idx(folder: Path, name: str, array: np.ndarray) -> None:
+    """An MNIST IDX file: magic (0, 0, type 0x08 = uint8, number of dimensions), the sizes, the bytes."""
+    with open(folder / name, "wb") as f:
+        f.write(struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+def fake_checkpoint(
+    path: Path,
+    step: int = 10,
+    family: str = "fae.models.VAE",
+    optimizer: bool = True,
+    best: str | None = None,
+    epochs: int = 0,
+) -> Path:
+    """A file with the fields of a Lightning checkpoint the planner reads (no weights): for rules."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    content = {
+        "pytorch-lightning_version": "2.6.6",
+        "global_step": step,
+        "epoch": epochs,
+        "state_dict": {},
+        "hyper_parameters": {"_class_path": family},
+        "optimizer_states": [{}] if optimizer else [],
+        "loops": {"fit_loop": {"epoch_progress": {"current": {"completed": epochs}}}},
+        "callbacks": {"Checkpoint{'monitor': 'val/loss'}": {"best_model_path": best or ""}},
+    }
+    torch.save(content, path)
+    return path
