@@ -51,15 +51,16 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from fae.errors import UserError, short_reason
 
-_VERIFIED: set[tuple[str, int, int]] = set()  # (path, mtime, size) of checkpoints whose checksums passed
+_VERIFIED: set[tuple] = set()  # the version keys of checkpoints whose checksums passed
 UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError)
-_LOADED: dict[tuple[str, int, int], dict] = {}  # file versions read for their facts, until their loader takes them
-_FACTS: dict[tuple[str, int, int], CheckpointFacts] = {}
+_LOADED: dict[tuple, dict] = {}  # file versions read for their facts, until their loader takes them
+_FACTS: dict[tuple, CheckpointFacts] = {}
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,11 @@ class CheckpointFacts:
         return copy.deepcopy(self.recorded_hparams)
 
 
-def version_key(path: Path) -> tuple[str, int, int]:
+def version_key(path: Path) -> tuple:
+    """What tells one version of a file from another: its path, and the inode, time and size of its contents
+    (a checkpoint replaced by a rename is a new inode, even within a coarse clock's tick)."""
     stat = path.stat()
-    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
+    return str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 def load_verified(path: Path) -> dict:
@@ -127,7 +130,10 @@ def read_checkpoint(path: str | Path) -> dict:
     """The whole checkpoint (on the CPU), for the one reader that loads it (Lightning's restore, `fae
     sample`): the copy its facts were read from when there is one, so that a file version is loaded once."""
     path = Path(path)
-    cached = _LOADED.pop(version_key(path), None) if path.is_file() else None
+    key = version_key(path) if path.is_file() else None
+    cached = _LOADED.pop(key, None) if key else None
+    for stale in [k for k in _LOADED if key and k[0] == key[0]]:  # an older version of this file: not wanted
+        del _LOADED[stale]
     return cached if cached is not None else load_verified(path)
 
 
@@ -225,9 +231,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.close(directory)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
-        checkpoint = read_checkpoint(path)
-        if map_location not in (None, "cpu"):  # Lightning's restore asks for none: it moves the state itself
-            checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        checkpoint = read_checkpoint(path)  # on the CPU: Lightning's restore asks for no map_location
+        if isinstance(map_location, (str, torch.device)) and str(map_location) != "cpu":
+            checkpoint = apply_to_collection(checkpoint, torch.Tensor, lambda t: t.to(map_location))
         return checkpoint
 
 

@@ -17,7 +17,6 @@ from fae.checkpoint import CheckpointFacts, checkpoint_facts
 from fae.errors import UserError
 from fae.runs import METRICS_NAME, holds_results
 
-EVALUATIONS = ("validate", "test", "predict")
 ALIASES = ("last", "best")
 
 
@@ -71,7 +70,10 @@ def plan(request: Request) -> Plan:
         ckpt = request.ckpt_path
         if ckpt in ALIASES:
             ckpt = resolve_alias(ckpt, Path(explicit), fit=request.subcommand == "fit")
-        return Plan(Path(explicit), new=False, ckpt=Path(ckpt) if ckpt else None)
+        ckpt = Path(ckpt) if ckpt else None
+        evaluated = ckpt.parent if ckpt is not None and request.subcommand != "fit" else None
+        dirpath = Path(request.checkpoint_dirpath) if request.checkpoint_dirpath else evaluated  # as rank zero's
+        return Plan(Path(explicit), new=False, ckpt=ckpt, checkpoint_dirpath=dirpath)
     if request.subcommand == "fit":
         result = plan_training(request)
     else:
@@ -161,7 +163,7 @@ def plan_training(request: Request) -> Plan:
         check_folder_takes(run_dir, facts)
         result = Plan(run_dir, new=False, ckpt=ckpt)
     check_checkpoint_dirpath(request.checkpoint_dirpath, ckpt)
-    resumed = (result.run_dir / "config.yaml").is_file()
+    resumed = not result.new and (result.run_dir / "config.yaml").is_file()
     return Plan(
         result.run_dir,
         new=result.new,
@@ -257,7 +259,7 @@ def plan_evaluation(request: Request) -> Plan:
 
 def check_family(facts: CheckpointFacts, configured: str | None) -> None:
     """A checkpoint is resumed or evaluated by the family that wrote it."""
-    if configured and facts.class_path and import_class(facts.class_path) is not import_class(configured):
+    if configured and facts.class_path and import_class(facts.class_path) != import_class(configured):
         raise UserError(
             f"{facts.path} holds a {facts.family}, the config a {configured.rsplit('.', 1)[-1]}: use the config it "
             "was trained with (config.yaml in its run folder)"

@@ -160,14 +160,15 @@ class WandbLogger(LightningWandbLogger):
             return super().experiment
 
 
-def finish_wandb_run(failed: bool) -> None:
-    """End the W&B run a command started, if any (its files complete, offline too), marked failed when
-    the command failed: one command is one run, and a later command in the same process starts its own."""
+def finish_wandb_run(exit_code: int) -> None:
+    """End the W&B run a command started, if any (its files complete, offline too), with the command's exit
+    status (143 for a run stopped by SIGTERM): one command is one run, and a later command in the same
+    process starts its own."""
     import sys
 
     wandb = sys.modules.get("wandb")  # imported only by a command that logged to W&B
     if wandb is not None and wandb.run is not None:
-        wandb.run.finish(exit_code=1 if failed else 0)
+        wandb.run.finish(exit_code=exit_code)
 
 
 def training_group(run_dir: Path) -> str | None:

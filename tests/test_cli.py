@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fae.data import DigitsDataModule
+from fae.errors import UserError
 from fae.models import VAE, WAEGAN, FisherAE
 from fae.models.ae import AE
 from fae.models.base import AutoEncoder
@@ -52,7 +53,7 @@ def test_fit_help_documents_every_argument_of_a_family_and_of_the_base(tmp_path,
     for name in (*own, *base):
         assert f"--model.{name} " in text, (family.__name__, name)
     assert "validation images shown in the reconstruction grid (0 for none)" in text  # the base's docstring
-    assert "in 'skip' mode" in text.lower() or 'in "skip" mode, give up after this many' in text
+    assert 'in "skip" mode, give up after this many skipped steps in a row' in text
 
 
 def test_print_config_shows_the_paper_setting(tmp_path, fae_here):
@@ -149,7 +150,7 @@ def test_every_config_builds_its_model_data_and_trainer(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "argv", ["fae"])
     monkeypatch.setenv("WANDB_MODE", "offline")
     for config in sorted(CONFIGS.glob("**/*.yaml")):
-        cli = FaeCLI(args=["--config", str(config)], run=False)
+        cli = FaeCLI(args=["--config", str(config), "--model.width", "4"], run=False)  # narrow: quick to build
         assert isinstance(cli.model, AutoEncoder) and cli.datamodule is not None, config.name
         assert cli.trainer.checkpoint_callback is not None and cli.trainer.loggers, config.name
         x = torch.rand(2, *cli.model.encoder.image_shape)
@@ -173,5 +174,8 @@ def test_save_config_records_the_cli_config_and_only_plain_values_outside_the_cl
     assert cli.model.hparams["optimizer"]["class_path"] == "torch.optim.Adam"
     assert (cli.model.hparams["width"], tuple(cli.model.hparams["image_shape"])) == (4, (1, 28, 28))
     adam = lambda p: torch.optim.Adam(p, lr=1e-4)  # noqa: E731
-    plain = VAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, optimizer=adam)
+    plain = VAE(MNISTEncoder, MNISTDecoder, width=4, optimizer=adam)
     assert {"encoder", "decoder", "optimizer"}.isdisjoint(plain.hparams) and plain.hparams["width"] == 4
+    assert (plain.hparams["latent_dim"], plain.hparams["grid_images"]) == (8, 16)  # the base's defaults, recorded
+    with pytest.raises(UserError, match=r"the model's image_shape \[1, 14, 14\] is the data's"):  # not only under fit
+        FaeCLI(args=[*QUICK, "--model.image_shape", "[1, 14, 14]"], run=False)

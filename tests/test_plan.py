@@ -41,6 +41,7 @@ def layout(root: Path, spec: str) -> None:
         fake_checkpoint(root / path, int(step.rstrip("!w")), family, not weights_only, best, int(epochs))
 
 
+# fmt: off
 REFUSALS = [  # (files, request, the start of the line)
     ("", replace(FIT, run_dir=""), "--run_dir is empty: give a folder"),
     ("", replace(FIT, several_processes=True), "with several nodes, or under torchrun or srun, every process"),
@@ -54,34 +55,21 @@ REFUSALS = [  # (files, request, the start of the line)
     ("c.ckpt@3#2", replace(FIT, ckpt_path="c.ckpt", max_epochs=2), "c.ckpt has 2 epochs done, not below trainer.max_"),
     ("a/metrics.csv", replace(FIT, run_dir="a"), "a holds the metrics of a run that saved no checkpoint: start it"),
     ("a/checkpoints/last.ckpt@5", replace(FIT, run_dir="a"), "a already holds a run: resume it with --ckpt_path a/"),
-    (
-        "a/checkpoints/last.ckpt@5 b/checkpoints/last.ckpt@9",
-        replace(FIT, run_dir="a", ckpt_path="b/checkpoints/last.ckpt"),
-        "a already holds a run, and b/checkpoints/last.ckpt is not one of its checkpoints",
-    ),
-    (
-        "a/checkpoints/last.ckpt@10 a/checkpoints/best.ckpt@5",
-        replace(FIT, run_dir="a", ckpt_path="a/checkpoints/best.ckpt"),
-        "a/checkpoints/last.ckpt holds step 10, newer than best.ckpt (step 5): resuming here would overwrite it",
-    ),
-    (
-        "a/checkpoints/last.ckpt@10 a/checkpoints/best.ckpt@5",
-        replace(FIT, ckpt_path="a/checkpoints/best.ckpt"),  # a best.ckpt is not resumed in its folder: a new one
-        None,
-    ),
+    ("a/checkpoints/last.ckpt@5 b/checkpoints/last.ckpt@9", replace(FIT, run_dir="a",
+     ckpt_path="b/checkpoints/last.ckpt"), "a already holds a run, and b/checkpoints/last.ckpt is not one of its"),
+    ("a/checkpoints/last.ckpt@10 a/checkpoints/best.ckpt@5", replace(FIT, run_dir="a",
+     ckpt_path="a/checkpoints/best.ckpt"), "a/checkpoints/last.ckpt holds step 10, newer than best.ckpt (step 5)"),
     ("d/x.ckpt", replace(FIT, checkpoint_dirpath="d"), "checkpoint.dirpath d already holds another run's checkpoints"),
     ("", TEST, "`fae test` needs a trained model: give --ckpt_path RUN/checkpoints/last.ckpt"),
     ("", replace(TEST, subcommand="validate"), "`fae validate` needs a trained model"),
-    (
-        "a/checkpoints/last.ckpt@5 b/metrics.csv",
-        replace(TEST, run_dir="b", ckpt_path="a/checkpoints/last.ckpt"),
-        "a/checkpoints/last.ckpt is a checkpoint of the run",
-    ),
+    ("a/checkpoints/last.ckpt@5 b/metrics.csv", replace(TEST, run_dir="b", ckpt_path="a/checkpoints/last.ckpt"),
+     "a/checkpoints/last.ckpt is a checkpoint of the run"),
     ("f.ckpt@5:Fisher", replace(TEST, ckpt_path="f.ckpt"), "f.ckpt holds a FisherAE, the config a VAE: use the config"),
     ("f.ckpt@5:Fisher", replace(FIT, ckpt_path="f.ckpt"), "f.ckpt holds a FisherAE, the config a VAE"),
     ("", replace(TEST, ckpt_path="missing.ckpt"), "checkpoint not found: missing.ckpt"),
     ("broken.ckpt", replace(TEST, ckpt_path="broken.ckpt"), "checkpoint broken.ckpt cannot be read, it is truncated"),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize("files, request_, refusal", REFUSALS)
@@ -89,88 +77,39 @@ def test_each_refusal_is_one_line(tmp_path, monkeypatch, files, request_, refusa
     monkeypatch.chdir(tmp_path)
     layout(tmp_path, files)
     forget_checkpoints()
-    if refusal is None:
-        plan(request_)
-        return
     with pytest.raises(UserError) as error:
         plan(request_)
     assert str(error.value).startswith(refusal), str(error.value)
     assert "\n" not in str(error.value)
 
 
+# fmt: off
 PLANS = [  # (files, request, the plan's run folder, checkpoint, new, restart, what it evaluates)
     ("", FIT, f"runs/quick-{NOW}", None, True, False, None),
     ("", replace(FIT, run_name="mine", runs_dir="out"), f"out/mine-{NOW}", None, True, False, None),
     ("", replace(FIT, run_dir="a"), "a", None, False, False, None),  # an exact folder, made as it is named
-    (
-        "a/checkpoints/last.ckpt@5",
-        replace(FIT, ckpt_path="a/checkpoints/last.ckpt"),
-        "a",
-        "a/checkpoints/last.ckpt",
-        False,
-        False,
-        None,
-    ),
+    ("a/checkpoints/last.ckpt@5", replace(FIT, ckpt_path="a/checkpoints/last.ckpt"), "a", "a/checkpoints/last.ckpt",
+     False, False, None),
     ("a/hpc_ckpt_1.ckpt@7", replace(FIT, ckpt_path="a/hpc_ckpt_1.ckpt"), "a", "a/hpc_ckpt_1.ckpt", False, False, None),
-    (
-        "c.ckpt@5",
-        replace(FIT, ckpt_path="c.ckpt"),
-        f"runs/quick-{NOW}",
-        "c.ckpt",
-        True,
-        False,
-        None,
-    ),  # a new run from it
-    ("", replace(FIT, run_dir="a", ckpt_path="last"), "a", None, False, True, None),  # (re)start a requeued job's
+    ("c.ckpt@5", replace(FIT, ckpt_path="c.ckpt"), f"runs/quick-{NOW}", "c.ckpt", True, False, None),  # a new run
+    ("a/checkpoints/last.ckpt@10 a/checkpoints/best.ckpt@5", replace(FIT, ckpt_path="a/checkpoints/best.ckpt"),
+     f"runs/quick-{NOW}", "a/checkpoints/best.ckpt", True, False, None),  # a best-*.ckpt goes on in a new folder
+    ("", replace(FIT, run_dir="a", ckpt_path="last"), "a", None, False, True, None),  # (re)start a requeued job
     ("a/metrics.csv", replace(FIT, run_dir="a", ckpt_path="last"), "a", None, False, True, None),
-    (
-        "a/checkpoints/last.ckpt@5 a/hpc_ckpt_2.ckpt@9",
-        replace(FIT, run_dir="a", ckpt_path="last"),
-        "a",
-        "a/hpc_ckpt_2.ckpt",
-        False,
-        False,
-        None,
-    ),  # fmt: skip  the newest state: a SLURM requeue's, written after
-    (
-        "a/checkpoints/last.ckpt@5",
-        replace(TEST, ckpt_path="a/checkpoints/last.ckpt"),
-        f"a/test-{NOW}",
-        "a/checkpoints/last.ckpt",
-        True,
-        False,
-        "a",
-    ),
-    (
-        "a/checkpoints/last.ckpt@5>a/checkpoints/b.ckpt a/checkpoints/b.ckpt@3",
-        replace(TEST, ckpt_path="best", run_dir="a"),
-        f"a/test-{NOW}",
-        "a/checkpoints/b.ckpt",
-        True,
-        False,
-        "a",
-    ),
-    (
-        "x.ckpt@5",
-        replace(TEST, subcommand="predict", ckpt_path="x.ckpt"),
-        f"runs/quick-predict-{NOW}",
-        "x.ckpt",
-        True,
-        False,
-        None,
-    ),
+    ("a/checkpoints/last.ckpt@5 a/hpc_ckpt_2.ckpt@9", replace(FIT, run_dir="a", ckpt_path="last"), "a",
+     "a/hpc_ckpt_2.ckpt", False, False, None),  # the newest state: a SLURM requeue's, written after last.ckpt
+    ("a/checkpoints/last.ckpt@5", replace(TEST, ckpt_path="a/checkpoints/last.ckpt"), f"a/test-{NOW}",
+     "a/checkpoints/last.ckpt", True, False, "a"),
+    ("a/checkpoints/last.ckpt@5>a/checkpoints/b.ckpt a/checkpoints/b.ckpt@3",
+     replace(TEST, ckpt_path="best", run_dir="a"), f"a/test-{NOW}", "a/checkpoints/b.ckpt", True, False, "a"),
+    ("x.ckpt@5", replace(TEST, subcommand="predict", ckpt_path="x.ckpt"), f"runs/quick-predict-{NOW}", "x.ckpt",
+     True, False, None),
     ("", replace(TEST, allow_untrained=True), f"runs/quick-test-{NOW}", None, True, False, None),
     ("", replace(TEST, allow_untrained=True, run_dir="e"), f"e/test-{NOW}", None, True, False, "e"),
-    (
-        "a/checkpoints/last.ckpt@5",
-        replace(FIT, rank_zero=False, run_dir="a", ckpt_path="last"),
-        "a",
-        "a/checkpoints/last.ckpt",
-        False,
-        False,
-        None,
-    ),  # fmt: skip  a worker follows rank zero's folder
+    ("a/checkpoints/last.ckpt@5", replace(FIT, rank_zero=False, run_dir="a", ckpt_path="last"), "a",
+     "a/checkpoints/last.ckpt", False, False, None),  # a worker follows rank zero's folder
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize("files, request_, run_dir, ckpt, new, restart, evaluates", PLANS)
@@ -196,6 +135,10 @@ def test_a_resume_keeps_the_first_config_and_an_evaluation_points_at_the_checkpo
     assert resumed.config_name == f"config-resumed-{NOW}.yaml" and resumed.checkpoint_dirpath is None
     assert plan(FIT).config_name == "config.yaml"
     assert plan(replace(TEST, ckpt_path="a/checkpoints/last.ckpt")).checkpoint_dirpath == Path("a/checkpoints")
+    layout(tmp_path, f"runs/quick-{NOW}/config.yaml")  # a fresh folder's name another command took: made -2
+    assert plan(FIT).new and plan(FIT).config_name == "config.yaml"
+    worker = plan(replace(TEST, rank_zero=False, run_dir="a", ckpt_path="a/checkpoints/last.ckpt"))
+    assert worker.checkpoint_dirpath == Path("a/checkpoints")  # as rank zero's: beside the evaluated checkpoint
     restarted = plan(replace(FIT, run_dir="b", ckpt_path="last"))
     assert restarted.note is None  # nothing to set aside
     layout(tmp_path, "b/metrics.csv")

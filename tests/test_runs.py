@@ -352,6 +352,7 @@ def test_results_cannot_be_mixed_up_by_a_folder_checkpoint_or_report_given_by_ha
     one_line_error(ddp, "the WAEGAN's optimizer steps each use part of the parameters")
 
 
+@pytest.mark.slow
 def test_a_run_that_saved_no_checkpoint_starts_again_with_ckpt_path_last(tmp_path, fae_here):
     run = tmp_path / "k"
     run.mkdir()
@@ -362,6 +363,8 @@ def test_a_run_that_saved_no_checkpoint_starts_again_with_ckpt_path_last(tmp_pat
                      cwd=tmp_path)  # fmt: skip
     assert again.returncode == 0, again.stderr[-2000:]
     assert steps_of(run / "metrics.csv", "train/loss") == [4, 9]  # the new run's rows only
+    assert "no last checkpoint" not in again.stderr  # no alias reaches Lightning: it starts afresh
+    assert "ckpt_path: null" in next(run.glob("config*.yaml")).read_text()
     (kept,) = run.glob("metrics-superseded-*.csv")
     assert [r["train/loss"] for r in rows_of(kept)] == ["0.9", "0.8"]
 
@@ -379,6 +382,7 @@ def test_a_signal_outside_training_exits_non_zero_with_one_line(tmp_path, fae_he
     assert not list(run.glob("test-*"))  # the stopped evaluation left no folder
 
 
+@pytest.mark.slow
 def test_a_resumed_fit_loads_its_checkpoint_once(tmp_path, fae_here, trained_run, monkeypatch):
     """The planner, the model's rebuild and Lightning's restore share one read of the checkpoint."""
     run = trained_run("vae", "r")

@@ -44,6 +44,7 @@ def test_svgd_samples_the_polynomial_prior_and_is_refused_for_a_gaussian_one():
         generate(VAE(**NETS), 2, sampler="svgd")
 
 
+@pytest.mark.slow
 def test_validation_writes_a_sample_grid_and_fae_sample_writes_a_checkpoints_samples(tmp_path, fae_here, trained_run):
     run = trained_run("vae")
     assert list((run / "images").glob("val_samples_step*.png"))  # beside the reconstructions
@@ -63,6 +64,7 @@ def test_validation_writes_a_sample_grid_and_fae_sample_writes_a_checkpoints_sam
     assert png.returncode == 0 and (tmp_path / "grid.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_validation_fits_a_gaussian_to_its_codes_and_fitted_samples_draw_from_it(tmp_path, fae_here, trained_run):
     """The fit is the mean and covariance of the validation images' codes (a slow reference: the codes of
     those batches through encode); it is saved in checkpoints, `--sampler fitted` draws from it, and a

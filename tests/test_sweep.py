@@ -206,15 +206,22 @@ def test_report_labels_runs_with_the_same_folder_name_apart(tmp_path):
     assert "| FisherAE (a/fisher) | 1 |" in table and "| FisherAE (b/fisher) | 1 |" in table
 
 
-def test_a_new_corruption_kind_is_one_class_and_a_config_line(tmp_path, fae_here, trained_run):
+@pytest.mark.slow
+def test_a_new_corruption_kind_is_one_class_and_a_config_line(tmp_path, fae_here, trained_run, monkeypatch):
     """tests.corruptions.Speckle, swept beside the shorthand levels by a config line: its rows equal a slow
     per-sample loop, it is keyed by the sweep's seed, and the report draws its curve on its own axis."""
-    from fae.data.noise import corruption_label
+    from matplotlib.axes import Axes
+
     from fae.evaluation.results import read_rows
 
     from .corruptions import Speckle
 
     run = trained_run("vae")
+    labels = []
+    original = Axes.set_xlabel
+    monkeypatch.setattr(
+        Axes, "set_xlabel", lambda ax, text, *a, **k: labels.append(text) or original(ax, text, *a, **k)
+    )
     config = tmp_path / "speckle.yaml"
     config.write_text(
         "sweep:\n  corruptions:\n    - class_path: tests.corruptions.Speckle\n      init_args: {level: 0.5}\n"
@@ -237,4 +244,4 @@ def test_a_new_corruption_kind_is_one_class_and_a_config_line(tmp_path, fae_here
         for i in range(len(clean))
     ]
     assert rows[-1].mean == pytest.approx(torch.cat(slow).double().mean().item(), abs=1e-6)
-    assert (folder / "robustness_speckle.png").is_file() and corruption_label("speckle") == "speckle noise level"
+    assert (folder / "robustness_speckle.png").is_file() and "speckle noise level" in labels  # its figure's axis

@@ -154,6 +154,15 @@ def test_training_on_real_digits_lowers_reconstruction_error_and_moves_codes_to_
     assert 0.2 < after["val/disc_codes"] < 0.8  # the discriminator cannot tell codes from prior samples well
 
 
+def test_each_step_encodes_the_batch_once():
+    """The discriminator's and the encoder's updates share one encoding: the encoder's BatchNorm statistics
+    move once per step, with the usual momentum (before, twice: an effective momentum of 0.19)."""
+    model = small_wae()
+    L.Trainer(max_steps=5, limit_val_batches=0, **QUIET).fit(model, datamodule=DigitsDataModule(batch_size=16))
+    tracked = [m.num_batches_tracked.item() for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert tracked and all(count == 5 for count in tracked), tracked
+
+
 def test_the_family_builds_a_deterministic_encoder():
     model = WAEGAN(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4)
     assert not model.encoder.gaussian and model.encoder(torch.zeros(2, 1, 28, 28)).shape == (2, 8)  # one head

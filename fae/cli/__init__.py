@@ -12,6 +12,7 @@ command. However a command fails, it ends with one line (fae.cli.failures).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -120,18 +121,19 @@ def main(args: list[str] | None = None) -> None:
 
         name = next((a for a in argv if a in LIGHTNING), "")
         command = lambda: FaeCLI(args=args)  # noqa: E731  (None: LightningCLI reads sys.argv)
-    failed = True
+    status = 1  # the command's exit status
     try:
         with stop_on_signals(threading.current_thread() is threading.main_thread()):
             run_command(command, argv, name)
-        failed = False
+        status = 0
     except SystemExit as exit_:  # --help and --print_config end so too
-        failed = exit_.code not in (0, None)
+        status = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
         raise
     finally:
-        finish_wandb_run(failed)
+        with contextlib.suppress(Exception, KeyboardInterrupt):  # what follows runs whatever W&B does
+            finish_wandb_run(status)
         release_all()
-        if failed:
+        if status != 0:
             remove_failed_starts()
         CREATED.clear()
         forget_checkpoints()
@@ -142,3 +144,12 @@ def main(args: list[str] | None = None) -> None:
 def help_and_exit(asked: bool) -> None:
     command_table().print_help()
     raise SystemExit(0 if asked else 2)
+
+
+def __getattr__(name: str):
+    """fae.cli.FaeCLI, where it was before the CLI had a package of its own (imported when asked for)."""
+    if name == "FaeCLI":
+        from fae.cli.lightning import FaeCLI
+
+        return FaeCLI
+    raise AttributeError(f"module 'fae.cli' has no attribute {name!r}")

@@ -147,8 +147,8 @@ class FaeCLI(LightningCLI):
             self.lock = RunLock(folder, subcommand)
         self.plan = plan(request)
         forget_checkpoints(keep=self.plan.ckpt)  # the one to load stays for Lightning's restore
+        config.ckpt_path = str(self.plan.ckpt) if self.plan.ckpt is not None else None  # no alias reaches Lightning
         if self.plan.ckpt is not None:
-            config.ckpt_path = str(self.plan.ckpt)
             self.rebuild_model(checkpoint_facts(self.plan.ckpt), subcommand)
 
     def rebuild_model(self, facts: CheckpointFacts, subcommand: str) -> None:
@@ -172,7 +172,7 @@ class FaeCLI(LightningCLI):
     # --- before the classes are built: the run folder ----------------------------------------------
     def before_instantiate_classes(self) -> None:
         if self.subcommand is None:  # FaeCLI(args, run=False): the objects only, no run folder
-            check_trainer_settings(self.config.trainer, fit=False)
+            check_settings(self.config, None)
             self.run_dir = Path(self.config.get("run_dir") or Path(self.config.runs_dir) / "unused")
             return
         config, plan = self.config[self.subcommand], self.plan
@@ -280,7 +280,7 @@ def request_of(config, subcommand: str) -> Request:
     )
 
 
-def check_settings(config, subcommand: str) -> None:
+def check_settings(config, subcommand: str | None) -> None:
     """The settings fae refuses before planning: the model's image shape given by hand, and the Trainer's."""
     shape = config.model.init_args.get("image_shape")
     if shape is not None and tuple(shape) != inspect.signature(AutoEncoder).parameters["image_shape"].default:

@@ -90,7 +90,8 @@ class Corruption:
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        Corruption.kinds[cls.kind] = cls
+        if "kind" in cls.__dict__:  # a kind of its own (not an intermediate base)
+            Corruption.kinds[cls.kind] = cls
 
     @property
     def key(self) -> int:
@@ -111,8 +112,7 @@ class Corruption:
 
 def corruption_label(kind: str) -> str:
     """The axis label of a corruption kind's level (the kind itself for one not defined here)."""
-    known = Corruption.kinds.get(kind)
-    return known.label if known is not None else kind
+    return getattr(Corruption.kinds.get(kind), "label", kind)
 
 
 class GaussianNoise(Corruption):

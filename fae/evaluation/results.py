@@ -79,10 +79,13 @@ def area_under_curve(rows: list[Row], kind: str) -> float:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """`text` into `path` by way of a file beside it, renamed over it once whole."""
+    """`text` into `path` by way of a file beside it, synced and renamed over it once whole."""
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        partial.write_text(text)
+        with open(partial, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)

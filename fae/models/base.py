@@ -49,13 +49,19 @@ from fae.nets.contract import DecoderFactory, EncoderFactory, ImageShape, build_
 from fae.objectives import RECONSTRUCTION_ERRORS
 
 
-def var_keywords(frame) -> dict:
-    """The **kwargs a frame's function was called with ({} if it takes none)."""
+def family_arguments(frame) -> dict:
+    """The arguments a family's __init__ (running in `frame`) was called with, its **kwargs spread out,
+    over the defaults of the base's arguments they pass on (AutoEncoder.__init__): every argument that
+    rebuilds the model, given or not."""
     code = frame.f_code
-    if not code.co_flags & inspect.CO_VARKEYWORDS:
-        return {}
-    index = code.co_argcount + code.co_kwonlyargcount + bool(code.co_flags & inspect.CO_VARARGS)
-    return frame.f_locals.get(code.co_varnames[index]) or {}
+    names = code.co_varnames[1 : code.co_argcount + code.co_kwonlyargcount]  # without self
+    values = {name: frame.f_locals[name] for name in names if name in frame.f_locals}
+    if code.co_flags & inspect.CO_VARKEYWORDS:
+        index = code.co_argcount + code.co_kwonlyargcount + bool(code.co_flags & inspect.CO_VARARGS)
+        base = inspect.signature(AutoEncoder.__init__).parameters.values()
+        defaults = {p.name: p.default for p in base if p.default is not inspect.Parameter.empty}
+        values = {**defaults, **values, **(frame.f_locals.get(code.co_varnames[index]) or {})}
+    return values
 
 
 def make_optimizer(factory, parameters, name: str):
@@ -173,10 +179,11 @@ class AutoEncoder(L.LightningModule):
         (nets as class_path dicts), so load_from_checkpoint rebuilds the model; outside it, only plain
         values: nets and optimizer callables are objects, which a weights-only checkpoint load refuses."""
         frame = inspect.currentframe().f_back
-        under_cli = _given_hyperparameters.get() is not None  # Lightning's own marker of a CLI instantiation
-        values = {**frame.f_locals, **var_keywords(frame)}  # the base's arguments the family passes on too
-        objects = [k for k, v in values.items() if isinstance(v, nn.Module) or callable(v)]
-        self.save_hyperparameters(ignore=[] if under_cli else objects, frame=frame)
+        if _given_hyperparameters.get() is not None:  # Lightning's own marker of a CLI instantiation
+            self.save_hyperparameters(frame=frame)
+            return
+        values = family_arguments(frame)
+        self.save_hyperparameters({k: v for k, v in values.items() if not (isinstance(v, nn.Module) or callable(v))})
 
     def build_likelihood(self, likelihood: str, decoder_scale: float, learn_decoder_scale: bool) -> None:
         activation = self.decoder.output_activation
@@ -332,3 +339,12 @@ class AutoEncoder(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.code_fit.upgrade_state_dict(checkpoint["state_dict"], "code_fit.")  # older checkpoints' names
         restore_random_state(checkpoint, self._trainer)
+
+
+def __getattr__(name: str):
+    """fae.models.base.GaussianAutoEncoder, where it was defined before it had a module of its own."""
+    if name == "GaussianAutoEncoder":
+        from fae.models.gaussian import GaussianAutoEncoder
+
+        return GaussianAutoEncoder
+    raise AttributeError(f"module 'fae.models.base' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """A trained model from its checkpoint, built as the checkpoint records it: its family's class from
-the class path the CLI records, its arguments in today's form (fae.checkpoint.upgrade_hparams, so that
-every checkpoint `fae test` takes loads here too), its weights."""
+the class path the CLI records, its arguments in today's form (fae.checkpoint.upgrade_hparams: every
+checkpoint a `fae fit` wrote loads, those of earlier versions of fae too), its weights."""
 
 from __future__ import annotations
 
