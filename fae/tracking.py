@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import re
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
@@ -88,7 +89,7 @@ class WandbLogger(LightningWandbLogger):
         entity: str | None = None,
         notes: str | None = None,
         mode: Literal["auto", "online", "offline", "disabled"] = "auto",
-        log_model: bool = False,
+        log_model: bool = True,
         init_timeout: float = 30.0,
     ) -> None:
         """
@@ -101,12 +102,15 @@ class WandbLogger(LightningWandbLogger):
             entity: W&B user or team.
             notes: free text shown with the run.
             mode: "auto" = online with credentials, offline without; WANDB_MODE overrides it.
-            log_model: upload checkpoints as W&B artifacts (online only).
+            log_model: the checkpoints (last and best) as a W&B artifact of the run at the end of training
+                (offline too: uploaded by `wandb sync`); false leaves them out.
             init_timeout: seconds an online start may take before falling back to offline.
         """
         import wandb
 
         self.mode = resolve_wandb_mode(mode)
+        self.init_timeout = init_timeout
+        self.training_run: Path | None = None
         super().__init__(
             project=project,
             name=name,
@@ -121,19 +125,66 @@ class WandbLogger(LightningWandbLogger):
         )
         self._wandb_init.pop("anonymous", None)  # deprecated in wandb; passing None only warns
 
-    def set_run_folder(self, run_dir: Path, evaluates: Path | None = None, job_type: str = "train") -> None:
-        """Called by the CLI before the run starts: W&B files and the run name follow the run folder. An
-        evaluation (`job_type` validate/test/predict) of a training run's checkpoint (`evaluates`, that
-        run's folder) is named `<training run>/<evaluation>` and joins the training run's W&B group."""
+    def set_run_folder(
+        self,
+        run_dir: Path,
+        evaluates: Path | None = None,
+        job_type: str = "train",
+        resume: bool = False,
+        experiment: str | None = None,
+        variant: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        """Called by the CLI before the run starts: W&B files and the run name follow the run folder.
+        - a training run is named after its folder; one of an experiment (`experiment`, `variant`) is
+          named `<variant>/seed<seed>`, in the experiment's group, tagged with the variant;
+        - a resumed training run (`resume`) continues the W&B run its folder logged;
+        - an evaluation (`job_type` validate/test/predict) of a training run's checkpoint (`evaluates`,
+          that run's folder) is named `<training run>/<evaluation>` and joins the training run's group;
+          its summaries also go to the training run's row (`write_to_training_run`)."""
         if self._wandb_init.get("dir") in (None, "."):
             self._wandb_init["dir"] = self._save_dir = str(run_dir)
+        trained = f"{variant}/seed{seed}" if variant else (evaluates.name if evaluates is not None else None)
         if self._wandb_init.get("name") is None:
-            name = f"{evaluates.name}/{run_dir.name}" if evaluates is not None else run_dir.name
+            name = f"{trained}/{run_dir.name}" if evaluates is not None else trained or run_dir.name
             self._wandb_init["name"] = self._name = name
         self._wandb_init["job_type"] = job_type
-        group = training_group(evaluates) if evaluates is not None else None
+        group = experiment or (training_group(evaluates) if evaluates is not None else None)
         if group:
             self._wandb_init["group"] = group
+        if variant:
+            self._wandb_init["tags"] = [*(self._wandb_init.get("tags") or []), variant]
+        previous = wandb_run_ids(run_dir) if resume and job_type == "train" else []
+        if previous:
+            self._wandb_init.update(id=previous[-1], resume="allow")
+        self.training_run = evaluates
+
+    def write_to_training_run(self, values: dict[str, float]) -> str | None:
+        """`values` (the test's summaries) into the summary of the W&B run of the training run this
+        evaluation's checkpoint belongs to, resumed by its id (offline: a second folder of that id, which
+        `wandb sync` merges), so that the runs table has one row per trained model with its robustness.
+        Returns that run's id; None when the training run logged no W&B run. Never stops the command."""
+        ids = wandb_run_ids(self.training_run) if self.training_run is not None else []
+        if not ids or self.mode == "disabled":
+            return None
+        import wandb
+
+        try:
+            run = wandb.init(
+                id=ids[-1],
+                resume="allow",
+                project=self._wandb_init.get("project"),
+                entity=self._wandb_init.get("entity"),
+                dir=str(self.training_run),
+                mode=self.mode,
+                reinit="create_new",
+                settings=wandb.Settings(init_timeout=self.init_timeout, silent=True),
+            )
+            run.summary.update(values)
+            run.finish()
+        except Exception as err:  # wandb's own errors, of the network or the server
+            rank_zero_warn(f"W&B: the test's summaries stay in the test run only ({type(err).__name__}: {err})")
+        return ids[-1]
 
     @property
     @rank_zero_experiment
@@ -171,12 +222,24 @@ def finish_wandb_run(exit_code: int) -> None:
         wandb.run.finish(exit_code=exit_code)
 
 
+RUN_FOLDER = re.compile(r"^(?:offline-)?run-(\d{8}_\d{6})-([a-z0-9]+)(?:-\d+)?$")  # wandb/<its run folders>
+
+
+def wandb_run_ids(folder: Path) -> list[str]:
+    """The ids of the W&B runs logged in folder/wandb, the oldest first (a resumed run's once)."""
+    found = sorted(match.groups() for p in (folder / "wandb").glob("*run-*") if (match := RUN_FOLDER.match(p.name)))
+    return list(dict.fromkeys(run_id for _, run_id in found))
+
+
 def training_group(run_dir: Path) -> str | None:
-    """The W&B group a training run was logged in, from its config.yaml (None if it had none)."""
+    """The W&B group a training run was logged in, from its config.yaml: its experiment's, or its logger's
+    (None if it had none)."""
     try:
         config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
         return None
+    if config.get("experiment"):
+        return config["experiment"]
     logger = (config.get("trainer") or {}).get("logger")
     for entry in logger if isinstance(logger, list) else [logger]:
         if isinstance(entry, dict) and "Wandb" in str(entry.get("class_path", "")):

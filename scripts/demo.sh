@@ -16,8 +16,9 @@ for family in $families; do
         --trainer.enable_progress_bar false
 done
 
-echo "== fae demo: comparing the three families' robustness"
+echo "== fae demo: comparing the three families' robustness (figures, and the W&B report as code)"
 fae report $(for family in $families; do echo "$demo/$family"; done) --out "$demo/report"
+fae dashboard $(for family in $families; do echo "$demo/$family"; done) --out "$demo/dashboard.json"
 
 echo
 echo "fae demo done. Everything is in $demo/, one folder per family:"
@@ -32,3 +33,4 @@ for family in $families; do
     echo "    W&B (offline)      $run/wandb/ (upload with: wandb sync $run/wandb/offline-run-*)"
 done
 echo "  comparison:        $demo/report/robustness_gaussian.png, robustness_mask.png, robustness.md"
+echo "  W&B report:        $demo/dashboard.json (saved by \`fae dashboard ... --save\` once the runs are synced)"

@@ -8,8 +8,13 @@ its own seeds), the seeds, and the budget in batches, the same for every variant
 step is a batch). For every
 (variant, seed) this runs, as a new user would,
 
-    fae fit  --config C FLAGS --seed_everything S --trainer.max_steps BUDGET --run_dir OUT/VARIANT/seedS
-    fae test --config C FLAGS --seed_everything S --ckpt_path OUT/VARIANT/seedS/checkpoints/last.ckpt
+    fae fit  --config C FLAGS --seed_everything S --experiment E --variant VARIANT --trainer.max_steps BUDGET \
+             --run_dir OUT/VARIANT/seedS
+    fae test --config C FLAGS --seed_everything S --experiment E --variant VARIANT \
+             --ckpt_path OUT/VARIANT/seedS/checkpoints/last.ckpt
+
+(E, the experiment's name, is the file's stem: W&B groups its runs by it, names each `VARIANT/seedS` and
+tags it with its variant.)
 
 `--jobs` at a time, each process on one thread (OMP_NUM_THREADS=1: on a 2-core machine two one-thread
 runs finish several times sooner than two two-thread ones). The output of each is in
@@ -79,7 +84,7 @@ def flag_list(flags: dict | None) -> list[str]:
     return out
 
 
-def plan(spec: dict, out: Path, data_dir: str | None) -> list[Job]:
+def plan(spec: dict, out: Path, data_dir: str | None, name: str) -> list[Job]:
     common = flag_list(spec.get("flags"))
     if data_dir:
         common += ["--data.data_dir", data_dir]
@@ -87,6 +92,7 @@ def plan(spec: dict, out: Path, data_dir: str | None) -> list[Job]:
     for variant, entry in spec["variants"].items():
         for seed in entry.get("seeds", spec.get("seeds", [0])):
             flags = [*common, *flag_list(entry.get("flags")), "--seed_everything", str(seed)]
+            flags += ["--experiment", name, "--variant", variant]
             jobs.append(Job(variant, seed, entry["config"], flags, out / variant / f"seed{seed}"))
     return jobs
 
@@ -248,7 +254,8 @@ def main() -> None:
     args = parser.parse_args()
     spec = yaml.safe_load(args.spec.read_text())
     out = (args.out or Path("runs") / args.spec.stem).resolve()
-    jobs = plan(spec, out, str(Path(args.data_dir).resolve()) if args.data_dir else None)  # runs start in ROOT
+    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None  # the runs start in ROOT
+    jobs = plan(spec, out, data_dir, args.spec.stem)
     print(f"experiment: {len(jobs)} runs of {spec['budget']['batches']} batches into {out}", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for status in pool.map(lambda job: run(job, spec), jobs):

@@ -96,13 +96,11 @@ def step_of(ckpt: Path) -> int:
     return torch.load(ckpt, weights_only=False, map_location="cpu")["global_step"]
 
 
-def wandb_run_records(run_folder: Path) -> dict:
-    """What an offline W&B run under `run_folder` recorded, read from its transaction log (a LevelDB-style
-    log of protobuf records in 32 KiB blocks): {"run": the run record, "config": {key: value},
-    "summary": {key: value}} (values decoded from JSON). wandb itself has no reader of these files."""
+def wandb_records(path: Path) -> list:
+    """The protobuf records of an offline W&B run's transaction log (a LevelDB-style log in 32 KiB blocks);
+    wandb itself has no reader of these files."""
     from wandb.proto import wandb_internal_pb2
 
-    (path,) = run_folder.glob("wandb/offline-run-*/run-*.wandb")
     data, pos, block, pending, raw = path.read_bytes(), 7, 32768, b"", []
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # a block's tail too short for a header is padding
@@ -116,18 +114,48 @@ def wandb_run_records(run_folder: Path) -> dict:
             pending = (pending if kind == 3 else b"") + chunk
         elif kind == 4:  # last
             raw.append(pending + chunk)
-    out: dict = {"run": None, "config": {}, "summary": {}}
+    records = []
     for item in raw:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(item)
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            out["run"] = record.run
-        elif kind == "config":
-            out["config"] |= {u.key: json.loads(u.value_json) for u in record.config.update}
-        elif kind == "summary":
-            out["summary"] |= {u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in record.summary.update}
-    return out
+        records.append(record)
+    return records
+
+
+def wandb_runs(run_folder: Path) -> list[dict]:
+    """What each offline W&B run under run_folder/wandb recorded (a resumed run: one folder more), oldest
+    first: {"run": the run record, "config", "summary": {key: value}, "metrics": {name: its step metric},
+    "history": [row], "artifacts": [(name, type, [file])]} (values decoded from JSON)."""
+    runs = []
+    for path in sorted(run_folder.glob("wandb/offline-run-*/run-*.wandb")):
+        out: dict = {"run": None, "config": {}, "summary": {}, "metrics": {}, "history": [], "artifacts": []}
+        for record in wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                out["run"] = record.run
+            elif kind == "config":
+                out["config"] |= {u.key: json.loads(u.value_json) for u in record.config.update}
+            elif kind == "summary":
+                out["summary"] |= {
+                    u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in record.summary.update
+                }
+            elif kind == "metric" and record.metric.name:
+                out["metrics"][record.metric.name] = record.metric.step_metric
+            elif kind == "history":
+                out["history"].append(
+                    {u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in record.history.item}
+                )
+            elif kind == "artifact":
+                files = [entry.path for entry in record.artifact.manifest.contents]
+                out["artifacts"].append((record.artifact.name, record.artifact.type, files))
+        runs.append(out)
+    return runs
+
+
+def wandb_run_records(run_folder: Path) -> dict:
+    """The one offline W&B run under run_folder (`wandb_runs`)."""
+    (run,) = wandb_runs(run_folder)
+    return run
 
 
 def write_idx(folder: Path, name: str, array: np.ndarray) -> None:

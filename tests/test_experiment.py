@@ -64,6 +64,7 @@ def test_experiment_trains_tests_and_tabulates_every_variant_at_one_budget(tmp_p
     mask = json.loads(next((out / "wae" / "seed0").glob("test-*/robustness.json")).read_text())
     assert "| wae | 1 |" in (out / "table.md").read_text() and mask[-1]["level"] == 0.8
     assert "| vae | 2 |" in (out / "report" / "robustness.md").read_text()  # the seeds pooled per variant
+    assert "--experiment spec --variant vae" in (out / "vae" / "seed1.log").read_text()  # its W&B group and name
     published = sorted(p.name for p in (tmp_path / "docs").iterdir())
     assert published == [
         "reconstructions_clean.png",

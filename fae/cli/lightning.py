@@ -111,6 +111,18 @@ class FaeCLI(LightningCLI):
             help=f"Use this exact run folder ({RUN_DIR_ENV} also sets it); an evaluation goes in a subfolder.",
         )
         parser.add_argument(
+            "--experiment",
+            type=str | None,
+            default=None,
+            help="The experiment this run belongs to: its W&B group (scripts/experiment.py sets it).",
+        )
+        parser.add_argument(
+            "--variant",
+            type=str | None,
+            default=None,
+            help="The run's variant in its experiment: its W&B name is <variant>/seed<seed>, and a tag.",
+        )
+        parser.add_argument(
             "--allow_untrained",
             type=bool,
             default=False,
@@ -208,11 +220,18 @@ class FaeCLI(LightningCLI):
         except (ValueError, TypeError, MisconfigurationException) as err:  # e.g. devices, strategy
             raise UserError(f"trainer: {' '.join(str(err).split())}") from None
         loggers = [logger for logger in trainer.loggers if not isinstance(logger, RunCSVLogger)]
-        plan = self.plan
+        plan, config = self.plan, self.config[self.subcommand] if self.subcommand else self.config
         for logger in loggers:
             if hasattr(logger, "set_run_folder"):
-                job = "train" if self.subcommand in ("fit", None) else self.subcommand
-                logger.set_run_folder(self.run_dir, plan.evaluates if plan else None, job)
+                logger.set_run_folder(
+                    self.run_dir,
+                    plan.evaluates if plan else None,
+                    job_type="train" if self.subcommand in ("fit", None) else self.subcommand,
+                    resume=bool(plan and plan.ckpt is not None and not plan.new),  # continues its folder's run
+                    experiment=config.get("experiment"),
+                    variant=config.get("variant"),
+                    seed=config.get("seed_everything"),
+                )
         trainer.loggers = [RunCSVLogger(self.run_dir, supersede_all=bool(plan and plan.restart)), *loggers]
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the user chose
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()

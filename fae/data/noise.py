@@ -79,12 +79,14 @@ def standard_normal(key: int, index: Tensor, shape: tuple[int, ...]) -> Tensor:
 class Corruption:
     """A corruption maps a batch of clean images (B, C, H, W) and their sample indices (B,) to
     corrupted images of the same shape, deterministically in (seed, kind, level, index). A subclass
-    names its `kind` and the `label` of its level (a figure's axis), sets `level` and `seed`, and draws
-    its noise from `uniform`/`standard_normal` keyed by `self.key`."""
+    names its `kind`, the `label` of its level (a figure's axis) and the level's short `level_name` (the
+    x of its W&B curves), sets `level` and `seed`, and draws its noise from `uniform`/`standard_normal`
+    keyed by `self.key`."""
 
     kinds: ClassVar[dict[str, type[Corruption]]] = {}  # every kind defined, by name
     kind: ClassVar[str]
     label: ClassVar[str]
+    level_name: ClassVar[str] = "level"
     level: float
     seed: int
 
@@ -115,11 +117,17 @@ def corruption_label(kind: str) -> str:
     return getattr(Corruption.kinds.get(kind), "label", kind)
 
 
+def corruption_level_name(kind: str) -> str:
+    """The short name of a corruption kind's level: sigma, nu ("level" for a kind not defined here)."""
+    return getattr(Corruption.kinds.get(kind), "level_name", "level")
+
+
 class GaussianNoise(Corruption):
     """x_noisy = x + sigma * N(0, I), the noise keyed by (seed, "gaussian", sigma, sample index)."""
 
     kind = "gaussian"
     label = "Gaussian noise sigma"
+    level_name = "sigma"
 
     def __init__(self, sigma: float, seed: int = 0) -> None:
         if not sigma >= 0:
@@ -137,6 +145,7 @@ class BinaryMask(Corruption):
 
     kind = "mask"
     label = "masking probability nu"
+    level_name = "nu"
 
     def __init__(self, nu: float, seed: int = 0) -> None:
         if not 0.0 <= nu <= 1.0:

@@ -35,7 +35,7 @@ from fae.data.base import Batch
 from fae.data.noise import BinaryMask, Corruption, GaussianNoise
 from fae.errors import UserError
 from fae.evaluation.features import load_features
-from fae.evaluation.publish import publish
+from fae.evaluation.publish import publish, publish_summary
 from fae.evaluation.quality import QualityScores, first_visits
 from fae.evaluation.results import Row
 from fae.objectives import RECONSTRUCTION_ERRORS
@@ -236,6 +236,11 @@ class RobustnessSweep(L.Callback):
         if trainer.is_global_zero and trainer.loggers:  # a Trainer without loggers writes no files
             publish(trainer, self.results, self.grids, Path(folder))
         self.errors.reset()
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The test's summaries, once its own metrics are computed, into the training run's W&B row too."""
+        if trainer.is_global_zero and trainer.loggers:
+            publish_summary(trainer, self.results if self.enabled else [])
 
     def error_rows(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Row]:
         """One row per corruption: the mean, spread and count of the errors (synchronised across devices)."""
