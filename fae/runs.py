@@ -138,6 +138,21 @@ class RunLock:
 HELD: list[RunLock] = []  # the locks this process holds, released when its command ends (release_all)
 
 
+def in_use(folder: Path) -> bool:
+    """Whether a live run holds the folder's lock (RunLock) now."""
+    path = folder / LOCK_NAME
+    if not path.is_file():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # and with it the shared lock
+
+
 def release_all() -> None:
     while HELD:
         HELD.pop().release()

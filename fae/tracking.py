@@ -1,5 +1,5 @@
-"""Where a run's results go: W&B that never hangs or crashes offline, image files in the run folder, and
-the one picture of reconstructions (`reconstruction_grid`) that validation and the sweep both draw.
+"""W&B for fae's runs: a logger that never hangs or crashes offline, and that names, groups and links
+the runs so that a project compares them (one row per trained model).
 
 `WandbLogger` is Lightning's W&B logger with one decision added, its mode:
   - WANDB_MODE, when set, is honoured as W&B itself honours it;
@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-import torch
 import yaml
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
-from torch import Tensor
-from torchvision.utils import make_grid, save_image
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from fae.runs import in_use
 
 
 def flat_config(node, prefix: str = "") -> dict:
@@ -134,17 +133,19 @@ class WandbLogger(LightningWandbLogger):
         experiment: str | None = None,
         variant: str | None = None,
         seed: int | None = None,
+        summarize_into: Path | None = None,
     ) -> None:
         """Called by the CLI before the run starts: W&B files and the run name follow the run folder.
         - a training run is named after its folder; one of an experiment (`experiment`, `variant`) is
           named `<variant>/seed<seed>`, in the experiment's group, tagged with the variant;
         - a resumed training run (`resume`) continues the W&B run its folder logged;
-        - an evaluation (`job_type` validate/test/predict) of a training run's checkpoint (`evaluates`,
-          that run's folder) is named `<training run>/<evaluation>` and joins the training run's group;
-          its summaries also go to the training run's row (`write_to_training_run`)."""
+        - an evaluation (`job_type` validate/test/predict) filed under a training run (`evaluates`, its
+          folder) is named `<training run>/<evaluation>` and joins the training run's group; its
+          summaries also go to the row of the run whose checkpoint it evaluates (`summarize_into`,
+          `write_to_training_run`)."""
         if self._wandb_init.get("dir") in (None, "."):
             self._wandb_init["dir"] = self._save_dir = str(run_dir)
-        trained = f"{variant}/seed{seed}" if variant else (evaluates.name if evaluates is not None else None)
+        trained = run_label(variant, seed) or (evaluates.name if evaluates is not None else None)
         if self._wandb_init.get("name") is None:
             name = f"{trained}/{run_dir.name}" if evaluates is not None else trained or run_dir.name
             self._wandb_init["name"] = self._name = name
@@ -152,39 +153,54 @@ class WandbLogger(LightningWandbLogger):
         group = experiment or (training_group(evaluates) if evaluates is not None else None)
         if group:
             self._wandb_init["group"] = group
-        if variant:
-            self._wandb_init["tags"] = [*(self._wandb_init.get("tags") or []), variant]
+        tags = [*(self._wandb_init.get("tags") or []), *([variant] if variant else [])]
+        self._wandb_init["tags"] = list(dict.fromkeys(tags))  # the config's (data set, family), the variant
         previous = wandb_run_ids(run_dir) if resume and job_type == "train" else []
         if previous:
             self._wandb_init.update(id=previous[-1], resume="allow")
-        self.training_run = evaluates
+        self.training_run = summarize_into
 
     def write_to_training_run(self, values: dict[str, float]) -> str | None:
-        """`values` (the test's summaries) into the summary of the W&B run of the training run this
-        evaluation's checkpoint belongs to, resumed by its id (offline: a second folder of that id, which
-        `wandb sync` merges), so that the runs table has one row per trained model with its robustness.
-        Returns that run's id; None when the training run logged no W&B run. Never stops the command."""
+        """`values` (the test's summaries) into the summary of the W&B run of the training run whose
+        checkpoint this evaluation tested, resumed by its id in its own project and mode (an offline run
+        gets a second folder of its id, which `wandb sync` merges; an online one that cannot be reached,
+        too), so that the runs table has one row per trained model with its robustness. Returns that
+        run's id; None when there is none to write to, or its training is still live. Never stops the
+        command."""
         ids = wandb_run_ids(self.training_run) if self.training_run is not None else []
         if not ids or self.mode == "disabled":
             return None
+        if in_use(self.training_run):  # two writers of one run: the test's summaries stay in the test run
+            rank_zero_info(f"W&B: {self.training_run} is still training; the test's summaries stay in the test run")
+            return None
         import wandb
 
-        try:
-            run = wandb.init(
-                id=ids[-1],
-                resume="allow",
-                project=self._wandb_init.get("project"),
-                entity=self._wandb_init.get("entity"),
-                dir=str(self.training_run),
-                mode=self.mode,
-                reinit="create_new",
-                settings=wandb.Settings(init_timeout=self.init_timeout, silent=True),
-            )
-            run.summary.update(values)
-            run.finish()
-        except Exception as err:  # wandb's own errors, of the network or the server
-            rank_zero_warn(f"W&B: the test's summaries stay in the test run only ({type(err).__name__}: {err})")
+        logged = training_logger_settings(self.training_run)
+        newest = max(p for p in (self.training_run / "wandb").glob(f"*run-*-{ids[-1]}*"))
+        error = None
+        for mode in dict.fromkeys(["offline" if newest.name.startswith("offline-") else self.mode, "offline"]):
+            try:
+                run = wandb.init(
+                    id=ids[-1], resume="allow", project=logged.get("project") or self._wandb_init.get("project"),
+                    entity=logged.get("entity"), dir=str(self.training_run), mode=mode, reinit="create_new",
+                    settings=wandb.Settings(init_timeout=self.init_timeout, silent=True, console="off",
+                                            x_disable_meta=True, x_disable_stats=True),
+                )  # fmt: skip
+                run.summary.update(values)
+                run.finish()
+                return ids[-1]
+            except Exception as err:  # wandb's own errors, of the network or the server
+                error = err
+        rank_zero_warn(f"W&B: the test's summaries stay in the test run ({type(error).__name__}: {error})")
         return ids[-1]
+
+    def finalize(self, status: str) -> None:
+        """Lightning's end of a run, where the checkpoints become an artifact (`log_model`): a copy that
+        cannot be staged (a full or read-only W&B data folder) is one warning, not a failed training."""
+        try:
+            super().finalize(status)
+        except OSError as err:
+            rank_zero_warn(f"W&B: the checkpoints were not logged as an artifact ({err}); they are in the run folder")
 
     @property
     @rank_zero_experiment
@@ -231,60 +247,31 @@ def wandb_run_ids(folder: Path) -> list[str]:
     return list(dict.fromkeys(run_id for _, run_id in found))
 
 
+def run_label(variant: str | None, seed) -> str | None:
+    """The W&B name of a run of an experiment: `<variant>/seed<seed>` (the variant alone without a seed)."""
+    if not variant:
+        return None
+    return f"{variant}/seed{seed}" if isinstance(seed, int) and not isinstance(seed, bool) else variant
+
+
+def run_config(run_dir: Path) -> dict:
+    """A run folder's config.yaml, as written by its first command ({} when there is none)."""
+    try:
+        return yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def training_logger_settings(run_dir: Path) -> dict:
+    """The init_args of the W&B logger in a run's config.yaml (empty when it had none)."""
+    logger = (run_config(run_dir).get("trainer") or {}).get("logger")
+    for entry in logger if isinstance(logger, list) else [logger]:
+        if isinstance(entry, dict) and "Wandb" in str(entry.get("class_path", "")):
+            return entry.get("init_args") or {}
+    return {}
+
+
 def training_group(run_dir: Path) -> str | None:
     """The W&B group a training run was logged in, from its config.yaml: its experiment's, or its logger's
     (None if it had none)."""
-    try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return None
-    if config.get("experiment"):
-        return config["experiment"]
-    logger = (config.get("trainer") or {}).get("logger")
-    for entry in logger if isinstance(logger, list) else [logger]:
-        if isinstance(entry, dict) and "Wandb" in str(entry.get("class_path", "")):
-            return (entry.get("init_args") or {}).get("group")
-    return None
-
-
-def interleave_rows(top: Tensor, bottom: Tensor, per_row: int) -> Tensor:
-    """Rows of `per_row` images alternating top, bottom, top, ...: the paper's figure layout
-    (true images on odd rows, reconstructions on even rows). Both (N, C, H, W) -> (2N, C, H, W)."""
-    n = (len(top) // per_row) * per_row
-    c, h, w = top.shape[1:]
-    rows = torch.stack([top[:n].reshape(-1, per_row, c, h, w), bottom[:n].reshape(-1, per_row, c, h, w)], 1)
-    return rows.reshape(-1, c, h, w)
-
-
-def reconstruction_grid(images: Tensor, recon: Tensor, per_row: int = 8) -> Tensor:
-    """The one picture of reconstructions, in validation and in the sweep: images (N, C, H, W) in [0, 1]
-    on odd rows, their reconstructions on even rows, `per_row` a row -> (C, H', W')."""
-    per_row = min(per_row, len(images))
-    return make_grid(interleave_rows(images, recon, per_row), nrow=per_row, padding=1)
-
-
-def sample_grid(samples: Tensor, per_row: int = 8) -> Tensor:
-    """Generated images (N, C, H, W) in [0, 1], `per_row` a row -> (C, H', W')."""
-    return make_grid(samples, nrow=min(per_row, len(samples)), padding=1)
-
-
-@rank_zero_only
-def save_grid(grid: Tensor, run_dir: str | Path, key: str, step: int) -> Path:
-    """Write an image grid (C, H, W) in [0, 1] to RUN_DIR/images/<key>_step<step>.png."""
-    path = Path(run_dir) / "images" / f"{key.replace('/', '_')}_step{step:07d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, path)
-    return path
-
-
-def log_image_grid(trainer, key: str, grid: Tensor) -> None:
-    """Send an image grid to every logger that takes images (W&B) and, as a PNG, to the log folder
-    (the run folder under the CLI). A Trainer without loggers writes nothing."""
-    if not trainer.loggers:
-        return
-    # not trainer.log_dir: it broadcasts across devices, and only rank zero logs images
-    folder = getattr(trainer.loggers[0], "log_dir", None) or trainer.default_root_dir
-    save_grid(grid, folder, key, trainer.global_step)
-    for logger in trainer.loggers:
-        if isinstance(logger, LightningWandbLogger):
-            logger.log_image(key=key, images=[grid], step=trainer.global_step)
+    return run_config(run_dir).get("experiment") or training_logger_settings(run_dir).get("group")

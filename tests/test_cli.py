@@ -32,7 +32,7 @@ def test_help_lists_every_command_and_each_tool_documents_its_arguments(tmp_path
         "report": ["RUN_DIR [RUN_DIR ...]", "--out OUT", "--group_by {run,parent,model}", "pool runs into one curve"],
         "sample": ["checkpoint", "--out OUT", "--n N", "--sampler {inverse_cdf,svgd,fitted}", "SVGD iterations"],
         "classifier": ["--data_dir DATA_DIR", "--epochs EPOCHS", "the folder holding MNIST/raw/"],
-        "dashboard": ["RUN_DIR [RUN_DIR ...]", "--out OUT", "--save {true,false}", "--entity ENTITY", "W&B project"],
+        "dashboard": ["RUN_DIR [RUN_DIR ...]", "--out OUT", "--save [{true,yes,false,no}], --no_save", "W&B project"],
     }
     for name, parts in documented.items():
         out = fae_here(name, "--help", cwd=tmp_path)

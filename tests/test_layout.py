@@ -8,7 +8,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fae"
 LAYERS = {  # the first component under fae -> its layer
-    **dict.fromkeys(["errors", "objectives", "likelihoods", "priors", "tracking", "checkpoint", "runs", "plan"], 0),
+    **dict.fromkeys(
+        ["errors", "objectives", "likelihoods", "priors", "tracking", "images", "checkpoint", "runs", "plan"], 0
+    ),
     "data": 1,
     "nets": 2,
     "models": 3,

@@ -43,3 +43,27 @@ def test_failed_online_start_falls_back_to_offline(no_wandb_env, monkeypatch):
     logger.log_metrics({"val/loss": 1.0}, step=0)
     run.finish()
     assert list((no_wandb_env / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_a_tests_summaries_go_to_its_training_run_only_when_it_is_there_and_not_still_training(no_wandb_env, caplog):
+    import logging
+
+    from fae.runs import RunLock
+
+    run = no_wandb_env / "run"
+    (run / "wandb" / "offline-run-20260101_000000-abc123").mkdir(parents=True)
+    logger = WandbLogger(save_dir=str(no_wandb_env), mode="disabled")
+    logger.set_run_folder(run / "test-1", evaluates=run, job_type="test", summarize_into=run)
+    assert logger.write_to_training_run({"robustness/auc_mask": 0.2}) is None  # W&B off: nothing anywhere
+    logger = WandbLogger(save_dir=str(no_wandb_env), mode="offline")
+    logger.set_run_folder(run / "test-1", evaluates=run, job_type="test", summarize_into=None)
+    assert logger.write_to_training_run({"robustness/auc_mask": 0.2}) is None  # not a checkpoint of that run
+    logger.set_run_folder(run / "test-1", evaluates=run, job_type="test", summarize_into=run)
+    lock = RunLock(run, "fit")  # as while the run still trains
+    try:
+        with caplog.at_level(logging.INFO):
+            assert logger.write_to_training_run({"robustness/auc_mask": 0.2}) is None
+    finally:
+        lock.release()
+    assert "is still training; the test's summaries stay in the test run" in caplog.text
+    assert sorted(p.name for p in (run / "wandb").iterdir()) == ["offline-run-20260101_000000-abc123"]

@@ -32,7 +32,9 @@ def logged(tmp_path_factory):
     for family, names in naming.items():
         run = root / family
         assert run_in_process(["fit", *QUICKSTART[family], *BUDGET, *names, "--run_dir", str(run)], root) == 0
-        test = ["test", *QUICKSTART[family], *SWEEP, *names, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
+        by_hand = family == "fisher"  # a test by hand, without the names: they are its training run's
+        test = ["test", *QUICKSTART[family], *SWEEP, *([] if by_hand else names), "--ckpt_path",
+                str(run / "checkpoints" / "last.ckpt")]  # fmt: skip
         assert run_in_process(test, root) == 0
     return root
 
@@ -69,14 +71,16 @@ def test_an_experiments_runs_are_named_grouped_and_tagged_and_a_plain_run_keeps_
         "quick",
         "train",
     )
-    assert {"digits", "fisher"} <= set(trained["run"].tags)  # the data set, the family, the variant
+    assert list(trained["run"].tags) == ["digits", "fisher"]  # the data set, the family (= the variant: once)
+    assert list(wandb_runs(logged / "wae_gan")[0]["run"].tags) == ["digits", "wae_gan", "wae"]
     assert (trained["config"]["experiment"], trained["config"]["variant"], trained["config"]["seed_everything"]) == (
         "quick",
         "fisher",
         0,
     )
-    folder, test = logged_test(logged / "fisher")
+    folder, test = logged_test(logged / "fisher")  # tested without --experiment and --variant: its training's
     assert (test["run"].display_name, test["run"].run_group) == (f"fisher/seed0/{folder.name}", "quick")
+    assert (test["config"]["experiment"], test["config"]["variant"]) == ("quick", "fisher")
     plain = wandb_runs(logged / "vae")[0]  # the whole resolved config, as flags
     assert (plain["run"].display_name, plain["run"].run_group) == ("vae", "quickstart")
     assert plain["config"]["data.batch_size"] == 64 and plain["config"]["model"] == "fae.models.VAE"
@@ -105,7 +109,8 @@ def test_a_resumed_training_continues_its_wandb_run(logged, tmp_path):
     resume = ["fit", *QUICKSTART["vae"], *BUDGET, "--trainer.max_steps", "5",
               "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]  # fmt: skip
     assert run_in_process(resume, tmp_path) == 0 and step_of(run / "checkpoints" / "last.ckpt") == 5
-    assert [r["run"].run_id for r in wandb_runs(run)][-1] == first
+    resumed = wandb_runs(run)[-1]["run"]
+    assert (resumed.run_id, resumed.display_name, resumed.run_group) == (first, "vae", "quickstart")
 
 
 def test_the_dashboard_compares_runs_without_a_server(logged, tmp_path, fae_here, monkeypatch):
@@ -134,8 +139,15 @@ def test_the_dashboard_compares_runs_without_a_server(logged, tmp_path, fae_here
     sections = workspace["spec"]["section"]["panelBankConfig"]["sections"]
     axes = [p["config"].get("xAxis") for section in sections for p in section["panels"]]
     assert {"robustness/gaussian/sigma", "robustness/mask/nu"} <= set(axes)
+    assert json.dumps(tests) in json.dumps(workspace["spec"]["section"]["runSets"][0]["filters"])  # the tests only
+    variants = fae_here("dashboard", *runs[1:], "--out", str(tmp_path / "v.json"), "--entity", "me", cwd=tmp_path)
+    assert variants.returncode == 0, variants.stderr[-2000:]  # an experiment's runs: grouped by their variant
+    lines = [p["config"] for b in json.loads((tmp_path / "v.json").read_text())["spec"]["blocks"]
+             if b["type"] == "panel-grid" for p in b["metadata"]["panelBankSectionConfig"]["panels"]
+             if p["viewType"] == "Run History Line Plot"]  # fmt: skip
+    assert {line["groupBy"] for line in lines} == {"variant.value"}
     (tmp_path / "bare" / "checkpoints").mkdir(parents=True)
     bare = fae_here("dashboard", str(tmp_path / "bare"), cwd=tmp_path)
     assert bare.returncode == 2 and "has no W&B run" in bare.stderr.strip().splitlines()[-1]
-    refused = fae_here("dashboard", *runs, "--save", "true", cwd=tmp_path)
+    refused = fae_here("dashboard", *runs, "--save", cwd=tmp_path)  # a switch, as the line printed above says
     assert refused.returncode == 2 and "--save needs W&B credentials" in refused.stderr.strip().splitlines()[-1]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import json
 import os
 import sys
@@ -47,18 +48,31 @@ def tool(name: str) -> Callable:
 
 
 def tool_parser(name: str):
-    """The parser of a tool, built by jsonargparse from the function's signature and docstring."""
-    from jsonargparse import ArgumentParser
+    """The parser of a tool, built by jsonargparse from the function's signature and docstring; a bool
+    parameter is a switch (`--save`, `--save true`, `--no_save`)."""
+    import docstring_parser
+    from jsonargparse import ActionYesNo, ArgumentParser
 
     function = tool(name)
     summary = (function.__doc__ or "").strip().split("\n\n")[0]
     parser = ArgumentParser(prog=f"fae {name}", description=summary, exit_on_error=False)
-    parser.add_function_arguments(function, as_positional=True, fail_untyped=True)
+    switches = switch_parameters(function)
+    parser.add_function_arguments(function, as_positional=True, fail_untyped=True, skip=set(switches))
+    docs = {p.arg_name: p.description for p in docstring_parser.parse(function.__doc__ or "").params}
+    for switch, default in switches.items():
+        parser.add_argument(f"--{switch}", action=ActionYesNo, nargs="?", default=default, help=docs.get(switch))
     if variadic(function):  # shown as the words it is typed as (variadic_positionals)
         action = next(a for a in parser._actions if a.dest == variadic(function))
         word = action.dest.upper().removesuffix("S")
         action.metavar = f"{word} [{word} ...]"
     return parser
+
+
+def switch_parameters(function: Callable) -> dict[str, bool]:
+    """A tool's bool parameters and their defaults."""
+    hints = typing.get_type_hints(function)
+    parameters = inspect.signature(function).parameters
+    return {name: parameters[name].default for name, hint in hints.items() if hint is bool}
 
 
 def variadic(function: Callable) -> str | None:
@@ -87,17 +101,23 @@ def command_table():
 
 def variadic_positionals(function: Callable, argv: list[str]) -> list[str]:
     """jsonargparse reads a positional `list[...]` parameter as one JSON list: `fae report A B C` has the
-    positional words joined into one (options each take one value, `--key value` or `--key=value`)."""
+    positional words joined into one (an option takes one value, `--key value` or `--key=value`; a
+    switch takes one only when it is a truth value)."""
     if variadic(function) is None:
         return argv
-    words, options, expecting_value = [], [], False
+    switches = {f"--{prefix}{name}" for name in switch_parameters(function) for prefix in ("", "no_")}
+    words, options = [], []
+    waiting = None  # "value": an option's value comes next; "truth": a switch's, if a truth value comes
     for arg in argv:
-        if expecting_value:
+        if waiting == "value" or (waiting == "truth" and arg.lower() in ("true", "false", "yes", "no")):
             options.append(arg)
-            expecting_value = False
-        elif arg.startswith("-"):
+            waiting = None
+            continue
+        waiting = None
+        if arg.startswith("-"):
             options.append(arg)
-            expecting_value = "=" not in arg and arg not in ("-h", "--help")
+            if "=" not in arg and arg not in ("-h", "--help"):
+                waiting = "truth" if arg in switches else "value"
         else:
             words.append(arg)
     return ([json.dumps(words)] if words else []) + options

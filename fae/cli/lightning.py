@@ -40,7 +40,7 @@ from fae.data.base import InMemoryImageDataModule
 from fae.errors import UserError
 from fae.evaluation import RobustnessSweep
 from fae.models.base import AutoEncoder
-from fae.plan import Plan, Request, folder_to_lock, import_class, plan
+from fae.plan import Plan, Request, checkpoint_run_dir, folder_to_lock, import_class, plan
 from fae.runs import (
     METRICS_NAME,
     RUN_DIR_ENV,
@@ -50,7 +50,7 @@ from fae.runs import (
     make_run_folder,
     several_processes_from_env,
 )
-from fae.tracking import flat_config
+from fae.tracking import flat_config, run_config
 
 # the bar is redrawn every 10 batches: W&B captures every redraw (benchmarks/framework_overhead.py)
 PROGRESS_BAR_REFRESH_STEPS = 10
@@ -80,6 +80,7 @@ class FaeCLI(LightningCLI):
         self.lock: RunLock | None = None
         self.plan: Plan | None = None
         self.run_dir: Path | None = None
+        self.trained_seed: int | None = None  # an evaluation's: its training run's seed
         super().__init__(
             model_class=AutoEncoder,
             subclass_mode_model=True,
@@ -162,6 +163,12 @@ class FaeCLI(LightningCLI):
         config.ckpt_path = str(self.plan.ckpt) if self.plan.ckpt is not None else None  # no alias reaches Lightning
         if self.plan.ckpt is not None:
             self.rebuild_model(checkpoint_facts(self.plan.ckpt), subcommand)
+            config = self.config[subcommand]  # the rebuilt config, a new object
+        trained = run_config(self.plan.evaluates) if subcommand != "fit" and self.plan.evaluates else {}
+        for key in ("experiment", "variant"):  # an evaluation is of its training run's experiment and variant
+            if config.get(key) is None and trained.get(key):
+                config[key] = trained[key]
+        self.trained_seed = trained.get("seed_everything") if subcommand != "fit" else None
 
     def rebuild_model(self, facts: CheckpointFacts, subcommand: str) -> None:
         """As LightningCLI._parse_ckpt_path, on the checkpoint's hyperparameters in today's form; the
@@ -221,16 +228,18 @@ class FaeCLI(LightningCLI):
             raise UserError(f"trainer: {' '.join(str(err).split())}") from None
         loggers = [logger for logger in trainer.loggers if not isinstance(logger, RunCSVLogger)]
         plan, config = self.plan, self.config[self.subcommand] if self.subcommand else self.config
+        training = self.subcommand in ("fit", None)
         for logger in loggers:
             if hasattr(logger, "set_run_folder"):
                 logger.set_run_folder(
                     self.run_dir,
                     plan.evaluates if plan else None,
-                    job_type="train" if self.subcommand in ("fit", None) else self.subcommand,
+                    job_type="train" if training else self.subcommand,
                     resume=bool(plan and plan.ckpt is not None and not plan.new),  # continues its folder's run
                     experiment=config.get("experiment"),
                     variant=config.get("variant"),
-                    seed=config.get("seed_everything"),
+                    seed=config.get("seed_everything") if training else self.trained_seed,
+                    summarize_into=checkpoint_run_dir(plan.ckpt) if plan and plan.ckpt and not training else None,
                 )
         trainer.loggers = [RunCSVLogger(self.run_dir, supersede_all=bool(plan and plan.restart)), *loggers]
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the user chose

@@ -90,7 +90,7 @@ def log_to_wandb(logger: WandbLogger, rows: list[Row], grids: dict[str, Tensor],
     for level_key, history in curves(rows).items():
         run.define_metric(level_key)
         for name in dict.fromkeys(key for row in history for key in row if key != level_key):
-            run.define_metric(name, step_metric=level_key)
+            run.define_metric(name, step_metric=level_key, summary="none")  # a curve: no value sums it up
         for row in history:
             run.log(row)
     run.summary.update(summaries(rows))

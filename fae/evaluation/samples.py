@@ -20,11 +20,11 @@ from torchvision.utils import save_image
 
 from fae.checkpoint import checkpoint_facts
 from fae.errors import UserError, make_folder
+from fae.images import sample_grid
 from fae.models.base import AutoEncoder
 from fae.models.gaussian import GaussianAutoEncoder
 from fae.models.load import load_model
 from fae.priors import PolynomialExpFamily
-from fae.tracking import sample_grid
 
 Sampler = Literal["inverse_cdf", "svgd", "fitted"]
 

@@ -38,8 +38,8 @@ from fae.evaluation.features import load_features
 from fae.evaluation.publish import publish, publish_summary
 from fae.evaluation.quality import QualityScores, first_visits
 from fae.evaluation.results import Row
+from fae.images import reconstruction_grid
 from fae.objectives import RECONSTRUCTION_ERRORS
-from fae.tracking import reconstruction_grid
 
 # The authors' code sweeps 10 noise levels from 0.01 to 2; masking from 0.01 to about 0.9.
 DEFAULT_SIGMAS = [0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0]

@@ -4,7 +4,7 @@ to its Trainer (AutoEncoder.configure_callbacks): on global rank zero, once per 
   - <stage>/reconstructions: its images on odd rows and their reconstructions on even rows;
   - <stage>/samples: decoded prior draws from a fixed seed (0), so that successive grids show the
     decoder changing, not the draw (families with a prior);
-to every logger that takes images (W&B) and as PNGs in the run folder's images/ (fae.tracking). The
+to every logger that takes images (W&B) and as PNGs in the run folder's images/ (fae.images). The
 reconstructions are made again for the grid's images (with compiled nets, one more batch shape)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import lightning as L
 import torch
 
 from fae.data.base import Batch
-from fae.tracking import log_image_grid, reconstruction_grid, sample_grid
+from fae.images import log_image_grid, reconstruction_grid, sample_grid
 
 
 class ImageGrids(L.Callback):
