@@ -176,16 +176,21 @@ class WandbLogger(LightningWandbLogger):
         import wandb
 
         logged = training_logger_settings(self.training_run)
-        newest = max(p for p in (self.training_run / "wandb").glob(f"*run-*-{ids[-1]}*"))
+        offline = wandb_run_folders(self.training_run)[-1].name.startswith("offline-")  # how it logged last
         error = None
-        for mode in dict.fromkeys(["offline" if newest.name.startswith("offline-") else self.mode, "offline"]):
+        for mode in dict.fromkeys(["offline" if offline else self.mode, "offline"]):
             try:
+                quiet = dict(silent=True, console="off", x_disable_meta=True, x_disable_stats=True)  # the test's own
                 run = wandb.init(
-                    id=ids[-1], resume="allow", project=logged.get("project") or self._wandb_init.get("project"),
-                    entity=logged.get("entity"), dir=str(self.training_run), mode=mode, reinit="create_new",
-                    settings=wandb.Settings(init_timeout=self.init_timeout, silent=True, console="off",
-                                            x_disable_meta=True, x_disable_stats=True),
-                )  # fmt: skip
+                    id=ids[-1],
+                    resume="allow",
+                    project=logged.get("project") or self._wandb_init.get("project"),
+                    entity=logged.get("entity"),
+                    dir=str(self.training_run),
+                    mode=mode,
+                    reinit="create_new",
+                    settings=wandb.Settings(init_timeout=self.init_timeout, **quiet),
+                )
                 run.summary.update(values)
                 run.finish()
                 return ids[-1]
@@ -241,10 +246,15 @@ def finish_wandb_run(exit_code: int) -> None:
 RUN_FOLDER = re.compile(r"^(?:offline-)?run-(\d{8}_\d{6})-([a-z0-9]+)(?:-\d+)?$")  # wandb/<its run folders>
 
 
+def wandb_run_folders(folder: Path) -> list[Path]:
+    """The W&B run folders in folder/wandb (online and offline), the oldest first."""
+    found = [(match.group(1), p) for p in (folder / "wandb").glob("*run-*") if (match := RUN_FOLDER.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def wandb_run_ids(folder: Path) -> list[str]:
     """The ids of the W&B runs logged in folder/wandb, the oldest first (a resumed run's once)."""
-    found = sorted(match.groups() for p in (folder / "wandb").glob("*run-*") if (match := RUN_FOLDER.match(p.name)))
-    return list(dict.fromkeys(run_id for _, run_id in found))
+    return list(dict.fromkeys(RUN_FOLDER.match(p.name).group(2) for p in wandb_run_folders(folder)))
 
 
 def run_label(variant: str | None, seed) -> str | None:
