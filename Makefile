@@ -44,12 +44,12 @@ bench: $(STAMP)
 MNIST_DIR = $(or $(FAE_MNIST_ROOT),$(error real MNIST not found in $(MNIST_ROOT): set MNIST_ROOT=<folder holding MNIST/raw>))
 
 ablation-mnist: $(STAMP)
-	$(BIN)/python scripts/experiment.py experiments/mnist_ablation.yaml --data_dir $(MNIST_DIR) \
+	$(BIN)/fae experiment experiments/mnist_ablation.yaml --data_dir $(MNIST_DIR) \
 		--out runs/ablation-mnist --publish docs/results/mnist/ablation
 
 reproduce-mnist: $(STAMP)
 	$(BIN)/fae classifier --data_dir $(MNIST_DIR)  # the FID/KID network, trained once and cached beside MNIST/
-	$(BIN)/python scripts/experiment.py experiments/mnist_reproduce.yaml --data_dir $(MNIST_DIR) \
+	$(BIN)/fae experiment experiments/mnist_reproduce.yaml --data_dir $(MNIST_DIR) \
 		--out runs/reproduce-mnist --publish docs/results/mnist
 
 clean:  # the venv and caches; runs/ and reports/ hold results and are never deleted by make

@@ -39,3 +39,25 @@ class SignalAtTestStart(L.Callback):
 
     def on_test_start(self, trainer, pl_module) -> None:
         os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
+class SignalAncestorAt(L.Callback):
+    """Send `signal_name` to this process's ancestor `generations` up (1: its parent) once `step` batches
+    are trained: a scheduler's or a user's signal to the job or the command that runs this one. With
+    `once`, a file: only if it does not exist yet (it is made), so that a run started again goes on."""
+
+    def __init__(self, step: int, signal_name: str = "SIGTERM", generations: int = 1, once: str = "") -> None:
+        self.step, self.signal_name, self.generations, self.once = step, signal_name, generations, once
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.is_global_zero:
+            if self.once:
+                try:
+                    os.close(os.open(self.once, os.O_CREAT | os.O_EXCL))
+                except FileExistsError:
+                    return
+            pid = os.getpid()
+            for _ in range(self.generations):
+                with open(f"/proc/{pid}/stat") as stat:  # pid (name) state ppid ...
+                    pid = int(stat.read().rsplit(")", 1)[1].split()[1])
+            os.kill(pid, getattr(signal, self.signal_name))

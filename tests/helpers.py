@@ -187,3 +187,51 @@ def fake_checkpoint(
     }
     torch.save(content, path)
     return path
+
+
+FAKE_SLURM = {  # name -> body of a fake SLURM command (bash); each records its argv in $FAKE_SLURM/calls
+    "sbatch": """n=$(( $(cat "$FAKE_SLURM/next_id" 2>/dev/null || echo 4241) + 1 )); echo $n > "$FAKE_SLURM/next_id"
+cp "${@: -1}" "$FAKE_SLURM/sbatch-$n.sh"; echo "Submitted batch job $n\"""",
+    "sacct": 'echo "JobID|State|NodeList"; cat "$FAKE_SLURM/sacct" 2>/dev/null; true',
+    "squeue": 'cat "$FAKE_SLURM/squeue" 2>/dev/null; true',
+    "scancel": "true",
+    "scontrol": "true",
+    # srun as a one-task step: its options dropped, the command run in its place (so a signal to the
+    # pid in $FAKE_SLURM/srun.pid reaches the task), stdout and stderr in the files sbatch's script names
+    "srun": """out=/dev/null; err=/dev/null
+while [ $# -gt 0 ]; do
+  case "$1" in --output) out=$2; shift 2;; --error) err=$2; shift 2;; --*) shift;; *) break;; esac
+done
+name() { echo "$1" | sed -e "s/%A/$SLURM_ARRAY_JOB_ID/g; s/%a/$SLURM_ARRAY_TASK_ID/g; s/%j/$SLURM_JOB_ID/g; s/%t/0/g"; }
+echo $$ > "$FAKE_SLURM/srun.pid"; exec "$@" >> "$(name "$out")" 2>> "$(name "$err")\"""",
+}
+
+
+def fake_slurm(folder: Path) -> dict[str, str]:
+    """sbatch, sacct, squeue, scancel, scontrol and srun as scripts in folder/bin that record how they
+    were called (folder/calls: one line per call, `name arg...`); sbatch keeps each script it is given as
+    folder/sbatch-<job id>.sh and answers as SLURM does; sacct and squeue print folder/sacct and
+    folder/squeue. The environment (PATH first) that puts them in place of SLURM's, as submitit's tests do."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name, body in FAKE_SLURM.items():
+        script = bin_dir / name
+        script.write_text(f'#!/bin/bash\necho "{name} $*" >> "$FAKE_SLURM/calls"\n{body}\n')
+        script.chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM": str(folder)}
+
+
+def slurm_calls(folder: Path, name: str) -> list[str]:
+    """The argument lines of each call of the fake SLURM command `name` (fake_slurm)."""
+    calls = folder / "calls"
+    lines = calls.read_text().splitlines() if calls.is_file() else []
+    return [line[len(name) + 1 :] for line in lines if line.split(" ", 1)[0] == name]
+
+
+def slurm_task_env(array_job: str, task: int, job_id: int) -> dict[str, str]:
+    """The environment SLURM gives task `task` of job array `array_job` (one node, one task)."""
+    return {
+        "SLURM_ARRAY_JOB_ID": array_job, "SLURM_ARRAY_TASK_ID": str(task), "SLURM_JOB_ID": str(job_id),
+        "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+        "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "node1",
+    }  # fmt: skip

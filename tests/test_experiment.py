@@ -1,89 +1,361 @@
-"""scripts/experiment.py: variants trained at one budget, each swept by `fae test`, one table and one
-report; finished runs are reused, unfinished ones are never written into."""
+"""`fae experiment`: the experiment file and its grid, one run's job (resume, retry, stop, requeue), the
+local executor stopped by SIGTERM and restarted, and the SLURM job array against fake SLURM commands."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import pickle
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from .helpers import CONFIGS
+from fae.errors import UserError
+from fae.experiment.spec import Run, extra_sbatch, minutes, read_experiment
+from fae.experiment.state import holder, read_status, run_state, take_lock
+from fae.experiment.task import Interrupted, RunFailed, RunTask
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "experiment.py"
+from .helpers import CONFIGS, ROOT, fake_slurm, last_value, rows_of, slurm_calls, slurm_task_env, step_of
+
+VAE_CONFIG = str(CONFIGS / "quickstart" / "digits_vae.yaml")
+WAE_CONFIG = str(CONFIGS / "quickstart" / "digits_wae_gan.yaml")
+TINY_FLAGS = {"--model.width": 4, "--trainer.logger": False, "--trainer.limit_val_batches": 2,
+              "--sweep.sigmas": [0.5], "--sweep.nus": [0.8]}  # fmt: skip
 
 
-def run_experiment(spec: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), str(spec), "--out", str(out), "--jobs", "3", *extra],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+def write_spec(folder: Path, **changes) -> Path:
+    spec = {
+        "budget": {"batches": 6, "val_every": 2},
+        "seeds": [0, 1],
+        "flags": TINY_FLAGS,
+        "table": {"val_at": [2, 6], "levels": {"mask": [0.8]}},
+        "variants": {"vae": {"config": VAE_CONFIG}, "wae": {"config": WAE_CONFIG, "seeds": [0]}},
+        **changes,
+    }
+    path = folder / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def experiment_env(**extra: str) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # tests.callbacks
+    env = {**os.environ, "PYTHONPATH": path, "WANDB_MODE": "offline", **extra}
+    env.pop("FAE_RUN_DIR", None)
+    return env
+
+
+def fae_experiment(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fae.cli", "experiment", *args], cwd=cwd, env=env or experiment_env(),
+                          capture_output=True, text=True, timeout=400)  # fmt: skip
+
+
+# --- the experiment file -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"budget": None}, "`budget:` is missing"),
+        ({"budget": {"batches": 0, "val_every": 2}}, "budget.batches must be a positive number"),
+        ({"variants": {}}, "variants is empty"),
+        ({"variants": {"a b": {"config": VAE_CONFIG}}}, "variant name 'a b' must be"),
+        ({"variants": {"vae": {"flags": {}}}}, "variant vae needs a config"),
+        ({"variants": {"vae": {"config": "configs/none.yaml"}}}, "variant vae's config configs/none.yaml does not"),
+        ({"slurm": {"gpus": 1}}, "slurm.gpus is not a setting"),
+        ({"slurm": {"time": "four hours"}}, "time 'four hours' is not a SLURM time limit"),
+    ],
+)
+def test_a_bad_experiment_file_is_refused_in_one_line(tmp_path, changes, message):
+    path = write_spec(tmp_path, **{k: v for k, v in changes.items() if v is not None})
+    if changes.get("budget", 1) is None:
+        spec = yaml.safe_load(path.read_text())
+        del spec["budget"]
+        path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(UserError, match=message.replace("(", r"\(")) as err:
+        read_experiment(path).grid(tmp_path / "out")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [(240, 240), ("90", 90), ("30:30", 31), ("4:00:00", 240), ("1-00", 1440), ("1-2:30", 1590), ("0-00:00:59", 1)],
+)
+def test_slurm_time_limits_read_as_minutes(given, expected):
+    assert minutes(given) == expected
+
+
+def test_extra_sbatch_lines_become_submitit_parameters():
+    assert extra_sbatch(("--constraint=a100", "#SBATCH --exclusive", "--mail-type END")) == {
+        "constraint": "a100", "exclusive": True, "mail-type": "END"
+    }  # fmt: skip
+    with pytest.raises(UserError, match="is not an sbatch option"):
+        extra_sbatch(("constraint=a100",))
+
+
+def test_the_grid_names_every_variant_and_seed_with_its_flags(tmp_path):
+    variants = {
+        "vae": {"config": VAE_CONFIG, "flags": {"--model.beta": 2.0}},
+        "wae": {"config": WAE_CONFIG, "seeds": [3]},
+    }
+    exp = read_experiment(write_spec(tmp_path, variants=variants))
+    runs = exp.grid(tmp_path / "out", data_dir=tmp_path / "data")
+    assert [r.key for r in runs] == ["vae/seed0", "vae/seed1", "wae/seed3"]
+    flags = list(runs[1].flags)
+    assert flags[flags.index("--model.width") + 1] == "4" and flags[flags.index("--model.beta") + 1] == "2.0"
+    assert flags[flags.index("--data.data_dir") + 1] == str(tmp_path / "data")
+    assert flags[-6:] == ["--seed_everything", "1", "--experiment", "grid", "--variant", "vae"]
+    assert (
+        runs[2].run_dir == tmp_path / "out" / "wae" / "seed3" and runs[2].log == tmp_path / "out" / "wae" / "seed3.log"
+    )
+
+
+@pytest.mark.parametrize("name", ["mnist_ablation", "mnist_reproduce", "mnist_reproduce_paper"])
+def test_the_shipped_experiment_files_read_and_name_existing_configs(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)  # configs are found beside the experiments/ folder too
+    exp = read_experiment(ROOT / "experiments" / f"{name}.yaml")
+    runs = exp.grid(tmp_path / "out")
+    assert runs and all(run.config.is_file() for run in runs) and exp.batches > 0
+    if name == "mnist_reproduce_paper":  # made for a cluster: every run on one GPU, within a time limit
+        parameters = exp.slurm.sbatch_parameters("fae-x")
+        assert parameters["gpus_per_node"] == 1 and parameters["time"] == 240 and len(runs) == 12
+
+
+# --- one run's job, with a stand-in for `fae` -------------------------------------------------------
+
+FAKE_FAE = """import json, os, sys, time
+calls = os.environ["FAKE_FAE_CALLS"]
+with open(calls, "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+codes = json.loads(os.environ["FAKE_FAE_CODES"])
+code = codes[min(len(open(calls).read().splitlines()), len(codes)) - 1]
+if code == "sleep":
+    time.sleep(30)
+if code == 2:
+    print("fae: error: model.width: must be > 0, got 0")
+sys.exit(code if code != "sleep" else 0)
+"""
+
+
+def fake_task(tmp_path: Path, monkeypatch, codes: list) -> tuple[RunTask, Path]:
+    script = tmp_path / "fake_fae.py"
+    script.write_text(FAKE_FAE)
+    calls = tmp_path / "calls"
+    monkeypatch.setenv("FAKE_FAE_CALLS", str(calls))
+    monkeypatch.setenv("FAKE_FAE_CODES", json.dumps(codes))
+    run = Run("vae", 0, Path(VAE_CONFIG), ("--model.width", "4"), tmp_path / "out" / "vae" / "seed0")
+    return RunTask(run, batches=6, val_every=2, cwd=str(tmp_path), program=(sys.executable, str(script))), calls
+
+
+def commands(calls: Path) -> list[str]:
+    return [json.loads(line)[0] for line in calls.read_text().splitlines()] if calls.is_file() else []
+
+
+def test_a_run_fits_then_tests_and_a_crash_is_retried_once_saying_so(tmp_path, monkeypatch, capsys):
+    task, calls = fake_task(tmp_path, monkeypatch, [1, 0, 0])
+    assert task() == "vae/seed0: fit 0.0 min, test 0.0 min"
+    assert commands(calls) == ["fit", "fit", "test"]
+    fit = json.loads(calls.read_text().splitlines()[1])
+    assert fit[fit.index("--ckpt_path") + 1] == "last" and fit[fit.index("--trainer.max_steps") + 1] == "6"
+    assert "`fae fit` crashed (exit 1" in capsys.readouterr().out and "retrying it once" in task.run.log.read_text()
+    assert read_status(task.run)["state"] == "done" and read_status(task.run)["fit_seconds"] > 0
+
+
+@pytest.mark.parametrize(
+    "codes, error, state, line",
+    [
+        ([1, 1], RunFailed, "failed", "`fae fit` failed (exit 1)"),
+        ([2], RunFailed, "failed", "`fae fit` failed (exit 2): fae: error: model.width: must be > 0, got 0"),
+        ([143], Interrupted, "interrupted", "`fae fit` stopped by SIGTERM"),
+        ([0, 130], Interrupted, "interrupted", "`fae test` stopped by SIGINT"),
+    ],
+)
+def test_a_failed_or_stopped_run_says_so_in_its_status(tmp_path, monkeypatch, codes, error, state, line):
+    task, calls = fake_task(tmp_path, monkeypatch, codes)
+    with pytest.raises(error):
+        task()
+    assert len(commands(calls)) == len(codes)  # a mistake (exit 2) or a stop is not retried
+    status = read_status(task.run)
+    assert status["state"] == state and status["line"].startswith(line)
+    assert run_state(task.run).state == state and holder(task.run) is None  # the lock went with the job
+
+
+def test_a_run_another_process_holds_is_left_to_it(tmp_path, monkeypatch):
+    task, calls = fake_task(tmp_path, monkeypatch, [0])
+    held = take_lock(task.run)  # as another `fae experiment` process's job would
+    try:
+        assert holder(task.run).startswith(f"pid {os.getpid()} on ")
+        assert run_state(task.run).state == "running"
+        assert task() == "vae/seed0: another process runs it; left to that process"
+        assert commands(calls) == []
+    finally:
+        os.close(held)
+    assert holder(task.run) is None and run_state(task.run).state == "missing"
+
+
+def test_the_warning_signal_stops_the_command_and_hands_submitit_the_same_job(tmp_path, monkeypatch):
+    task, calls = fake_task(tmp_path, monkeypatch, ["sleep"])
+    task.run.run_dir.parent.mkdir(parents=True)
+    task._lock = take_lock(task.run)
+    task._stopped_by, task._child = None, subprocess.Popen([*task.program, "fit"])
+    try:
+        time.sleep(0.5)
+        delayed = task.checkpoint()  # what submitit calls on USR2
+        assert task._child.returncode == -signal.SIGTERM  # stopped, not waited out
+    finally:
+        os.close(task._lock)
+    again = pickle.loads(pickle.dumps(delayed.function))  # requeued as submitit dumps it
+    assert isinstance(again, RunTask) and again.run == task.run and again.batches == 6
+    assert read_status(task.run)["state"] == "interrupted" and "requeued" in read_status(task.run)["line"]
+
+
+# --- the local executor, end to end ------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_experiment_trains_tests_and_tabulates_every_variant_at_one_budget(tmp_path):
-    spec = {
-        "budget": {"batches": 4, "val_every": 2},
-        "seeds": [0, 1],
-        "flags": {
-            "--model.width": 4,
-            "--trainer.logger": False,
-            "--sweep.sigmas": [0.5],
-            "--sweep.nus": [0.8],
-        },
-        "table": {"val_at": [2, 4], "levels": {"mask": [0.8]}},
-        "variants": {
-            "vae": {"config": str(CONFIGS / "quickstart" / "digits_vae.yaml")},
-            "wae": {"config": str(CONFIGS / "quickstart" / "digits_wae_gan.yaml"), "seeds": [0]},
-        },
-    }
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(spec))
-    out = tmp_path / "exp"
-    first = run_experiment(spec_file, out, "--publish", str(tmp_path / "docs"))
-    assert first.returncode == 0, first.stdout + first.stderr
-    for variant, seeds in (("vae", (0, 1)), ("wae", (0,))):
-        for seed in seeds:
-            run = out / variant / f"seed{seed}"
-            ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-            assert ckpt["global_step"] == 4  # the same budget in batches for both families
-            assert len(list(run.glob("test-*/robustness.json"))) == 1
-    rows = {r["variant"]: r for r in csv.DictReader(open(out / "table.csv"))}
-    assert set(rows) == {"vae", "wae"} and rows["vae"]["seed_count"] == "2"
-    clean = []
-    for seed in (0, 1):
-        (test_dir,) = (out / "vae" / f"seed{seed}").glob("test-*")
-        values = [
-            r["test/recon_bce"] for r in csv.DictReader(open(test_dir / "metrics.csv")) if r.get("test/recon_bce")
-        ]
-        clean.append(float(values[-1]))
-    assert abs(float(rows["vae"]["test recon_bce mean"]) - sum(clean) / 2) < 1e-6
-    mask = json.loads(next((out / "wae" / "seed0").glob("test-*/robustness.json")).read_text())
-    assert "| wae | 1 |" in (out / "table.md").read_text() and mask[-1]["level"] == 0.8
-    assert "| vae | 2 |" in (out / "report" / "robustness.md").read_text()  # the seeds pooled per variant
-    assert "--experiment spec --variant vae" in (out / "vae" / "seed1.log").read_text()  # its W&B group and name
-    published = sorted(p.name for p in (tmp_path / "docs").iterdir())
-    assert published == [
-        "reconstructions_clean.png",
-        "reconstructions_mask_0.8.png",
-        "robustness.md",
-        "robustness_gaussian.png",
-        "robustness_mask.png",
-        "table.csv",
-        "table.md",
-    ]
+def test_a_local_grid_stopped_by_sigterm_resumes_on_the_next_start(tmp_path, monkeypatch, capsys):
+    """A SIGTERM to `fae experiment` once a run has a checkpoint stops every run with its state saved;
+    the next start resumes them, each to the budget, and writes the table of every variant."""
+    from fae.experiment.launch import experiment
 
-    # a second start: finished runs are reused, not trained again; an unfinished folder is never written
-    # into; a run another process of the experiment holds (its lock) is left to it
-    for test_dir in (out / "vae").glob("seed*/test-*"):  # as if the runs had stopped before their tests
-        test_dir.rename(test_dir.with_name("moved-" + test_dir.name))
-    (out / "vae" / "seed1.lock").touch()  # as while another process of the experiment trains it
-    again = run_experiment(spec_file, out)
-    assert again.returncode != 0 and again.stdout.count("done earlier, reused") == 1  # wae seed 0
-    assert len(list((out / "wae" / "seed0").glob("test-*"))) == 1
-    assert "vae seed 0: LEFT OUT" in again.stdout and "exists but has no finished test" in again.stdout
-    assert not list((out / "vae").glob("seed*/test-*"))  # nothing written into them
-    assert "vae seed 1: LEFT OUT, another experiment process is running it" in again.stdout
+    # a SIGTERM to `fae experiment` at step 3 of a run: fae fit -> its job -> submitit's controller -> fae experiment
+    stop = {"--trainer.callbacks+": "tests.callbacks.SignalAncestorAt", "--trainer.callbacks.step": 3,
+            "--trainer.callbacks.generations": 3, "--trainer.callbacks.once": str(tmp_path / "signalled")}  # fmt: skip
+    variants = {"vae": {"config": VAE_CONFIG, "flags": stop, "seeds": [0]}, "wae": {"config": WAE_CONFIG, "seeds": [0]}}
+    spec = write_spec(tmp_path, variants=variants)
+    out = tmp_path / "exp"
+    first = fae_experiment(str(spec), "--out", str(out), "--jobs", "2", cwd=tmp_path)
+    assert first.returncode == 128 + signal.SIGTERM, first.stdout + first.stderr
+    assert "stopped by SIGTERM" in first.stderr and "the same command resumes them" in first.stderr
+    vae = Run("vae", 0, Path(), (), out / "vae" / "seed0")
+    assert 3 <= step_of(vae.run_dir / "checkpoints" / "last.ckpt") < 6
+    assert not list(out.glob("*/seed0/test-*/robustness.json"))
+    assert read_status(vae)["state"] == "interrupted" and holder(vae) is None  # no lock outlives its run
+
+    monkeypatch.chdir(tmp_path)
+    for key, value in experiment_env().items():
+        monkeypatch.setenv(key, value)
+    capsys.readouterr()
+    experiment(spec, out=out, jobs=2, publish=tmp_path / "docs")  # the same command, again
+    shown = capsys.readouterr().out
+    assert "vae/seed0: interrupted (last.ckpt at step" in shown and "resuming it" in shown, shown
+    for run in (out / "vae" / "seed0", out / "wae" / "seed0"):
+        assert step_of(run / "checkpoints" / "last.ckpt") == 6  # the same budget for both families
+        assert len(list(run.glob("test-*/robustness.json"))) == 1
+    log = (out / "vae" / "seed0.log").read_text()
+    assert log.count("$ fae fit") == 2 and "--ckpt_path last" in log and "--experiment grid --variant vae" in log
+    rows = {r["variant"]: r for r in csv.DictReader(open(out / "table.csv"))}
+    assert set(rows) == {"vae", "wae"} and rows["vae"]["seed_count"] == "1"
+    clean = last_value(rows_of(next((out / "vae" / "seed0").glob("test-*/metrics.csv"))), "test/recon_bce")
+    assert float(rows["vae"]["test recon_bce mean"]) == pytest.approx(clean)
+    assert "| vae | 1 |" in (out / "report" / "robustness.md").read_text()  # grouped per variant
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == [
+        "reconstructions_clean.png", "reconstructions_mask_0.8.png", "robustness.md", "robustness_gaussian.png",
+        "robustness_mask.png", "table.csv", "table.md",
+    ]  # fmt: skip
+
+    experiment(spec, out=out, status=True)
+    assert "experiment: 2 done" in capsys.readouterr().out
+    experiment(spec, out=out)  # finished runs are reused
+    assert capsys.readouterr().out.count("done earlier, reused") == 2
+
+
+def fake_finished_run(run: Run, clean: float) -> None:
+    """The files a finished run leaves that the table reads: metrics.csv, a test's rows and metrics."""
+    test = run.run_dir / "test-1"
+    test.mkdir(parents=True)
+    (run.run_dir / "metrics.csv").write_text(f"step,val/recon_bce\n1,{clean + 0.1}\n3,{clean + 0.05}\n")
+    (test / "metrics.csv").write_text(f"step,test/recon_bce,test/recon_mse\n3,{clean},{clean / 4}\n")
+    rows = [{"model": "VAE", "kind": kind, "level": level, "metric": "bce", "mean": clean + level, "std": 0.1, "n": 9}
+            for kind, level in (("clean", 0.0), ("mask", 0.8))]  # fmt: skip
+    (test / "robustness.json").write_text(json.dumps(rows))
+
+
+def test_the_table_pools_the_seeds_of_each_variant_and_leaves_unfinished_runs_out(tmp_path):
+    from fae.experiment.table import write_table
+
+    exp = read_experiment(write_spec(tmp_path, table={"val_at": [1, 3], "levels": {"mask": [0.8]}}))
+    runs = exp.grid(tmp_path / "out")
+    for run, clean in zip(runs[:2], (0.2, 0.3), strict=True):  # vae seeds 0 and 1; wae unfinished
+        fake_finished_run(run, clean)
+    table = write_table(runs, exp, tmp_path / "out").read_text()
+    assert "| vae | 2 | 0.3500 ± 0.0707 | 0.3000 ± 0.0707 | 0.2500 ± 0.0707 |" in table and "| wae" not in table
+    rows = list(csv.DictReader(open(tmp_path / "out" / "table.csv")))
+    assert len(rows) == 1 and float(rows[0]["mask 0.8 mean"]) == pytest.approx(1.05)
+    assert float(rows[0]["test recon_mse std"]) == pytest.approx(0.025 / 2**0.5)
+
+
+# --- SLURM, against fake SLURM commands ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_slurm_grid_is_one_job_array_whose_tasks_resume_after_a_requeue(tmp_path, monkeypatch, capsys):
+    from fae.experiment.launch import experiment
+
+    env = fake_slurm(tmp_path / "slurm")
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.setenv("FAKE_SLURM", env["FAKE_SLURM"])
+    monkeypatch.chdir(tmp_path)
+    block = {"partition": "gpu", "time": "0-00:30:00", "gpus_per_task": 2, "cpus_per_task": 4, "mem_gb": 8,
+             "array_parallelism": 2, "setup": ["module load cuda"], "extra": ["--constraint=a100"]}  # fmt: skip
+    spec = write_spec(tmp_path, slurm=block)
+    out = tmp_path / "exp"
+    experiment(spec, executor="slurm", out=out, qos="high")  # a flag over the block
+    assert len(slurm_calls(tmp_path / "slurm", "sbatch")) == 1  # one job array for the grid
+    script = (tmp_path / "slurm" / "sbatch-4242.sh").read_text()
+    for line in ("--array=0-2%2", "--signal=USR2@120", "--time=30", "--gpus-per-node=2", "--cpus-per-task=4",
+                 "--partition=gpu", "--qos=high", "--mem=8GB", "--constraint=a100", "--ntasks-per-node=1",
+                 "--job-name=fae-grid"):  # fmt: skip
+        assert f"#SBATCH {line}\n" in script, script
+    assert "\nmodule load cuda\n" in script and "-m submitit.core._submit" in script.splitlines()[-1]
+    assert json.loads((out / "jobs.json").read_text()) == {
+        "vae/seed0": "4242_0",
+        "vae/seed1": "4242_1",
+        "wae/seed0": "4242_2",
+    }
+    tasks = [pickle.load(open(out / ".submitit" / f"4242_{i}_submitted.pkl", "rb")).function for i in range(3)]
+    assert [t.run.key for t in tasks] == ["vae/seed0", "vae/seed1", "wae/seed0"]
+    fit = tasks[2].fit_args()
+    assert fit[fit.index("--trainer.devices") + 1] == "2" and fit[fit.index("--run_dir") + 1] == str(
+        out / "wae" / "seed0"
+    )
+    assert tasks[2].test_args()[-2:] == ["--trainer.devices", "1"] and tasks[0].signal_delay_s == 120
+
+    # --status reads the jobs back from sacct; a new start submits only the runs whose jobs have ended
+    (tmp_path / "slurm" / "sacct").write_text("4242_0|RUNNING|node1\n4242_[1]|PENDING|\n4242_2|FAILED|node2\n")
+    capsys.readouterr()
+    experiment(spec, executor="slurm", out=out, status=True)
+    shown = capsys.readouterr().out
+    assert "experiment: 1 running, 1 queued, 1 missing" in shown and "SLURM job 4242_0 RUNNING" in shown, shown
+    experiment(spec, executor="slurm", out=out)
+    assert len(slurm_calls(tmp_path / "slurm", "sbatch")) == 2
+    second = (tmp_path / "slurm" / "sbatch-4243.sh").read_text()
+    assert "--array" not in second and json.loads((out / "jobs.json").read_text())["wae/seed0"] == "4243"
+
+    # a task as SLURM runs it: the warning signal mid-fit, the requeue, the task again to the end
+    small = write_spec(tmp_path, flags={**TINY_FLAGS, "--trainer.callbacks+": "tests.callbacks.SignalAncestorAt",
+                                        "--trainer.callbacks.step": 3, "--trainer.callbacks.signal_name": "SIGUSR2"},
+                       slurm={"time": 30, "gpus_per_task": 0, "cpus_per_task": 1})  # fmt: skip
+    out = tmp_path / "cpu"
+    experiment(small, executor="slurm", out=out)
+    script = tmp_path / "slurm" / "sbatch-4244.sh"
+    task_env = experiment_env(**env, **slurm_task_env("4244", 0, 4245))
+    first = subprocess.run(["bash", str(script)], env=task_env, capture_output=True, text=True, timeout=300)
+    run = out / "vae" / "seed0"
+    assert slurm_calls(tmp_path / "slurm", "scontrol") == ["requeue 4244_0"], (
+        first.stderr + (out / "vae" / "seed0.log").read_text()
+    )
+    assert 3 <= step_of(run / "checkpoints" / "last.ckpt") < 6 and not list(run.glob("test-*"))
+    assert "requeued" in read_status(Run("vae", 0, Path(), (), run))["line"]
+    again = subprocess.run(["bash", str(script)], env=task_env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert step_of(run / "checkpoints" / "last.ckpt") == 6 and len(list(run.glob("test-*/robustness.json"))) == 1
+    log = (out / "vae" / "seed0.log").read_text()
+    assert log.count("$ fae fit") == 2 and "stopped by SIGTERM at step" in log
+    status = read_status(Run("vae", 0, Path(), (), run))
+    assert status["state"] == "done" and status["job"] == "4244_0"

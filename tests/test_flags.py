@@ -14,7 +14,7 @@ from .helpers import CONFIGS
 
 ROOT = CONFIGS.parent
 FLAG = re.compile(r"--([a-z_]+(?:\.[a-z_]+)+)")
-# top-level arguments and those of other commands (fae report, scripts/experiment.py) need no dotted key
+# top-level arguments and those of other commands (fae report, fae experiment) need no dotted key
 SOURCES = [
     "README.md",
     "docs/**/*.md",

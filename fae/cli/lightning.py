@@ -11,7 +11,7 @@ built. What fae adds to LightningCLI, in the order it happens:
     Trainer's root and the checkpoints' folder; Lightning's worker processes receive it through
     FAE_RUN_DIR;
   - the data module's image shape is linked to the model, which builds its nets from it (stated once);
-  - every Trainer logs RUN/metrics.csv (fae.runs.RunCSVLogger) beside the config's loggers, writes
+  - every Trainer logs RUN/metrics.csv (fae.metrics_log.RunCSVLogger) beside the config's loggers, writes
     checkpoints atomically (fae.checkpoint), and redraws its progress bar every few batches;
   - `--checkpoint.*` configures fae.checkpoint.Checkpoint, `--sweep.*` the robustness sweep that
     `fae test` runs (fae.evaluation.RobustnessSweep);
@@ -39,12 +39,12 @@ from fae.checkpoint import AtomicCheckpointIO, Checkpoint, CheckpointFacts, chec
 from fae.data.base import InMemoryImageDataModule
 from fae.errors import UserError
 from fae.evaluation import RobustnessSweep
+from fae.metrics_log import RunCSVLogger
 from fae.models.base import AutoEncoder
 from fae.plan import Plan, Request, checkpoint_run_dir, folder_to_lock, import_class, plan
 from fae.runs import (
     METRICS_NAME,
     RUN_DIR_ENV,
-    RunCSVLogger,
     RunLock,
     global_rank_from_env,
     make_run_folder,
@@ -115,7 +115,7 @@ class FaeCLI(LightningCLI):
             "--experiment",
             type=str | None,
             default=None,
-            help="The experiment this run belongs to: its W&B group (scripts/experiment.py sets it).",
+            help="The experiment this run belongs to: its W&B group (`fae experiment` sets it).",
         )
         parser.add_argument(
             "--variant",

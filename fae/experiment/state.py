@@ -1,0 +1,133 @@
+"""What is known of one run of an experiment: done, running, queued, failed, interrupted or missing.
+
+Read from what outlives any process: the run folder (a finished test is a test-*/robustness.json; a
+checkpoint is work to resume), the run's lock (OUT/VARIANT/seedS.lock, an flock the kernel releases
+when the process that holds it dies, so no lock outlives its run), the run's status file
+(OUT/VARIANT/seedS.json: the last attempt's outcome, written whole by a rename) and, for runs sent to
+SLURM, the scheduler's state of the run's job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+from fae.experiment.spec import Run
+from fae.runs import in_use
+
+ACTIVE = {  # SLURM job states in which a run's job will still run (sacct's names)
+    "PENDING": "queued",
+    "REQUEUED": "queued",
+    "REQUEUE_HOLD": "queued",
+    "REQUEUE_FED": "queued",
+    "CONFIGURING": "running",
+    "RUNNING": "running",
+    "COMPLETING": "running",
+    "RESIZING": "running",
+    "SUSPENDED": "running",
+    "STAGE_OUT": "running",
+    "SIGNALING": "running",
+}
+STATES = ("done", "running", "queued", "failed", "interrupted", "missing")
+
+
+def finished(run: Run) -> bool:
+    """The run has a finished `fae test`."""
+    return any(run.run_dir.glob("test-*/robustness.json"))
+
+
+def read_status(run: Run) -> dict:
+    try:
+        return json.loads(run.status_file.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_status(run: Run, **changes) -> dict:
+    """Update the run's status file: written to a temporary file and renamed, so a reader sees it whole."""
+    status = {**read_status(run), **changes, "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
+    run.status_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = run.status_file.with_name(f".{run.status_file.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(status, indent=1) + "\n")
+    os.replace(tmp, run.status_file)
+    return status
+
+
+def take_lock(run: Run) -> int | None:
+    """The run's lock for this process (a file descriptor; closing it, or this process's death, releases
+    it), or None when another live process holds it. Where the file system has no flock (some network
+    mounts), the run goes unlocked: two processes of one experiment must then not share its folder."""
+    run.lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError as err:  # ENOLCK, EOPNOTSUPP: no locks on this mount
+        print(f"fae experiment: cannot lock {run.lock} ({err.strerror}); running {run.key} unlocked", flush=True)
+        return fd
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n".encode(), 0)
+    return fd
+
+
+def holder(run: Run) -> str | None:
+    """Who runs the run now (the lock's holder, or a `fae` command holding its folder), or None."""
+    if run.lock.is_file():
+        fd = os.open(run.lock, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+        except OSError:
+            pass
+        finally:
+            os.close(fd)  # and with it the shared lock
+    if run.run_dir.is_dir() and in_use(run.run_dir):
+        return "a fae command in its folder"
+    return None
+
+
+def checkpoint_step(run: Run) -> int | None:
+    """The step of the run's newest checkpoint (last.ckpt), or None when it has none."""
+    last = run.run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return None
+    from fae.checkpoint import checkpoint_facts
+
+    with contextlib.suppress(Exception):  # an unreadable checkpoint: the run's fit says why
+        return checkpoint_facts(last).step
+    return None
+
+
+@dataclass(frozen=True)
+class RunState:
+    run: Run
+    state: str  # one of STATES
+    detail: str = ""
+
+
+def run_state(run: Run, job: str | None = None, scheduled: str | None = None) -> RunState:
+    """What is known of `run`; `scheduled` is the scheduler's state of its newest job `job`, if it has one."""
+    if finished(run):
+        return RunState(run, "done")
+    who = holder(run)
+    if who is not None:
+        return RunState(run, "running", who)
+    status = read_status(run)
+    if scheduled in ACTIVE:
+        return RunState(run, ACTIVE[scheduled], f"SLURM job {job} {scheduled}")
+    if status.get("state") == "failed":
+        return RunState(run, "failed", f"{status.get('line', '')}; see {run.log}")
+    step = checkpoint_step(run)
+    if step is not None:
+        return RunState(run, "interrupted", f"last.ckpt at step {step}; the next start resumes it")
+    if status.get("state") in ("running", "interrupted") or run.run_dir.exists():
+        return RunState(run, "interrupted", "stopped before its first checkpoint; the next start trains it again")
+    return RunState(run, "missing")
