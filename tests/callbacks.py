@@ -44,10 +44,19 @@ class SignalAtTestStart(L.Callback):
 class SignalAncestorAt(L.Callback):
     """Send `signal_name` to this process's ancestor `generations` up (1: its parent) once `step` batches
     are trained: a scheduler's or a user's signal to the job or the command that runs this one. With
-    `once`, a file: only if it does not exist yet (it is made), so that a run started again goes on."""
+    `once`, a file: only if it does not exist yet (it is made), so that a run started again goes on. With
+    `group`, to every process of the ancestor's process group, as SLURM signals every process of a step."""
 
-    def __init__(self, step: int, signal_name: str = "SIGTERM", generations: int = 1, once: str = "") -> None:
-        self.step, self.signal_name, self.generations, self.once = step, signal_name, generations, once
+    def __init__(
+        self, step: int, signal_name: str = "SIGTERM", generations: int = 1, once: str = "", group: bool = False
+    ) -> None:
+        self.step, self.signal_name, self.generations, self.once, self.group = (
+            step,
+            signal_name,
+            generations,
+            once,
+            group,
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step and trainer.is_global_zero:
@@ -60,4 +69,7 @@ class SignalAncestorAt(L.Callback):
             for _ in range(self.generations):
                 with open(f"/proc/{pid}/stat") as stat:  # pid (name) state ppid ...
                     pid = int(stat.read().rsplit(")", 1)[1].split()[1])
-            os.kill(pid, getattr(signal, self.signal_name))
+            if self.group:
+                os.killpg(os.getpgid(pid), getattr(signal, self.signal_name))
+            else:
+                os.kill(pid, getattr(signal, self.signal_name))

@@ -196,14 +196,15 @@ cp "${@: -1}" "$FAKE_SLURM/sbatch-$n.sh"; echo "Submitted batch job $n\"""",
     "squeue": 'cat "$FAKE_SLURM/squeue" 2>/dev/null; true',
     "scancel": "true",
     "scontrol": "true",
-    # srun as a one-task step: its options dropped, the command run in its place (so a signal to the
-    # pid in $FAKE_SLURM/srun.pid reaches the task), stdout and stderr in the files sbatch's script names
+    # srun as a one-task step: its options dropped, the command run in its place in a process group of
+    # its own, the step's (a signal to the step reaches each of its processes, as SLURM's does), stdout
+    # and stderr in the files sbatch's script names
     "srun": """out=/dev/null; err=/dev/null
 while [ $# -gt 0 ]; do
   case "$1" in --output) out=$2; shift 2;; --error) err=$2; shift 2;; --*) shift;; *) break;; esac
 done
 name() { echo "$1" | sed -e "s/%A/$SLURM_ARRAY_JOB_ID/g; s/%a/$SLURM_ARRAY_TASK_ID/g; s/%j/$SLURM_JOB_ID/g; s/%t/0/g"; }
-echo $$ > "$FAKE_SLURM/srun.pid"; exec "$@" >> "$(name "$out")" 2>> "$(name "$err")\"""",
+exec setsid "$@" >> "$(name "$out")" 2>> "$(name "$err")\"""",
 }
 
 

@@ -69,6 +69,12 @@ def fae_experiment(*args: str, cwd: Path, env: dict | None = None) -> subprocess
         ({"variants": {"vae": {"config": "configs/none.yaml"}}}, "variant vae's config configs/none.yaml does not"),
         ({"slurm": {"gpus": 1}}, "slurm.gpus is not a setting"),
         ({"slurm": {"time": "four hours"}}, "time 'four hours' is not a SLURM time limit"),
+        ({"seeds": 3}, "seeds must be a list of numbers"),
+        ({"flags": ["--model.width", 4]}, "flags must be a mapping"),
+        ({"slurm": 5}, "slurm must be a mapping"),
+        ({"table": {"val_at": 6, "levels": {}}}, "table.val_at must be a list of numbers"),
+        ({"table": {"levels": [0.5]}}, "table.levels must be a mapping"),
+        ({"variants": {"vae": {"config": VAE_CONFIG, "seeds": "0"}}}, "variants.vae.seeds must be a list"),
     ],
 )
 def test_a_bad_experiment_file_is_refused_in_one_line(tmp_path, changes, message):
@@ -205,13 +211,14 @@ def test_the_warning_signal_stops_the_command_and_hands_submitit_the_same_job(tm
     task._stopped_by, task._child = None, subprocess.Popen([*task.program, "fit"])
     try:
         time.sleep(0.5)
+        start = time.monotonic()
         delayed = task.checkpoint()  # what submitit calls on USR2
-        assert task._child.returncode == -signal.SIGTERM  # stopped, not waited out
+        assert time.monotonic() - start < 10 and task._child.wait(timeout=1) == -signal.SIGTERM  # stopped
     finally:
         os.close(task._lock)
     again = pickle.loads(pickle.dumps(delayed.function))  # requeued as submitit dumps it
     assert isinstance(again, RunTask) and again.run == task.run and again.batches == 6
-    assert read_status(task.run)["state"] == "interrupted" and "requeued" in read_status(task.run)["line"]
+    assert read_status(task.run)["state"] == "interrupted" and "requeues it" in read_status(task.run)["line"]
 
 
 # --- the local executor, end to end ------------------------------------------------------------------
@@ -331,7 +338,8 @@ def test_a_slurm_grid_is_one_job_array_whose_tasks_resume_after_a_requeue(tmp_pa
     capsys.readouterr()
     experiment(spec, executor="slurm", out=out, status=True)
     shown = capsys.readouterr().out
-    assert "experiment: 1 running, 1 queued, 1 missing" in shown and "SLURM job 4242_0 RUNNING" in shown, shown
+    assert "experiment: 1 running, 1 queued, 1 failed" in shown and "SLURM job 4242_0 RUNNING" in shown, shown
+    assert "SLURM job 4242_2 FAILED; see its log in" in shown
     experiment(spec, executor="slurm", out=out)
     assert len(slurm_calls(tmp_path / "slurm", "sbatch")) == 2
     second = (tmp_path / "slurm" / "sbatch-4243.sh").read_text()
@@ -339,19 +347,21 @@ def test_a_slurm_grid_is_one_job_array_whose_tasks_resume_after_a_requeue(tmp_pa
 
     # a task as SLURM runs it: the warning signal mid-fit, the requeue, the task again to the end
     small = write_spec(tmp_path, flags={**TINY_FLAGS, "--trainer.callbacks+": "tests.callbacks.SignalAncestorAt",
-                                        "--trainer.callbacks.step": 3, "--trainer.callbacks.signal_name": "SIGUSR2"},
+                                        "--trainer.callbacks.step": 3, "--trainer.callbacks.signal_name": "SIGUSR2",
+                                        "--trainer.callbacks.group": True},
                        slurm={"time": 30, "gpus_per_task": 0, "cpus_per_task": 1})  # fmt: skip
     out = tmp_path / "cpu"
     experiment(small, executor="slurm", out=out)
     script = tmp_path / "slurm" / "sbatch-4244.sh"
     task_env = experiment_env(**env, **slurm_task_env("4244", 0, 4245))
+    # the warning signal to every process of the step (the task and its `fae fit`), as SLURM sends it
     first = subprocess.run(["bash", str(script)], env=task_env, capture_output=True, text=True, timeout=300)
     run = out / "vae" / "seed0"
     assert slurm_calls(tmp_path / "slurm", "scontrol") == ["requeue 4244_0"], (
         first.stderr + (out / "vae" / "seed0.log").read_text()
     )
     assert 3 <= step_of(run / "checkpoints" / "last.ckpt") < 6 and not list(run.glob("test-*"))
-    assert "requeued" in read_status(Run("vae", 0, Path(), (), run))["line"]
+    assert "requeues it" in read_status(Run("vae", 0, Path(), (), run))["line"]
     again = subprocess.run(["bash", str(script)], env=task_env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert step_of(run / "checkpoints" / "last.ckpt") == 6 and len(list(run.glob("test-*/robustness.json"))) == 1

@@ -5,8 +5,9 @@ Locally, N runs at a time on submitit's local executor, each job a `fae.experime
 (the same job a SLURM node runs). The scheduler here is a loop in the main thread, so that SIGTERM
 and Ctrl-C reach it: it stops starting runs and sends SIGTERM to every job, whose `fae` command stops
 as `fae` stops (a fit saves last.ckpt), then exits with 128 + the signal's number. The jobs start with
-SIGINT ignored by submitit's controller process, which would otherwise answer a terminal's Ctrl-C by
-killing its job within a second; the job and its `fae` command handle SIGINT themselves.
+SIGINT kept from submitit's controller process, which would otherwise answer a terminal's Ctrl-C by
+killing its job within a second; the job and its `fae` command handle SIGINT themselves. (It starts
+with SIGINT blocked, not ignored, so that a Ctrl-C in that moment still reaches this loop afterwards.)
 
 On SLURM, one job array for the runs still to do (neither done, nor queued or running in a job the
 scheduler still holds), with submitit's warning signal before the time limit and requeue; the job
@@ -27,7 +28,7 @@ from typing import Literal
 
 from fae.errors import UserError
 from fae.experiment.spec import Experiment, Run, Slurm, read_experiment, with_overrides
-from fae.experiment.state import STATES, RunState, finished, run_state
+from fae.experiment.state import STATES, RunState, finished, other_settings, run_state
 from fae.experiment.table import write_table
 from fae.experiment.task import RunTask
 
@@ -84,6 +85,7 @@ def experiment(
     overrides = dict(partition=partition, time=time, gpus_per_task=gpus_per_task, cpus_per_task=cpus_per_task,
                      mem_gb=mem_gb, account=account, qos=qos, array_parallelism=array_parallelism)  # fmt: skip
     print(f"experiment {plan.name}: {len(runs)} runs of {plan.batches} batches in {out}", flush=True)
+    check_settings(runs, plan)
     if status:
         return show_status(plan, runs, out)
     if executor == "slurm":
@@ -93,6 +95,18 @@ def experiment(
     else:
         run_locally(plan, runs, out, jobs)
     finish(plan, runs, out, publish)
+
+
+def check_settings(runs: list[Run], plan: Experiment) -> None:
+    """A UserError when a run's folder holds a run of other settings: its results are never reused, resumed
+    or tabulated under this experiment's labels."""
+    for run in runs:
+        differ = other_settings(run, plan.batches, plan.val_every)
+        if differ:
+            raise UserError(
+                f"{run.run_dir} holds a run of other settings ({differ}): give this experiment its own --out, or "
+                "restore the experiment file it was run with"
+            )
 
 
 # --- on this machine ---------------------------------------------------------------------------
@@ -139,8 +153,9 @@ class LocalRuns:
         self.plan, self.slots, self.gpus = plan, slots, gpus
         self.threads = 1 if not gpus else max(1, len(os.sched_getaffinity(0)) // slots)
         self.executors = []
+        folder = out / SUBMITIT_DIR / f"local-{clock.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # this start's
         for slot in range(slots):
-            executor = submitit.LocalExecutor(folder=out / SUBMITIT_DIR)
+            executor = submitit.LocalExecutor(folder=folder)
             visible = [slot % gpus] if gpus else ()
             executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, gpus_per_node=min(gpus, 1), visible_gpus=visible)
             self.executors.append(executor)
@@ -152,7 +167,7 @@ class LocalRuns:
         if len(self.stop) == 1:
             print(f"experiment: {self.stop[0]} received: stopping every run (each saves last.ckpt first)", flush=True)
         for _, job in self.live.values():
-            with_process(job, lambda pid: os.kill(pid, signal.SIGTERM))
+            stop_job(job)
 
     def run(self, todo: list[Run]) -> None:
         handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -187,24 +202,27 @@ class LocalRuns:
         slot = next(s for s in range(self.slots) if s not in self.live)
         gpus = min(self.gpus, 1)
         task = RunTask(run, self.plan.batches, self.plan.val_every, cwd=os.getcwd(), gpus=gpus, threads=self.threads)
-        self.live[slot] = (run, submit_ignoring_sigint(self.executors[slot], task))
+        job = submit_sigint_blocked(self.executors[slot], task)
+        self.live[slot] = (run, job)
+        if self.stop:  # a signal came while it started
+            stop_job(job)
 
 
-def submit_ignoring_sigint(executor, task: RunTask):
-    """executor.submit(task), its controller process started with SIGINT ignored (module docstring)."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+def submit_sigint_blocked(executor, task: RunTask):
+    """executor.submit(task), its controller process started with SIGINT blocked (module docstring): the
+    controller inherits the mask, the job unblocks it, and a Ctrl-C meanwhile reaches this process after."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         return executor.submit(task)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-def with_process(job, action) -> None:
-    """`action(pid)` on a local job's controller process (its job id is that pid), if it still lives."""
-    try:
-        action(int(job.job_id))
-    except (ProcessLookupError, ValueError):
-        pass
+def stop_job(job) -> None:
+    """SIGTERM to a local job's controller process, which forwards it to the job."""
+    process = getattr(job, "_process", None)  # submitit's LocalJob keeps its Popen there
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGTERM)
 
 
 def outcome(run: Run, job) -> str:
@@ -309,10 +327,13 @@ def scheduler_states(job_ids: list[str]) -> dict[str, str]:
             return states
     if shutil.which("squeue") is not None:  # jobs that squeue does not list have ended
         try:
-            text = subprocess.run(["squeue", "-h", "-o", "%i|%T", "-j", ",".join({j.split("_")[0] for j in job_ids})],
-                                  capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
+            answer = subprocess.run(["squeue", "-h", "-o", "%i|%T", "-j", ",".join({j.split("_")[0] for j in job_ids})],
+                                    capture_output=True, text=True, timeout=60)  # fmt: skip
         except (subprocess.SubprocessError, OSError) as err:
             raise UserError(f"cannot read the states of this experiment's SLURM jobs (squeue: {err})") from None
+        if answer.returncode != 0 and "invalid job id" not in answer.stderr.lower():  # that one: all have ended
+            raise UserError(f"cannot read the states of this experiment's SLURM jobs: squeue: {answer.stderr.strip()}")
+        text = answer.stdout if answer.returncode == 0 else ""
         listed = watcher.read_info("JobID|State\n" + text)
         return {job_id: listed.get(job_id, {}).get("State", "ENDED") for job_id in job_ids}
     raise UserError(

@@ -190,6 +190,7 @@ def read_experiment(path: Path) -> Experiment:
             raise UserError(f"{path}: budget.{key} must be a positive number of batches, got {budget.get(key)!r}")
     table.setdefault("val_at", [budget["batches"]])
     table.setdefault("levels", {})
+    check_shapes(spec, table, path)
     return Experiment(
         name=path.stem,
         path=path.resolve(),
@@ -201,6 +202,25 @@ def read_experiment(path: Path) -> Experiment:
         variants=variants,
         slurm=slurm_block(spec.get("slurm") or {}, path),
     )
+
+
+def check_shapes(spec: dict, table: dict, path: Path) -> None:
+    """A UserError for a value of the wrong shape (a number for a list, a list for a mapping), before any run."""
+    lists = {"seeds": spec.get("seeds", [0]), "table.val_at": table["val_at"]}
+    mappings = {"flags": spec.get("flags") or {}, "slurm": spec.get("slurm") or {}, "table.levels": table["levels"]}
+    for name, entry in spec["variants"].items():
+        lists[f"variants.{name}.seeds"] = entry.get("seeds", [0])
+        mappings[f"variants.{name}.flags"] = entry.get("flags") or {}
+    for kind, levels in table["levels"].items() if isinstance(table["levels"], dict) else ():
+        lists[f"table.levels.{kind}"] = levels
+    for key, value in lists.items():
+        if not isinstance(value, list) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value
+        ):
+            raise UserError(f"{path}: {key} must be a list of numbers (e.g. [0, 1, 2]), got {value!r}")
+    for key, value in mappings.items():
+        if not isinstance(value, dict):
+            raise UserError(f"{path}: {key} must be a mapping (key: value lines), got {value!r}")
 
 
 def require(spec: dict, key: str, kind: type, path: Path):
@@ -222,8 +242,9 @@ def slurm_block(block: dict, path: Path | str) -> Slurm:
     if values.get("time") is not None:
         values["time"] = minutes(values["time"])
     for key in ("setup", "extra"):
-        if key in values:
-            values[key] = tuple(str(line) for line in (values[key] or []))
+        if key in values:  # one line, or a list of lines
+            lines = values[key] or []
+            values[key] = (str(lines),) if isinstance(lines, str) else tuple(str(line) for line in lines)
     return Slurm(**values)
 
 

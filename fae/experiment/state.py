@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from fae.experiment.spec import Run
 from fae.runs import in_use
 
 ACTIVE = {  # SLURM job states in which a run's job will still run (sacct's names)
+    "UNKNOWN": "queued",  # sacct does not list it (yet): a job just submitted, so it is not sent twice
     "PENDING": "queued",
     "REQUEUED": "queued",
     "REQUEUE_HOLD": "queued",
@@ -52,10 +54,31 @@ def write_status(run: Run, **changes) -> dict:
     """Update the run's status file: written to a temporary file and renamed, so a reader sees it whole."""
     status = {**read_status(run), **changes, "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
     run.status_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = run.status_file.with_name(f".{run.status_file.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(status, indent=1) + "\n")
+    fd, tmp = tempfile.mkstemp(prefix=f".{run.status_file.name}.", dir=run.status_file.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(status, indent=1) + "\n")
     os.replace(tmp, run.status_file)
     return status
+
+
+def settings_of(run: Run, batches: int, val_every: int) -> dict:
+    """What makes a run's results the ones its experiment names: its config, its flags (the data's folder
+    aside: where the data lies changes nothing) and its budget. Recorded in its status file."""
+    flags = list(run.flags)
+    if "--data.data_dir" in flags:
+        at = flags.index("--data.data_dir")
+        del flags[at : at + 2]
+    return {"config": str(run.config), "flags": flags, "batches": batches, "val_every": val_every}
+
+
+def other_settings(run: Run, batches: int, val_every: int) -> str | None:
+    """How the settings recorded for `run` differ from these (None when they agree, or none are recorded)."""
+    recorded = read_status(run).get("settings")
+    if not recorded:
+        return None
+    wanted = settings_of(run, batches, val_every)
+    differ = [key for key in wanted if recorded.get(key) != wanted[key]]
+    return ", ".join(f"{key} {recorded.get(key)!r} there, {wanted[key]!r} here" for key in differ) or None
 
 
 def take_lock(run: Run) -> int | None:
@@ -65,10 +88,15 @@ def take_lock(run: Run) -> int | None:
     run.lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(run.lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
+        for attempt in range(20):  # `holder` may probe it this very moment: a held lock is held for longer
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 19:
+                    os.close(fd)
+                    return None
+                time.sleep(0.1)
     except OSError as err:  # ENOLCK, EOPNOTSUPP: no locks on this mount
         print(f"fae experiment: cannot lock {run.lock} ({err.strerror}); running {run.key} unlocked", flush=True)
         return fd
@@ -125,6 +153,11 @@ def run_state(run: Run, job: str | None = None, scheduled: str | None = None) ->
         return RunState(run, ACTIVE[scheduled], f"SLURM job {job} {scheduled}")
     if status.get("state") == "failed":
         return RunState(run, "failed", f"{status.get('line', '')}; see {run.log}")
+    ended_early = scheduled not in (None, "COMPLETED") and status.get("state") != "interrupted"
+    if ended_early:  # the job ended before its run said why (a bad setup line, out of memory, a node)
+        return RunState(
+            run, "failed", f"SLURM job {job} {scheduled}; see its log in {run.run_dir.parent.parent}/.submitit"
+        )
     step = checkpoint_step(run)
     if step is not None:
         return RunState(run, "interrupted", f"last.ckpt at step {step}; the next start resumes it")

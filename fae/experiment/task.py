@@ -5,7 +5,8 @@ The job is idempotent: everything it knows lives in the run's folder and status 
 again (a restart, a SLURM requeue) continues the work where it stopped: a finished test is reused, a
 fit that finished (its status says so, or `fae fit` finds the checkpoint at the budget) goes straight
 to its test, any other fit resumes with `--ckpt_path last` (or starts when the folder has no
-checkpoint). The job reads no checkpoint itself on its way, so it imports neither torch nor Lightning.
+checkpoint). The job reads a checkpoint itself only when a fit it did not record is refused, so on
+its way it imports neither torch nor Lightning.
 
 Stops, each with the run's state written to its status file:
   - SIGTERM or SIGINT (`fae experiment` stopping its runs, a preemption, scancel): the `fae` command
@@ -35,7 +36,7 @@ from pathlib import Path
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from fae.experiment.spec import Run
-from fae.experiment.state import checkpoint_step, finished, read_status, take_lock, write_status
+from fae.experiment.state import checkpoint_step, finished, read_status, settings_of, take_lock, write_status
 
 STOP_CODES = {128 + signal.SIGTERM: "SIGTERM", 128 + signal.SIGINT: "SIGINT"}
 USAGE_ERROR = 2  # fae's exit status for a one-line error of the user's
@@ -66,14 +67,18 @@ class RunTask(Checkpointable):
     def __call__(self) -> str:
         self._child: subprocess.Popen | None = None
         self._stopped_by: str | None = None
+        self._log_start = 0
+        handlers = {s: signal.signal(s, self._forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # `fae experiment` starts jobs with it blocked
         lock = self._lock = take_lock(self.run)
         if lock is None:
             return f"{self.run.key}: another process runs it; left to that process"
-        handlers = {s: signal.signal(s, self._forward) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             if finished(self.run):
                 return f"{self.run.key}: done earlier, reused"
-            write_status(self.run, state="running", host=socket.gethostname(), pid=os.getpid(), job=job_id())
+            settings = settings_of(self.run, self.batches, self.val_every)
+            write_status(self.run, state="running", host=socket.gethostname(), pid=os.getpid(), job=job_id(),
+                         settings=settings)  # fmt: skip
             return self._fit_and_test()
         finally:
             for signum, handler in handlers.items():
@@ -83,7 +88,8 @@ class RunTask(Checkpointable):
     # --- the work ------------------------------------------------------------------------------
 
     def _fit_and_test(self) -> str:
-        if read_status(self.run).get("fitted", 0) < self.batches:
+        trained = (self.run.run_dir / "checkpoints" / "last.ckpt").is_file()
+        if not trained or read_status(self.run).get("fitted", 0) < self.batches:
             self._command("fit", self.fit_args())
             write_status(self.run, fitted=self.batches)
         self._command("test", self.test_args())
@@ -128,7 +134,7 @@ class RunTask(Checkpointable):
                 signal_name = self._stopped_by or STOP_CODES[code]
                 write_status(self.run, state="interrupted", line=f"`fae {name}` stopped by {signal_name}")
                 raise Interrupted(f"{self.run.key}: `fae {name}` stopped by {signal_name}; the next start resumes it")
-            reason = last_line(self.run.log)
+            reason = last_line(self.run.log, self._log_start)
             if name == "fit" and code == USAGE_ERROR and (checkpoint_step(self.run) or 0) >= self.batches:
                 self._say("its checkpoint is at the budget already: trained")  # a fit that ended unrecorded
                 return
@@ -144,12 +150,13 @@ class RunTask(Checkpointable):
         if self._stopped_by:  # a signal came between two commands
             return 128 + signal.SIGTERM
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-        threads = str(self.threads or len(os.sched_getaffinity(0)))
+        threads = str(self.threads or max(1, len(os.sched_getaffinity(0)) // max(1, self.gpus)))  # per process
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         env.pop("FAE_RUN_DIR", None)
         start = time.time()
         try:
             with open(self.run.log, "a") as log:
+                self._log_start = log.tell()
                 log.write(f"$ fae {' '.join(args)}\n")
                 log.flush()
                 # the lock goes with the command: it stays held while any process works on the run
@@ -160,7 +167,10 @@ class RunTask(Checkpointable):
                     env=env,
                     cwd=self.cwd,
                     pass_fds=(self._lock,),
+                    preexec_fn=ignore_warning_signal,
                 )
+                if self._stopped_by:  # a signal came while the command started
+                    self._child.send_signal(signal.SIGTERM)
                 return wait(self._child)
         finally:
             key = f"{args[0]}_seconds"
@@ -184,10 +194,14 @@ class RunTask(Checkpointable):
         checkpoint saved, and hand submitit this job again to requeue."""
         self._stopped_by = self._stopped_by or "USR2"
         child = getattr(self, "_child", None)
-        if child is not None and child.poll() is None:
+        if child is not None and not exited(child.pid):
             child.send_signal(signal.SIGTERM)
-            wait(child, timeout=max(10.0, 0.8 * self.signal_delay_s))
-        write_status(self.run, state="interrupted", line="stopped by the warning signal (USR2) and requeued")
+            deadline = time.monotonic() + max(10.0, 0.8 * self.signal_delay_s)
+            while not exited(child.pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        if getattr(self, "_lock", None) is not None and not finished(self.run):  # work of this job's
+            line = "stopped by the warning signal (USR2); submitit requeues it unless its requeues are used up"
+            write_status(self.run, state="interrupted", line=line)
         return DelayedSubmission(dataclasses.replace(self))
 
     def __getstate__(self) -> dict:  # the live process and lock stay with this job
@@ -206,17 +220,38 @@ def wait(child: subprocess.Popen, timeout: float | None = None) -> int | None:
     return child.poll()
 
 
-def job_id() -> str | None:
-    """The SLURM (or submitit local) job of this process, for the status file."""
-    if "SLURM_ARRAY_JOB_ID" in os.environ:
-        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
-    return os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
-
-
-def last_line(log: Path) -> str:
-    """The last `fae: error:` line of the log (else its last line): why a command failed."""
+def exited(pid: int) -> bool:
+    """Whether the child `pid` has ended, leaving it to be reaped by whoever waits on it (WNOWAIT): a
+    signal handler must not reap, or wait on the Popen, while the main thread may hold its wait lock."""
     try:
-        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped already
+        return True
+
+
+def ignore_warning_signal() -> None:
+    """In a `fae` command's process, before it starts: SLURM sends the warning signal (USR2) to every
+    process of the job step, and its default action would kill the command before it saves; the job
+    stops the command with SIGTERM instead. The ignore is inherited by the command's DDP processes."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def job_id() -> str | None:
+    """The submitit job (SLURM's array job and task, or the local job) of this process, for the status file."""
+    from submitit import JobEnvironment
+
+    try:
+        return JobEnvironment().job_id
+    except (RuntimeError, KeyError):  # not in a submitit job (a job called by hand)
+        return None
+
+
+def last_line(log: Path, start: int = 0) -> str:
+    """The last `fae: error:` line the command wrote to the log from `start` (else its last line): why it failed."""
+    try:
+        with open(log, errors="replace") as f:
+            f.seek(start)
+            lines = [line.strip() for line in f.read().splitlines() if line.strip()]
     except OSError:
         return "no log"
     errors = [line for line in lines if line.startswith("fae: error:")]
