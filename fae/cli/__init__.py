@@ -10,7 +10,8 @@
 
 Each tool is a typed function whose parser jsonargparse builds from its signature and docstring (as
 litgpt's `CLI({"name": function})` does): a new tool is one line in `TOOLS`. `fae --help` lists every
-command. However a command fails, it ends with one line (fae.cli.failures).
+command. However a command fails, it ends with one line (fae.cli.failures). This module imports neither
+torch nor Lightning: a tool that needs neither (`fae experiment --status`, `fae --help`) starts at once.
 """
 
 from __future__ import annotations
@@ -25,10 +26,8 @@ import threading
 import typing
 from collections.abc import Callable
 
-from fae.checkpoint import forget_checkpoints
 from fae.cli.failures import run_command, stop_on_signals
 from fae.runs import CREATED, RUN_DIR_ENV, release_all, remove_failed_starts
-from fae.tracking import finish_wandb_run
 
 LIGHTNING = {  # LightningCLI's subcommands, with the line `fae --help` shows for each
     "fit": "Train a model (a new run folder, or resume one with --ckpt_path).",
@@ -155,13 +154,15 @@ def main(args: list[str] | None = None) -> None:
         status = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
         raise
     finally:
-        with contextlib.suppress(Exception, KeyboardInterrupt):  # what follows runs whatever W&B does
-            finish_wandb_run(status)
+        if "fae.tracking" in sys.modules:  # a command that logged (a tool that did not import it, did not)
+            with contextlib.suppress(Exception, KeyboardInterrupt):  # what follows runs whatever W&B does
+                sys.modules["fae.tracking"].finish_wandb_run(status)
         release_all()
         if status != 0:
             remove_failed_starts()
         CREATED.clear()
-        forget_checkpoints()
+        if "fae.checkpoint" in sys.modules:
+            sys.modules["fae.checkpoint"].forget_checkpoints()
         if inherited is None:  # a later invocation in this process must not reuse this run's folder
             os.environ.pop(RUN_DIR_ENV, None)
 

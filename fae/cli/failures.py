@@ -19,9 +19,6 @@ from argparse import ArgumentError
 from collections.abc import Callable
 from contextlib import contextmanager
 
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-
-from fae.checkpoint import Preempted
 from fae.errors import UserError, short_reason, user_message
 from fae.runs import global_rank_from_env, remove_failed_starts
 
@@ -70,19 +67,21 @@ def run_command(command: Callable[[], None], argv: list[str], name: str) -> None
         command()
     except ArgumentError as err:
         fail(f"{summarize_parse_error(str(err))} (see `fae{' ' + name if name else ''} --help`)")
-    except Preempted as stop:
-        if global_rank_from_env() == 0:  # rank zero says it once
-            print(
-                f"fae: stopped by {stop.signal_name} at step {stop.step}; {stop.checkpoint} holds that state. "
-                f"Resume with: {resume_command(argv, stop.checkpoint)}",
-                file=sys.stderr,
-            )
-        sys.exit(stop.code)
-    except Stopped as stop:
-        remove_failed_starts()
-        if global_rank_from_env() == 0:
-            where = f" during `fae {name}`" if name else ""
-            print(f"fae: stopped by {stop.signal_name}{where}; nothing was saved at the stop", file=sys.stderr)
+    except SystemExit as stop:
+        if loaded("fae.checkpoint", "Preempted", stop):  # training stopped, its state saved
+            if global_rank_from_env() == 0:  # rank zero says it once
+                print(
+                    f"fae: stopped by {stop.signal_name} at step {stop.step}; {stop.checkpoint} holds that state. "
+                    f"Resume with: {resume_command(argv, stop.checkpoint)}",
+                    file=sys.stderr,
+                )
+        elif isinstance(stop, Stopped):
+            remove_failed_starts()
+            if global_rank_from_env() == 0:
+                where = f" during `fae {name}`" if name else ""
+                print(f"fae: stopped by {stop.signal_name}{where}; nothing was saved at the stop", file=sys.stderr)
+        else:
+            raise
         sys.exit(stop.code)
     except Exception as err:
         message = one_line(err)
@@ -103,9 +102,19 @@ def one_line(err: Exception) -> str | None:
             f"the checkpoint does not fit this model ({short_reason(err).strip()[:150]}): use the config it was "
             "trained with (config.yaml in its run folder)"
         )
-    if isinstance(err, MisconfigurationException) or is_trainer_setting_error(err):
+    if loaded("lightning.fabric.utilities.exceptions", "MisconfigurationException", err) or is_trainer_setting_error(
+        err
+    ):
         return short_reason(err) if len(str(err)) > 400 else " ".join(str(err).split())
     return None
+
+
+def loaded(module: str, name: str, err: BaseException) -> bool:
+    """Whether `err` is `module.name`, looked up only if the command imported that module (the tools that
+    need neither Lightning nor torch start without them; an exception of a module not imported cannot
+    have been raised)."""
+    found = sys.modules.get(module)
+    return found is not None and isinstance(err, getattr(found, name))
 
 
 def summarize_parse_error(message: str) -> str:
