@@ -132,6 +132,21 @@ def test_the_shipped_experiment_files_read_and_name_existing_configs(tmp_path, m
         assert parameters["gpus_per_node"] == 1 and parameters["time"] == 240 and len(runs) == 12
 
 
+def test_a_run_folder_of_other_settings_is_refused_not_relabelled(tmp_path):
+    from fae.experiment.launch import check_settings
+    from fae.experiment.state import settings_of, write_status
+
+    exp = read_experiment(write_spec(tmp_path))
+    runs = exp.grid(tmp_path / "out", data_dir=tmp_path / "data")
+    write_status(runs[0], settings=settings_of(runs[0], 6, 2))
+    check_settings(runs, exp)  # the same settings (the data's folder is not one of them)
+    moved = read_experiment(write_spec(tmp_path)).grid(tmp_path / "out", data_dir=tmp_path / "elsewhere")
+    check_settings(moved, exp)
+    write_status(runs[1], settings=settings_of(runs[1], 3000, 2))
+    with pytest.raises(UserError, match=r"seed1 holds a run of other settings \(batches 3000 there, 6 here\)"):
+        check_settings(runs, exp)
+
+
 # --- one run's job, with a stand-in for `fae` -------------------------------------------------------
 
 FAKE_FAE = """import json, os, sys, time
