@@ -73,3 +73,27 @@ class SignalAncestorAt(L.Callback):
                 os.killpg(os.getpgid(pid), getattr(signal, self.signal_name))
             else:
                 os.kill(pid, getattr(signal, self.signal_name))
+
+
+class LearningRateFrom(L.Callback):
+    """Every optimizer's learning rate set to `lr` from `step` on: a run that diverges."""
+
+    def __init__(self, step: int, lr: float) -> None:
+        self.step, self.lr = step, lr
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            for optimizer in trainer.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = self.lr
+
+
+class PoisonWeightAt(L.Callback):
+    """A weight of the encoder set to infinity once `step` batches are trained (a step that diverged)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            next(pl_module.encoder.parameters()).data.view(-1)[0] = float("inf")

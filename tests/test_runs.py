@@ -171,6 +171,36 @@ def test_a_non_finite_loss_stops_every_family_with_the_last_good_checkpoint_kept
     assert f"(last saved state: {last})" in out.stderr and step_of(last) == 63  # the epoch's end, kept
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config, diverge, message",
+    [
+        (
+            "digits_vae",
+            ["LearningRateFrom", "--trainer.callbacks.lr", "1e4"],
+            "non-finite reconstructions in val at step 20",
+        ),
+        ("digits_fisher", ["PoisonWeightAt"], "non-finite weights (encoder."),
+        ("digits_wae_gan", ["PoisonWeightAt"], "non-finite weights (encoder."),
+    ],
+)
+def test_a_run_whose_weights_diverge_stops_in_one_line_with_the_last_good_checkpoint(
+    tmp_path, config, diverge, message, fae_here
+):
+    """Finite gradients that make the model diverge (a learning rate far too high, a weight gone infinite)
+    cannot be skipped: under `skip` too, the next validation stops in one line, and last.ckpt stays the
+    last good one (written at step 10, before the divergence from step 12)."""
+    callback = [f"--trainer.callbacks+=tests.callbacks.{diverge[0]}", "--trainer.callbacks.step", "12", *diverge[1:]]
+    out = fae_here("fit", "--config", str(CONFIGS / "quickstart" / f"{config}.yaml"), *TINY, *callback,
+                   "--model.on_nonfinite", "skip", "--trainer.max_steps", "40", "--trainer.val_check_interval", "10",
+                   "--trainer.limit_val_batches", "2", "--run_dir", "r", cwd=tmp_path)  # fmt: skip
+    one_line_error(out, message)
+    last = tmp_path / "r" / "checkpoints" / "last.ckpt"
+    assert f"last saved state: {last}" in out.stderr and step_of(last) == 10
+    state = torch.load(last, weights_only=False)["state_dict"]
+    assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
 def test_skipping_non_finite_steps_gives_up_after_a_bound(tmp_path, fae_here):
     run_fae = fae_here
     poison = ["--trainer.callbacks+=tests.callbacks.PoisonFrom", "--trainer.callbacks.step", "5"]

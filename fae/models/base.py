@@ -312,12 +312,17 @@ class AutoEncoder(L.LightningModule):
             recon = self.decode(codes)  # reconstruct(x)
         if stage == "val":
             self.code_fit.update(codes)
+        self.nonfinite.check_outputs(self, recon, stage)
         terms["recon_mse"] = per_pixel_mse(recon, batch.target)  # of the paper's reconstruction, not a sample's
         terms[f"recon_{self.recon_metric}"] = RECONSTRUCTION_ERRORS[self.recon_metric](recon, batch.target)
         self.eval_metrics.log(self, stage, terms, codes)
         scale = self.decoder_scale()
         if scale is not None:
             self.log(f"{stage}/decoder_scale", scale, on_step=False, on_epoch=True)
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "fit":  # a diverged state fails in one line, before a validation fails on it
+            self.nonfinite.check_state(self, "validating")
 
     def on_validation_epoch_end(self) -> None:
         """The fit of the codes, from this validation's (all devices'); not from the sanity check."""
@@ -334,6 +339,7 @@ class AutoEncoder(L.LightningModule):
 
     # --- exact resumption ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite.check_state(self, "writing a checkpoint")  # no checkpoint holds a diverged state
         save_random_state(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -9,6 +9,11 @@ non-finite value, before any update:
   - "skip" restores the buffers (BatchNorm's statistics) to those before the step, clears the
     gradients, counts the step as skipped (train/skipped_steps), and gives up with a UserError after
     `max_consecutive_skips` in a row.
+A step whose finite gradients make the weights (or BatchNorm's statistics) non-finite, a learning rate
+far too high, cannot be skipped after the fact: `check_state`, before each validation of a fit and
+before each checkpoint is written, stops with a UserError under either policy, so that no checkpoint
+ever holds such a state and last.ckpt stays the last good one; `check_outputs` does the same for
+non-finite reconstructions in an evaluation (a model diverged with finite weights).
 """
 
 from __future__ import annotations
@@ -96,3 +101,31 @@ class NonFiniteGuard:
                 f"training is not recovering (last saved state: {last}); resume from an earlier checkpoint "
                 "with a lower learning rate, or check the data"
             )
+
+    def check_state(self, module: L.LightningModule, before: str) -> None:
+        """A UserError (either policy) when a weight or a floating buffer is not finite; one read of the device."""
+        tensors = [(n, t) for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_floating_point()]
+        if not tensors or torch.isfinite(torch.stack([t.detach().float().sum() for _, t in tensors]).sum()):
+            return
+        bad = [name for name, t in tensors if not torch.isfinite(t).all()] or ["the weights' sum (past float32)"]
+        raise UserError(
+            f"non-finite weights ({bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}) at step "
+            f"{module.global_step}, found before {before}: a step with finite gradients made the model diverge (a "
+            f"learning rate far too high?), which no policy can undo; last saved state: {self.last_saved(module)}, "
+            "not overwritten. Go on from a saved state with a lower learning rate"
+        )
+
+    def check_outputs(self, module: L.LightningModule, recon: Tensor, stage: str) -> None:
+        """A UserError when an evaluation's reconstructions are not finite (a diverged model)."""
+        if torch.isfinite(recon).all():
+            return
+        raise UserError(
+            f"non-finite reconstructions in {stage} at step {module.global_step}: the model has diverged (a learning "
+            f"rate far too high?); last saved state: {self.last_saved(module)}. Go on from a saved state with a lower "
+            "learning rate"
+        )
+
+    @staticmethod
+    def last_saved(module: L.LightningModule) -> str:
+        callback = module.trainer.checkpoint_callback if module._trainer is not None else None
+        return getattr(callback, "last_model_path", "") or "no checkpoint (none was written yet)"

@@ -52,13 +52,13 @@ def training_batchnorm_layers(*modules: nn.Module) -> list[_BatchNorm]:
 @torch.no_grad()
 def update_running_statistics(layer: _BatchNorm, mean: Tensor, var: Tensor) -> None:
     """What BatchNorm does in training mode: running <- (1 - momentum) running + momentum batch
-    (unbiased variance); skipped when the batch statistics are not finite."""
-    if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
-        return
+    (unbiased variance); skipped when the batch statistics are not finite, decided on the device (no
+    read back to the host: a step on a GPU does not wait for it)."""
+    finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
     momentum = 0.1 if layer.momentum is None else layer.momentum
-    layer.running_mean.lerp_(mean, momentum)
-    layer.running_var.lerp_(var, momentum)
-    layer.num_batches_tracked += 1
+    layer.running_mean.copy_(torch.where(finite, layer.running_mean.lerp(mean, momentum), layer.running_mean))
+    layer.running_var.copy_(torch.where(finite, layer.running_var.lerp(var, momentum), layer.running_var))
+    layer.num_batches_tracked += finite.to(layer.num_batches_tracked.dtype)
 
 
 def statistics_of_batch(layer: _BatchNorm, h: Tensor) -> tuple[Tensor, Tensor]:
