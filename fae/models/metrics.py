@@ -28,12 +28,24 @@ def loggers_write_this_step(trainer: L.Trainer) -> bool:
     return bool(trainer.fast_dev_run) or trainer._logger_connector.should_update_logs
 
 
+def progress_bar_redrawn_this_step(trainer: L.Trainer) -> bool:
+    """Whether the progress bar (if any) shows this training step's metrics: it redraws every
+    `refresh_rate` batches of an epoch and at its last (Lightning's TQDMProgressBar)."""
+    bar = trainer.progress_bar_callback
+    if bar is None or not bar.is_enabled:
+        return False
+    done = trainer.fit_loop.epoch_loop.batch_idx + 1  # batches of this epoch with this one
+    return done % max(1, getattr(bar, "refresh_rate", 1)) == 0 or done == trainer.num_training_batches
+
+
 def log_training_terms(module: L.LightningModule, terms: dict[str, Tensor], scale: Tensor | None) -> None:
     """train/<term> batch means of a training step's per-sample terms {name: (B,)}, train/active_units of
     its codes (under "codes") and train/decoder_scale (`scale`), on the steps whose metrics the loggers
     write (every trainer.log_every_n_steps): each `log` costs Python time a small net's step notices
-    (benchmarks/framework_overhead.py). The progress bar's loss is every step's."""
-    module.log("loss", terms["loss"].detach().mean(), prog_bar=True, logger=False)
+    (benchmarks/framework_overhead.py). The progress bar's loss, on the steps the bar is redrawn: Lightning
+    reads every progress-bar value back to the host on the step it is logged (benchmarks/host_syncs.py)."""
+    if progress_bar_redrawn_this_step(module.trainer):
+        module.log("loss", terms["loss"].detach().mean(), prog_bar=True, logger=False)
     if not loggers_write_this_step(module.trainer):
         return
     codes = terms.pop("codes")
