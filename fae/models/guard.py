@@ -116,8 +116,12 @@ class NonFiniteGuard:
         )
 
     def check_outputs(self, module: L.LightningModule, recon: Tensor, stage: str) -> None:
-        """A UserError when an evaluation's reconstructions are not finite (a diverged model)."""
-        if torch.isfinite(recon).all():
+        """A UserError when an evaluation's reconstructions are not finite (a diverged model), on every device
+        alike (each has its own images: one that stopped alone would leave the others waiting)."""
+        bad = not torch.isfinite(recon).all()
+        if module._trainer is not None:
+            bad = module.trainer.strategy.reduce_boolean_decision(bool(bad), all=False)
+        if not bad:
             return
         raise UserError(
             f"non-finite reconstructions in {stage} at step {module.global_step}: the model has diverged (a learning "
