@@ -251,9 +251,10 @@ def test_a_local_grid_stopped_by_sigterm_resumes_on_the_next_start(tmp_path, mon
     variants = {"vae": {"config": VAE_CONFIG, "flags": stop, "seeds": [0]}, "wae": {"config": WAE_CONFIG, "seeds": [0]}}
     spec = write_spec(tmp_path, variants=variants)
     out = tmp_path / "exp"
-    first = fae_experiment(str(spec), "--out", str(out), "--jobs", "2", cwd=tmp_path)
+    first = fae_experiment(str(spec), "--out", str(out), "--jobs", "1", cwd=tmp_path)  # wae waits its turn
     assert first.returncode == 128 + signal.SIGTERM, first.stdout + first.stderr
-    assert "stopped by SIGTERM" in first.stderr and "the same command resumes them" in first.stderr
+    assert "stopped by SIGTERM: 1 runs stopped with their state saved, 1 not started" in first.stderr
+    assert "the same command resumes them" in first.stderr and not (out / "wae" / "seed0").exists()
     vae = Run("vae", 0, Path(), (), out / "vae" / "seed0")
     assert 3 <= step_of(vae.run_dir / "checkpoints" / "last.ckpt") < 6
     assert not list(out.glob("*/seed0/test-*/robustness.json"))
