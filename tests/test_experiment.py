@@ -149,13 +149,19 @@ def test_a_run_folder_of_other_settings_is_refused_not_relabelled(tmp_path):
 
 # --- one run's job, with a stand-in for `fae` -------------------------------------------------------
 
-FAKE_FAE = """import json, os, sys, time
+FAKE_FAE = """import json, os, signal, sys, time
 calls = os.environ["FAKE_FAE_CALLS"]
 with open(calls, "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\\n")
+with open(calls + ".started", "a") as f:  # its process group, and whether SLURM's warning signal is ignored here
+    f.write(json.dumps([os.getpgid(0), signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN]) + "\\n")
 codes = json.loads(os.environ["FAKE_FAE_CODES"])
 code = codes[min(len(open(calls).read().splitlines()), len(codes)) - 1]
-if code == "sleep":
+if code == "sleep":  # a long fit: SIGTERM stops it as `fae fit` stops (status 143), saying so
+    def stop(signum, frame):
+        open(calls + ".stopped", "w").write("SIGTERM")
+        sys.exit(143)
+    signal.signal(signal.SIGTERM, stop)
     time.sleep(30)
 if code == 2:
     print("fae: error: model.width: must be > 0, got 0")
@@ -228,7 +234,7 @@ def test_the_warning_signal_stops_the_command_and_hands_submitit_the_same_job(tm
         time.sleep(0.5)
         start = time.monotonic()
         delayed = task.checkpoint()  # what submitit calls on USR2
-        assert time.monotonic() - start < 10 and task._child.wait(timeout=1) == -signal.SIGTERM  # stopped
+        assert time.monotonic() - start < 10 and task._child.wait(timeout=1) == 143  # stopped as fae stops
     finally:
         os.close(task._lock)
     again = pickle.loads(pickle.dumps(delayed.function))  # requeued as submitit dumps it
@@ -361,41 +367,43 @@ def test_a_slurm_grid_is_one_job_array_whose_tasks_resume_after_a_requeue(tmp_pa
     second = (tmp_path / "slurm" / "sbatch-4243.sh").read_text()
     assert "--array" not in second and json.loads((out / "jobs.json").read_text())["wae/seed0"] == "4243"
 
-    # a task as SLURM runs it: the warning signal mid-fit, the requeue, the task again to the end
-    small = write_spec(tmp_path, flags={**TINY_FLAGS, "--trainer.callbacks+": "tests.callbacks.SignalAncestorAt",
-                                        "--trainer.callbacks.step": 3, "--trainer.callbacks.signal_name": "SIGUSR2",
-                                        "--trainer.callbacks.group": True},
-                       slurm={"time": 30, "gpus_per_task": 0, "cpus_per_task": 1})  # fmt: skip
+    # a task as SLURM runs it, its `fae` a stand-in (that `fae fit` saves on SIGTERM is tests/test_runs.py's): the
+    # warning signal to every process of the step mid-fit, the requeue, the requeued task again to its end
+    from submitit.core.utils import DelayedSubmission
+
+    small = write_spec(tmp_path, slurm={"time": 30, "gpus_per_task": 0, "cpus_per_task": 1})
     out = tmp_path / "cpu"
     experiment(small, executor="slurm", out=out)
     script = tmp_path / "slurm" / "sbatch-4244.sh"
-    task_env = experiment_env(**env, **slurm_task_env("4244", 0, 4245))
-    # the warning signal to every process of the step (the task and its `fae fit`), as SLURM sends it
-    first = subprocess.run(["bash", str(script)], env=task_env, capture_output=True, text=True, timeout=300)
-    run = out / "vae" / "seed0"
-    assert slurm_calls(tmp_path / "slurm", "scontrol") == ["requeue 4244_0"], (
-        first.stderr + (out / "vae" / "seed0.log").read_text()
-    )
-    assert 3 <= step_of(run / "checkpoints" / "last.ckpt") < 6 and not list(run.glob("test-*"))
-    assert "requeues it" in read_status(Run("vae", 0, Path(), (), run))["line"]
-    # the requeued job, as submitit dumped it at the signal, run again as SLURM does; its `fae` a stand-in
-    # now (a resumed fit to its end is the local test's): it resumes the fit, then tests
-    from submitit.core.utils import DelayedSubmission
-
     pickled = out / ".submitit" / "4244_0_submitted.pkl"
-    requeued = DelayedSubmission.load(pickled)
-    assert requeued.function.run.key == "vae/seed0" and requeued._timeout_countdown == 20  # a preemption
+    submitted = DelayedSubmission.load(pickled)
     (tmp_path / "fake_fae.py").write_text(FAKE_FAE)
-    requeued.function.program = (sys.executable, str(tmp_path / "fake_fae.py"))
-    requeued.dump(pickled)
+    submitted.function.program = (sys.executable, str(tmp_path / "fake_fae.py"))
+    submitted.dump(pickled)
     calls = tmp_path / "calls"
-    task_env.update(FAKE_FAE_CALLS=str(calls), FAKE_FAE_CODES="[0]")
-    again = subprocess.run(["bash", str(script)], env=task_env, capture_output=True, text=True, timeout=300)
+    task_env = experiment_env(**env, **slurm_task_env("4244", 0, 4245), FAKE_FAE_CALLS=str(calls))
+    first = subprocess.Popen(["bash", str(script)], env={**task_env, "FAKE_FAE_CODES": '["sleep"]'},
+                             start_new_session=True, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    started = Path(f"{calls}.started")
+    deadline = time.monotonic() + 60
+    while not started.is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    group, usr2_ignored = json.loads(started.read_text().splitlines()[0])
+    assert usr2_ignored  # else SLURM's step-wide USR2 would kill the fit before it saves
+    os.killpg(group, signal.SIGUSR2)  # as SLURM sends it: to every process of the step
+    assert first.wait(timeout=60) != 0, first.stderr.read()
+    assert Path(f"{calls}.stopped").read_text() == "SIGTERM"  # the job stopped its command as fae stops
+    assert slurm_calls(tmp_path / "slurm", "scontrol") == ["requeue 4244_0"], first.stderr.read()
+    run = out / "vae" / "seed0"
+    assert "requeues it" in read_status(Run("vae", 0, Path(), (), run))["line"]
+    requeued = DelayedSubmission.load(pickled)  # as submitit dumped it at the signal
+    assert requeued.function.run.key == "vae/seed0" and requeued._timeout_countdown == 20  # a preemption
+    again = subprocess.run(["bash", str(script)], env={**task_env, "FAKE_FAE_CODES": "[0]"}, capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
-    fit, test = (json.loads(line) for line in calls.read_text().splitlines())
-    assert (
-        fit[0] == "fit" and fit[fit.index("--ckpt_path") + 1] == "last" and fit[fit.index("--run_dir") + 1] == str(run)
-    )
+    first_fit, fit, test = (json.loads(line) for line in calls.read_text().splitlines())
+    assert first_fit == fit and fit[0] == "fit" and fit[fit.index("--run_dir") + 1] == str(run)
+    assert fit[fit.index("--ckpt_path") + 1] == "last"  # it resumes the run's folder
     assert test[0] == "test" and test[test.index("--ckpt_path") + 1] == str(run / "checkpoints" / "last.ckpt")
     status = read_status(Run("vae", 0, Path(), (), run))
     assert status["state"] == "done" and status["job"] == "4244_0"

@@ -35,7 +35,7 @@ def test_mode_with_credentials_is_online(no_wandb_env, monkeypatch):
 def test_failed_online_start_falls_back_to_offline(no_wandb_env, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens: connection refused
-    logger = WandbLogger(save_dir=str(no_wandb_env), init_timeout=5)
+    logger = WandbLogger(save_dir=str(no_wandb_env), init_timeout=1)
     assert logger.mode == "online"
     with pytest.warns(UserWarning, match="online start failed"):
         run = logger.experiment

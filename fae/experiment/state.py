@@ -88,12 +88,12 @@ def take_lock(run: Run) -> int | None:
     run.lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(run.lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        for attempt in range(20):  # `holder` may probe it this very moment: a held lock is held for longer
+        for attempt in range(5):  # `holder` may probe it this very moment (for microseconds): a run's holder holds it
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if attempt == 19:
+                if attempt == 4:
                     os.close(fd)
                     return None
                 time.sleep(0.1)
