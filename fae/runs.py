@@ -5,7 +5,8 @@ are fae.metrics_log's). It imports no Lightning: `fae experiment`'s jobs read ru
     start in it; only a resume of its own newest checkpoint may);
   - `RunLock`: an exclusive lock on RUN/.fae.lock (flock, released by the kernel when the process
     ends, however it ends), held by the process of global rank zero while the command runs; a second
-    run in the same folder is refused in one line naming the holder;
+    run in the same folder is refused in one line naming the holder (`take_flock`, `flock_holder`:
+    the same lock for `fae experiment`'s runs);
   - `make_run_folder`: a run folder made afresh (or its parents), recorded so that a start that fails
     leaves nothing behind (`remove_failed_starts`);
   - `global_rank_from_env()`, `several_processes_from_env()`: the rank of this process, and whether
@@ -100,22 +101,15 @@ class RunLock:
     def __init__(self, folder: Path, command: str) -> None:
         self.path = folder / LOCK_NAME
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self.fd = take_flock(self.path, f"`fae {command}`")
         except OSError as err:
             raise UserError(f"cannot write in the run folder {folder}: {err.strerror}") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 512, 0).decode(errors="replace").strip() or "another process"
-            os.close(self.fd)
+        if self.fd is None:
             raise UserError(
-                f"the run folder {folder} is in use by a live run ({holder}): wait for it to end, or give "
-                "this run its own folder (omit --run_dir, or choose another)"
-            ) from None
+                f"the run folder {folder} is in use by a live run ({flock_holder(self.path) or 'another process'}): "
+                "wait for it to end, or give this run its own folder (omit --run_dir, or choose another)"
+            )
         HELD.append(self)
-        os.ftruncate(self.fd, 0)
-        holder = f"pid {os.getpid()} on {socket.gethostname()}, `fae {command}` since {time.ctime()}"
-        os.pwrite(self.fd, f"{holder}\n".encode(), 0)
 
     def release(self) -> None:
         if self.fd is not None:
@@ -128,15 +122,44 @@ HELD: list[RunLock] = []  # the locks this process holds, released when its comm
 
 def in_use(folder: Path) -> bool:
     """Whether a live run holds the folder's lock (RunLock) now."""
-    path = folder / LOCK_NAME
+    return flock_holder(folder / LOCK_NAME) is not None
+
+
+def take_flock(path: Path, what: str, tries: int = 1) -> int | None:
+    """An exclusive flock of `path` for this process (a file descriptor; closing it, or this process's
+    death, releases it), its holder written in the file; None when a live process holds it after `tries`
+    attempts 0.1 s apart (a probe, `flock_holder`, holds it for microseconds). OSError: the file cannot
+    be opened, or this file system has no flock."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if attempt == tries - 1:
+                os.close(fd)
+                return None
+            time.sleep(0.1)
+        except OSError:
+            os.close(fd)
+            raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, {what} since {time.ctime()}\n".encode(), 0)
+    return fd
+
+
+def flock_holder(path: Path) -> str | None:
+    """Who holds `path`'s flock now, as its holder wrote it, or None when no live process does."""
     if not path.is_file():
-        return False
+        return None
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
+        return None
     except BlockingIOError:
-        return True
+        return os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+    except OSError:  # no flock on this file system: nothing can be known
+        return None
     finally:
         os.close(fd)  # and with it the shared lock
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import itertools
 import json
 import math
 import os
@@ -78,11 +79,15 @@ def area_under_curve(rows: list[Row], kind: str) -> float:
     return area / (points[-1][0] - points[0][0])
 
 
+PARTIALS = itertools.count()  # a unique name for each file being written
+
+
 def write_atomically(path: Path, text: str) -> None:
-    """`text` into `path` by way of a file beside it, synced and renamed over it once whole."""
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    """`text` into `path` by way of a file beside it, synced and renamed over it once whole. The file's
+    name is unique, so that a signal handler may write `path` while this process is writing it too."""
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}-{next(PARTIALS)}")
     try:
-        with open(partial, "w") as f:
+        with open(partial, "x") as f:  # the umask's permissions, as any file the user writes
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

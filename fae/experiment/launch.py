@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from fae.errors import UserError
+from fae.evaluation.results import write_atomically
 from fae.experiment.spec import Experiment, Run, Slurm, read_experiment, with_overrides
 from fae.experiment.state import STATES, RunState, finished, other_settings, run_state
 from fae.experiment.table import write_table
@@ -305,9 +306,7 @@ def read_jobs(out: Path) -> dict[str, str]:
 def record_jobs(out: Path, jobs: dict[str, str]) -> None:
     recorded = {**read_jobs(out), **jobs}
     out.mkdir(parents=True, exist_ok=True)
-    tmp = jobs_file(out).with_name(f".jobs.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(recorded, indent=1) + "\n")
-    os.replace(tmp, jobs_file(out))
+    write_atomically(jobs_file(out), json.dumps(recorded, indent=1) + "\n")
 
 
 def scheduler_states(job_ids: list[str]) -> dict[str, str]:

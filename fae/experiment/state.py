@@ -10,16 +10,14 @@ SLURM, the scheduler's state of the run's job.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
-import socket
-import tempfile
 import time
 from dataclasses import dataclass
 
+from fae.evaluation.results import write_atomically
 from fae.experiment.spec import Run
-from fae.runs import in_use
+from fae.runs import flock_holder, in_use, take_flock
 
 ACTIVE = {  # SLURM job states in which a run's job will still run (sacct's names)
     "UNKNOWN": "queued",  # sacct does not list it (yet): a job just submitted, so it is not sent twice
@@ -54,10 +52,7 @@ def write_status(run: Run, **changes) -> dict:
     """Update the run's status file: written to a temporary file and renamed, so a reader sees it whole."""
     status = {**read_status(run), **changes, "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
     run.status_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{run.status_file.name}.", dir=run.status_file.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(status, indent=1) + "\n")
-    os.replace(tmp, run.status_file)
+    write_atomically(run.status_file, json.dumps(status, indent=1) + "\n")
     return status
 
 
@@ -82,44 +77,23 @@ def other_settings(run: Run, batches: int, val_every: int) -> str | None:
 
 
 def take_lock(run: Run) -> int | None:
-    """The run's lock for this process (a file descriptor; closing it, or this process's death, releases
-    it), or None when another live process holds it. Where the file system has no flock (some network
-    mounts), the run goes unlocked: two processes of one experiment must then not share its folder."""
+    """The run's lock for this process (fae.runs.take_flock), or None when another live process holds it.
+    Where the file system has no flock (some network mounts), the run goes unlocked, saying so: two
+    processes of one experiment must then not share its folder."""
     run.lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run.lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        for attempt in range(5):  # `holder` may probe it this very moment (for microseconds): a run's holder holds it
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if attempt == 4:
-                    os.close(fd)
-                    return None
-                time.sleep(0.1)
+        return take_flock(run.lock, f"run {run.key}", tries=5)
     except OSError as err:  # ENOLCK, EOPNOTSUPP: no locks on this mount
         print(f"fae experiment: cannot lock {run.lock} ({err.strerror}); running {run.key} unlocked", flush=True)
-        return fd
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n".encode(), 0)
-    return fd
+        return os.open(run.lock, os.O_RDWR | os.O_CREAT, 0o644)
 
 
 def holder(run: Run) -> str | None:
     """Who runs the run now (the lock's holder, or a `fae` command holding its folder), or None."""
-    if run.lock.is_file():
-        fd = os.open(run.lock, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
-        except OSError:
-            pass
-        finally:
-            os.close(fd)  # and with it the shared lock
-    if run.run_dir.is_dir() and in_use(run.run_dir):
+    who = flock_holder(run.lock)
+    if who is None and run.run_dir.is_dir() and in_use(run.run_dir):
         return "a fae command in its folder"
-    return None
+    return who
 
 
 def checkpoint_step(run: Run) -> int | None:
