@@ -3,19 +3,23 @@
 fae:   `fae fit --config configs/quickstart/digits_<family>.yaml --model.width W` run in this process
        exactly as a user runs it (run folder, W&B offline, CSV log, checkpoint callback, progress bar,
        metrics, the non-finite checks), with one callback appended (`--trainer.callbacks+=`).
-bare:  the same model, built a second time from the same config, with its own Adam, trained by a loop
-       written here: a random batch of the same 4000 digits, the family's objective (`model_step`, as
-       fae calls it), backward, step; for the WAE-GAN the discriminator's update first, as fae does.
-       No Lightning, no logging, no checks.
+bare:  the same model, built a second time from the same config, with its own Adam (fused, as fae builds
+       it), trained by a loop written here: a random batch of the same 4000 digits, the family's
+       objective (`model_step`, as fae calls it), backward, step; for the WAE-GAN the discriminator's
+       update first, as fae does. No Lightning, no logging, no checks.
+floor: Lightning's own loop around the bare step: a LightningModule whose training_step is the bare
+       step (manual optimisation), in a Trainer without logger, checkpoints, progress bar or callbacks,
+       paired with a bare loop the same way. What fae adds is fae - floor; the floor is Lightning's.
 
 The callback takes one bare step at the start of every fae batch, so the two alternate step by step
 and the machine's drift (which moves a step's time by 10-30% between runs here) falls on both alike:
 a fae step is the time from the end of one bare step to the start of the next (the whole fae batch:
 loading, hooks, step, logging), a bare step the time it takes. Medians over `--steps` steps after
 `--warmup`, printed per family at the paper's width (64) and at width 8, where a step is short and
-the overhead shows, as `ratio fae/bare <family>:`. Target (issue 13): at most 1.03 at width 64. On a
-GPU a step is ~50-100x shorter while fae's Python per step is not, so its share grows there: an
-estimate, nothing here measures a GPU.
+the overhead shows, as `ratio fae/bare <family>:` with the milliseconds fae adds, and
+`ratio lightning/bare <family>:` for the floor. Targets (issue 23): at most 1.03 at width 64 and 1.05
+at width 8. On a GPU a step is ~50-100x shorter while the Python per step is not, so its share grows
+there (benchmarks/gpu_check.sh measures it where a GPU is lent).
 """
 
 from __future__ import annotations
@@ -50,10 +54,12 @@ class BareLoop:
         self.data.setup()
         self.images = self.data.splits["train"]
         if family == "wae_gan":
-            self.optimizer = torch.optim.Adam(self.model.autoencoder_parameters(), lr=1e-3, betas=(0.5, 0.999))
-            self.discriminator_optimizer = torch.optim.Adam(self.model.discriminator.parameters(), lr=5e-4)
+            self.optimizer = torch.optim.Adam(
+                self.model.autoencoder_parameters(), lr=1e-3, betas=(0.5, 0.999), fused=True
+            )
+            self.discriminator_optimizer = torch.optim.Adam(self.model.discriminator.parameters(), lr=5e-4, fused=True)
         else:
-            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, fused=True)
 
     def step(self) -> None:
         x = self.data.to_float(self.images[torch.randint(len(self.images), (64,))])
@@ -69,6 +75,46 @@ class BareLoop:
         self.optimizer.zero_grad(set_to_none=True)
         self.model.model_step(x)["loss"].mean().backward()
         self.optimizer.step()
+
+
+class Floor(L.LightningModule):
+    """Lightning's loop around a bare step: the step of `loop`, through Lightning's optimizers."""
+
+    def __init__(self, loop: BareLoop) -> None:
+        super().__init__()
+        self.loop, self.net, self.automatic_optimization = loop, loop.model, False
+
+    def training_step(self, x, batch_idx: int) -> None:
+        loop, model = self.loop, self.loop.model
+        if loop.family == "wae_gan":
+            opt, opt_disc = self.optimizers()
+            codes = model.encode(x)
+            opt_disc.zero_grad(set_to_none=True)
+            self.manual_backward(model.discriminator_terms(codes.detach())["disc_loss"].mean())
+            opt_disc.step()
+            opt.zero_grad(set_to_none=True)
+            self.manual_backward(model.objective(x, codes)["loss"].mean())
+            opt.step()
+            return
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(model.model_step(x)["loss"].mean())
+        opt.step()
+
+    def configure_optimizers(self):
+        loop = self.loop
+        return [loop.optimizer, loop.discriminator_optimizer] if loop.family == "wae_gan" else loop.optimizer
+
+
+class RandomBatches(torch.utils.data.IterableDataset):
+    """Batches as the bare loop draws them, endlessly."""
+
+    def __init__(self, loop: BareLoop) -> None:
+        self.loop = loop
+
+    def __iter__(self):
+        while True:
+            yield self.loop.data.to_float(self.loop.images[torch.randint(len(self.loop.images), (64,))])
 
 
 BARE: BareLoop | None = None  # set before each fae run
@@ -103,6 +149,20 @@ def paired(family: str, width: int, steps: int, warmup: int, folder: Path) -> tu
     return statistics.median(TIMES["fae"][warmup:]), statistics.median(TIMES["bare"][warmup:])
 
 
+def floor(family: str, width: int, steps: int, warmup: int, folder: Path) -> tuple[float, float]:
+    global BARE
+    BARE, inner = BareLoop(family, width), BareLoop(family, width)
+    for times in TIMES.values():
+        times.clear()
+    trainer = L.Trainer(max_steps=warmup + steps + 1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[PairedSteps()],
+                        accelerator="cpu", default_root_dir=folder)  # fmt: skip
+    loader = torch.utils.data.DataLoader(RandomBatches(inner), batch_size=None)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        trainer.fit(Floor(inner), loader)
+    return statistics.median(TIMES["fae"][warmup:]), statistics.median(TIMES["bare"][warmup:])
+
+
 def main_benchmark() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 8])
@@ -118,9 +178,12 @@ def main_benchmark() -> None:
         for width in args.widths:
             for family in args.families:
                 fae, bare = paired(family, width, args.steps, args.warmup, Path(tmp) / f"{family}-{width}")
-                print(f"  {family:8s} width {width:3d}: fae {fae * 1e3:8.1f} ms, bare {bare * 1e3:8.1f} ms")
+                low, low_bare = floor(family, width, args.steps, args.warmup, Path(tmp) / f"floor-{family}-{width}")
+                print(f"  {family:8s} width {width:3d}: fae {fae * 1e3:8.2f} ms, bare {bare * 1e3:8.2f} ms; "
+                      f"Lightning's loop alone {low * 1e3:8.2f} ms, bare {low_bare * 1e3:8.2f} ms")  # fmt: skip
                 suffix = "" if width == 64 else f" width {width}"
-                print(f"ratio fae/bare {family}{suffix}: {fae / bare:.3f}")
+                print(f"ratio fae/bare {family}{suffix}: {fae / bare:.3f} (+{(fae - bare) * 1e3:.2f} ms)")
+                print(f"ratio lightning/bare {family}{suffix}: {low / low_bare:.3f} (+{(low - low_bare) * 1e3:.2f} ms)")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from fae.errors import UserError, require_positive
 from fae.likelihoods import Gaussian, make_likelihood
 from fae.models.code_fit import GaussianCodeFit
 from fae.models.grids import ImageGrids
-from fae.models.guard import NonFiniteGuard, Policy
+from fae.models.guard import NonFiniteGuard, Policy, fused
 from fae.models.metrics import EvaluationMetrics, log_training_terms, per_pixel_mse
 from fae.models.random_state import restore_random_state, save_random_state
 from fae.nets.contract import DecoderFactory, EncoderFactory, ImageShape, build_nets
@@ -65,9 +65,11 @@ def family_arguments(frame) -> dict:
 
 
 def make_optimizer(factory, parameters, name: str):
-    """factory(parameters), a bad setting (a negative learning rate, ...) as one line naming the option."""
+    """factory(parameters), fused where torch has a fused kernel for it and the configuration leaves
+    `fused` unset (the non-finite guard masks a fused optimizer's step on the device:
+    fae.models.guard.fused); a bad setting (a negative learning rate, ...) as one line naming the option."""
     try:
-        return factory(parameters)
+        return fused(factory(parameters))
     except (ValueError, TypeError) as err:
         raise UserError(f"model.{name}: {' '.join(str(err).split())}") from None
 
@@ -272,27 +274,18 @@ class AutoEncoder(L.LightningModule):
         self.decoder.compile()
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [ImageGrids(self.grid_images)] if self.grid_images > 0 else []
+        return [self.nonfinite, *([ImageGrids(self.grid_images)] if self.grid_images > 0 else [])]
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         terms = self.model_step(batch.x)
-        if not self.finite_or_skip(terms):
-            return None  # Lightning skips backward and the optimizer step
+        self.check_terms(terms)
         self.log_training_terms(terms)
         return terms["loss"].mean()
 
-    def finite_or_skip(self, terms: dict[str, Tensor], names: tuple[str, ...] | None = None) -> bool:
-        """Whether the terms `names` (default: the objective's) are finite on every device (fae.models.guard)."""
-        return self.nonfinite.terms_finite(self, terms, names or self.terms)
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        self.nonfinite.check_gradients(self, optimizer)
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        self.nonfinite.batch_start(self)
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.nonfinite.batch_end()
+    def check_terms(self, terms: dict[str, Tensor], names: tuple[str, ...] | None = None) -> None:
+        """Flag, on the device, the terms `names` (default: the objective's) that are not finite: the
+        optimizer steps that follow in this batch are then masked (fae.models.guard)."""
+        self.nonfinite.check_terms(self, terms, names or self.terms)
 
     def log_training_terms(self, terms: dict[str, Tensor]) -> None:
         log_training_terms(self, terms, self.decoder_scale())
@@ -320,10 +313,6 @@ class AutoEncoder(L.LightningModule):
         if scale is not None:
             self.log(f"{stage}/decoder_scale", scale, on_step=False, on_epoch=True)
 
-    def on_validation_start(self) -> None:
-        if self.trainer.state.fn == "fit":  # a diverged state fails in one line, before a validation fails on it
-            self.nonfinite.check_state(self, "validating")
-
     def on_validation_epoch_end(self) -> None:
         """The fit of the codes, from this validation's (all devices'); not from the sanity check."""
         self.code_fit.end_validation(self.global_step, self.trainer.sanity_checking)
@@ -339,7 +328,6 @@ class AutoEncoder(L.LightningModule):
 
     # --- exact resumption ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self.nonfinite.check_state(self, "writing a checkpoint")  # no checkpoint holds a diverged state
         save_random_state(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -165,29 +165,22 @@ class WAEGAN(AutoEncoder):
         statistics move once per step, as in every family). Lightning counts every
         LightningOptimizer.step in global_step; the discriminator's update goes to the strategy directly
         (the same precision handling, not counted), so that global_step, max_steps and every step-based
-        schedule count batches. A non-finite loss skips the rest of the batch, or stops training
-        (`on_nonfinite`)."""
+        schedule count batches. A non-finite value masks this update and every later one of the batch
+        (`on_nonfinite`, fae.models.guard)."""
         opt_ae, opt_disc = self.optimizers()
         codes = self.encode(batch.x)  # (B, d_z)
         # 1. discriminator: prior codes against the codes, detached (the encoder is not updated here)
         disc = self.discriminator_terms(codes.detach())
-        if not self.finite_or_skip(disc, ("disc_loss",)):
-            return self.skip_batch(opt_ae)
+        self.check_terms(disc, ("disc_loss",))
         self.compute_gradients(opt_disc, disc["disc_loss"].mean())
         self.trainer.strategy.optimizer_step(opt_disc.optimizer, closure=lambda: None)
         # 2. encoder and decoder: reconstruction + lambda * adversarial (the discriminator is not updated)
         terms = self.objective(batch.x, codes)
-        if not self.finite_or_skip(terms):
-            return self.skip_batch(opt_ae)
+        self.check_terms(terms)
         self.compute_gradients(opt_ae, terms["loss"].mean())
         opt_ae.step()
+        self.nonfinite.end_steps()
         self.log_training_terms({**terms, "disc_loss": disc["disc_loss"]})
-
-    @staticmethod
-    def skip_batch(opt_ae) -> None:
-        """A skipped batch still counts as one step (no parameter has a gradient: nothing changes)."""
-        opt_ae.zero_grad(set_to_none=True)
-        opt_ae.step()
 
     def on_train_epoch_end(self) -> None:
         schedulers = self.lr_schedulers()  # None, one scheduler, or a list
