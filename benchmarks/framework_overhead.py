@@ -19,7 +19,8 @@ loading, hooks, step, logging), a bare step the time it takes. Medians over `--s
 the overhead shows, as `ratio fae/bare <family>:` with the milliseconds fae adds, and
 `ratio lightning/bare <family>:` for the floor. Targets (issue 23): at most 1.03 at width 64 and 1.05
 at width 8. On a GPU a step is ~50-100x shorter while the Python per step is not, so its share grows
-there (benchmarks/gpu_check.sh measures it where a GPU is lent).
+there: `--accelerator cuda` measures it on a GPU (benchmarks/gpu_check.sh runs it where a GPU is lent;
+each step's ends then wait for the GPU's queue, on both sides alike).
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ FAMILIES = ("vae", "fisher", "wae_gan")
 class BareLoop:
     """A copy of a family's model trained without Lightning, one step at a time."""
 
-    def __init__(self, family: str, width: int) -> None:
+    def __init__(self, family: str, width: int, device: torch.device) -> None:
         config = ["--config", str(CONFIGS / f"digits_{family}.yaml"), "--model.width", str(width)]
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             cli = FaeCLI(args=config, run=False)
-        self.family, self.model, self.data = family, cli.model.train(), cli.datamodule
+        self.family, self.model, self.data = family, cli.model.train().to(device), cli.datamodule
+        self.device = device
         self.data.setup()
         self.images = self.data.splits["train"]
         if family == "wae_gan":
@@ -61,8 +63,13 @@ class BareLoop:
         else:
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, fused=True)
 
+    def batch(self) -> torch.Tensor:
+        """A random batch of 64, moved and converted as fae's data module does (uint8 over, floats there)."""
+        images = self.images[torch.randint(len(self.images), (64,))]
+        return self.data.to_float(images.to(self.device, non_blocking=True))
+
     def step(self) -> None:
-        x = self.data.to_float(self.images[torch.randint(len(self.images), (64,))])
+        x = self.batch()
         if self.family == "wae_gan":  # one encoding, two updates, as the family's training_step
             codes = self.model.encode(x)
             self.discriminator_optimizer.zero_grad(set_to_none=True)
@@ -114,7 +121,9 @@ class RandomBatches(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         while True:
-            yield self.loop.data.to_float(self.loop.images[torch.randint(len(self.loop.images), (64,))])
+            yield self.loop.data.to_float(
+                self.loop.images[torch.randint(len(self.loop.images), (64,))]
+            )  # Lightning moves it
 
 
 BARE: BareLoop | None = None  # set before each fae run
@@ -128,35 +137,45 @@ class PairedSteps(L.Callback):
         self.fae_start: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        wait()
         now = time.perf_counter()
         if self.fae_start is not None:
             TIMES["fae"].append(now - self.fae_start)
         BARE.step()
+        wait()
         self.fae_start = time.perf_counter()
         TIMES["bare"].append(self.fae_start - now)
 
 
-def paired(family: str, width: int, steps: int, warmup: int, folder: Path) -> tuple[float, float]:
+def wait() -> None:
+    """On a GPU, the queued kernels finished (at both ends of both steps alike), so that a step's time is its own."""
+    if BARE is not None and BARE.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def paired(family: str, width: int, steps: int, warmup: int, folder: Path, accelerator: str) -> tuple[float, float]:
     global BARE
-    BARE = BareLoop(family, width)
+    BARE = BareLoop(family, width, torch.device(accelerator))
     for times in TIMES.values():
         times.clear()
     args = ["fit", "--config", str(CONFIGS / f"digits_{family}.yaml"), "--model.width", str(width),
             "--trainer.max_steps", str(warmup + steps + 1), "--trainer.num_sanity_val_steps", "0",
+            "--trainer.accelerator", accelerator, "--trainer.devices", "1",
             "--trainer.callbacks+=__main__.PairedSteps", "--runs_dir", str(folder)]  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         main(args)
     return statistics.median(TIMES["fae"][warmup:]), statistics.median(TIMES["bare"][warmup:])
 
 
-def floor(family: str, width: int, steps: int, warmup: int, folder: Path) -> tuple[float, float]:
+def floor(family: str, width: int, steps: int, warmup: int, folder: Path, accelerator: str) -> tuple[float, float]:
     global BARE
-    BARE, inner = BareLoop(family, width), BareLoop(family, width)
+    device = torch.device(accelerator)
+    BARE, inner = BareLoop(family, width, device), BareLoop(family, width, device)
     for times in TIMES.values():
         times.clear()
     trainer = L.Trainer(max_steps=warmup + steps + 1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[PairedSteps()],
-                        accelerator="cpu", default_root_dir=folder)  # fmt: skip
+                        accelerator=accelerator, devices=1, default_root_dir=folder)  # fmt: skip
     loader = torch.utils.data.DataLoader(RandomBatches(inner), batch_size=None)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         trainer.fit(Floor(inner), loader)
@@ -169,16 +188,21 @@ def main_benchmark() -> None:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
-    print(f"training step, batch 64, {torch.get_num_threads()} threads; median of {args.steps} paired steps:")
+    where = torch.cuda.get_device_name() if args.accelerator == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"training step, batch 64, {where}; median of {args.steps} paired steps:")
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)  # W&B's offline files and the run folders
         for width in args.widths:
             for family in args.families:
-                fae, bare = paired(family, width, args.steps, args.warmup, Path(tmp) / f"{family}-{width}")
-                low, low_bare = floor(family, width, args.steps, args.warmup, Path(tmp) / f"floor-{family}-{width}")
+                fae, bare = paired(
+                    family, width, args.steps, args.warmup, Path(tmp) / f"{family}-{width}", args.accelerator
+                )
+                low, low_bare = floor(family, width, args.steps, args.warmup, Path(tmp) / f"floor-{family}-{width}",
+                                      args.accelerator)  # fmt: skip
                 print(f"  {family:8s} width {width:3d}: fae {fae * 1e3:8.2f} ms, bare {bare * 1e3:8.2f} ms; "
                       f"Lightning's loop alone {low * 1e3:8.2f} ms, bare {low_bare * 1e3:8.2f} ms")  # fmt: skip
                 suffix = "" if width == 64 else f" width {width}"

@@ -15,7 +15,8 @@ are left out by their call stack, the data's before it reaches the model (the Da
 and torch.optim's (Adam keeps its step counters on the host unless `capturable`, and reads them
 there). Each count is printed with the line of fae or Lightning that made it.
 
-Prints `host syncs per step <family>: N` (target, issue 23: 0 for every family).
+Prints `host syncs per step <family>: N` (target, issue 23: 0 for every family). `--accelerator cuda` counts
+on a GPU, where tests/test_gpu.py also runs the step under torch.cuda.set_sync_debug_mode("error").
 """
 
 from __future__ import annotations
@@ -116,12 +117,12 @@ class CountOneStep(L.Callback):
             self.mode = None
 
 
-def syncs_of(family: str, width: int, folder: Path) -> collections.Counter:
+def syncs_of(family: str, width: int, folder: Path, accelerator: str) -> collections.Counter:
     COUNTS.clear()
     args = ["fit", "--config", str(CONFIGS / f"digits_{family}.yaml"), "--model.width", str(width),
             "--trainer.max_steps", str(STEP[0] + 2), "--trainer.num_sanity_val_steps", "0",
             "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1000",
-            "--trainer.enable_model_summary", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.accelerator", accelerator, "--trainer.devices", "1",
             "--trainer.callbacks+=__main__.CountOneStep", "--runs_dir", str(folder)]  # fmt: skip
     with wrapped_reads(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         main(args)
@@ -133,17 +134,19 @@ def main_benchmark() -> None:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--step", type=int, default=5, help="the step counted (it must log nothing)")
+    parser.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     STEP[0] = args.step
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # their lines go to the real stderr
         logging.getLogger(name).setLevel(logging.WARNING)
-    print(f"host-device synchronisations in training step {args.step} (logs nothing), width {args.width}:")
+    print(f"host-device synchronisations in training step {args.step} (logs nothing), width {args.width}, "
+          f"on {args.accelerator}:")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
         for family in args.families:
-            counts = syncs_of(family, args.width, Path(tmp) / family)
+            counts = syncs_of(family, args.width, Path(tmp) / family, args.accelerator)
             for (what, where), n in sorted(counts.items(), key=lambda item: item[0][1]):
                 print(f"  {family:8s} {n:3d} x {what:24s} {where}")
             print(f"host syncs per step {family}: {sum(counts.values())}")

@@ -11,7 +11,8 @@ makes it. Variants, timed interleaved (median of `--steps` steps after warm-up):
             (its objective differentiates the nets twice), and says so
 Prints `ratio bf16/fp32 <family>:` and `ratio compiled/fp32 <family>:`. On a CPU without bf16 matrix
 units bf16 is usually slower, not faster; on an A100/H100 class GPU bf16 convolutions typically run
-~2x faster than float32: an estimate, not measured here.
+~2x faster than float32: an estimate until `--device cuda` measures it (benchmarks/gpu_check.sh).
+Adam is fused, as fae builds it.
 """
 
 from __future__ import annotations
@@ -33,25 +34,34 @@ FAMILIES = {"vae": VAE, "fisher": FisherAE, "wae_gan": WAEGAN}
 class Stepper:
     """One family's model and optimizers, stepping in one precision, eager or compiled."""
 
-    def __init__(self, family: str, width: int, precision: str, compiled: bool) -> None:
+    def __init__(self, family: str, width: int, precision: str, compiled: bool, device: torch.device) -> None:
         torch.manual_seed(0)
-        self.family = family
-        self.model = FAMILIES[family](MNISTEncoder, MNISTDecoder, latent_dim=8, width=width, grid_images=0).train()
+        self.family, self.device = family, device
+        model = FAMILIES[family](MNISTEncoder, MNISTDecoder, latent_dim=8, width=width, grid_images=0)
+        self.model = model.train().to(device)
         self.model.compile_nets = compiled
         self.compiled = compiled and self.model.compile_refusal is None
         if self.compiled:
             self.model.maybe_compile_nets()
         self.precision = precision
         if family == "wae_gan":
-            self.optimizer = torch.optim.Adam(self.model.autoencoder_parameters(), lr=1e-4)
-            self.discriminator_optimizer = torch.optim.Adam(self.model.discriminator.parameters(), lr=1e-4)
+            self.optimizer = torch.optim.Adam(self.model.autoencoder_parameters(), lr=1e-4, fused=True)
+            self.discriminator_optimizer = torch.optim.Adam(self.model.discriminator.parameters(), lr=1e-4, fused=True)
         else:
-            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4, fused=True)
 
     def context(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16) if self.precision == "bf16" else contextlib.nullcontext()
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def wait(self) -> None:
+        """On a GPU, the queued kernels finished, so that the clock reads the step's own time."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
     def step(self, x: torch.Tensor) -> float:
+        self.wait()
         start = time.perf_counter()
         with self.context():
             codes = self.model.encode(x) if self.family == "wae_gan" else None  # one encoding, as the family's step
@@ -66,6 +76,7 @@ class Stepper:
             loss = (self.model.objective(x, codes) if codes is not None else self.model.model_step(x))["loss"].mean()
         loss.backward()
         self.optimizer.step()
+        self.wait()
         return time.perf_counter() - start
 
 
@@ -74,16 +85,19 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
+    device = torch.device(args.device)
     dm = DigitsDataModule()
     dm.setup()
-    x = dm.to_float(dm.splits["train"][:64])
-    print(f"training step, MNIST nets width {args.width}, batch 64, {torch.get_num_threads()} threads:")
+    x = dm.to_float(dm.splits["train"][:64]).to(device)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"training step, MNIST nets width {args.width}, batch 64, {where}:")
     for family in FAMILIES:
         steppers = {
-            "fp32": Stepper(family, args.width, "fp32", compiled=False),
-            "bf16": Stepper(family, args.width, "bf16", compiled=False),
-            "compiled": Stepper(family, args.width, "fp32", compiled=True),
+            "fp32": Stepper(family, args.width, "fp32", compiled=False, device=device),
+            "bf16": Stepper(family, args.width, "bf16", compiled=False, device=device),
+            "compiled": Stepper(family, args.width, "fp32", compiled=True, device=device),
         }
         if not steppers["compiled"].compiled:
             print(f"  {family}: not compiled: {steppers['compiled'].model.compile_refusal}")

@@ -97,3 +97,24 @@ class PoisonWeightAt(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             next(pl_module.encoder.parameters()).data.view(-1)[0] = float("inf")
+
+
+class SyncDebugAt(L.Callback):
+    """Run training step `step` (from its batch's start to the next's) under
+    torch.cuda.set_sync_debug_mode("error"): a host-device synchronisation in it raises."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import torch
+
+        if trainer.global_step == self.step:
+            torch.cuda.set_sync_debug_mode("error")
+        elif trainer.global_step == self.step + 1:
+            torch.cuda.set_sync_debug_mode("default")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import torch
+
+        torch.cuda.set_sync_debug_mode("default")

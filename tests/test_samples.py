@@ -62,6 +62,16 @@ def test_validation_writes_a_sample_grid_and_fae_sample_writes_a_checkpoints_sam
     assert np.array_equal(np.load(tmp_path / "s.npy"), array)  # the earlier result is untouched
     png = fae_here("sample", str(last), "--out", str(tmp_path / "grid.png"), "--n", "16", cwd=tmp_path)
     assert png.returncode == 0 and (tmp_path / "grid.png").stat().st_size > 0
+    for device, message in {
+        "cuda:99": "this machine has",
+        "tpu": "give cpu or cuda",
+        "cpu:x": "give cpu or cuda",
+    }.items():
+        wrong = fae_here("sample", str(last), "--out", str(tmp_path / "d.png"), "--device", device, cwd=tmp_path)
+        assert wrong.returncode == 2 and wrong.stderr.strip().splitlines()[-1].startswith(
+            f"fae: error: --device {device}: {message}"
+        ), wrong.stderr[-1000:]
+    assert not (tmp_path / "d.png").exists()
 
 
 @pytest.mark.slow
