@@ -12,6 +12,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
+from fae.errors import make_folder
+from fae.files import written
+
 
 def interleave_rows(top: Tensor, bottom: Tensor, per_row: int) -> Tensor:
     """Rows of `per_row` images alternating top, bottom, top, ...: the paper's figure layout
@@ -38,8 +41,9 @@ def sample_grid(samples: Tensor, per_row: int = 8) -> Tensor:
 def save_grid(grid: Tensor, run_dir: str | Path, key: str, step: int) -> Path:
     """Write an image grid (C, H, W) in [0, 1] to RUN_DIR/images/<key>_step<step>.png."""
     path = Path(run_dir) / "images" / f"{key.replace('/', '_')}_step{step:07d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, path)
+    make_folder(path.parent, "the images folder", "free the run folder's path")
+    with written(path) as file:
+        save_image(grid, file, format="png")
     return path
 
 

@@ -118,3 +118,35 @@ class SyncDebugAt(L.Callback):
         import torch
 
         torch.cuda.set_sync_debug_mode("default")
+
+
+class DiskFullAt(L.Callback):
+    """From the validation at `step` on, every image grid's write fails as on a full disk (ENOSPC), inside
+    the PNG encoder's write, as the operating system would fail it; undone when the command ends (the
+    tests run fae in their own process)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.original = None
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        import errno
+
+        import fae.images
+
+        if trainer.global_step >= self.step and self.original is None:
+
+            def full(grid, file, **kwargs):
+                file.write(b"\x89PNG")  # a part is written, then the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            self.original, fae.images.save_image = fae.images.save_image, full
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        import fae.images
+
+        if self.original is not None:
+            fae.images.save_image, self.original = self.original, None
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.teardown(trainer, pl_module, "fit")

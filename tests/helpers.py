@@ -236,3 +236,17 @@ def slurm_task_env(array_job: str, task: int, job_id: int) -> dict[str, str]:
         "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
         "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "node1",
     }  # fmt: skip
+
+
+def fake_run(folder, model: str, means: dict[tuple[str, float], float], clean: float | None = None, **facts):
+    """A run folder as `fae test` leaves it: test-*/robustness.json and, optionally, metrics.csv; `facts`
+    are more fields of every row (split, noise_seed, n, ...)."""
+    test = folder / "test-20260101-000000"
+    test.mkdir(parents=True)
+    rows = [
+        {"model": model, "kind": k, "level": lv, "metric": "bce", "mean": m, "std": 0.1, "n": 10, **facts}
+        for (k, lv), m in means.items()
+    ]
+    (test / "robustness.json").write_text(json.dumps(rows))
+    if clean is not None:
+        (test / "metrics.csv").write_text(f"step,test/recon_bce,test/posterior_fisher\n0,{clean},{2 * clean}\n")

@@ -11,6 +11,7 @@ LAYERS = {  # the first component under fae -> its layer
     **dict.fromkeys(
         [
             "errors",
+            "files",
             "objectives",
             "likelihoods",
             "priors",

@@ -16,7 +16,7 @@ from fae.models.load import load_model
 from fae.nets import MNISTDecoder, MNISTEncoder
 from fae.objectives import reconstruction_bce
 
-from .helpers import QUICK, QUIET, TINY, last_value, rows_of, run_fae
+from .helpers import QUICK, QUIET, TINY, fake_run, last_value, rows_of, run_fae
 
 SIGMAS, NUS = [0.1, 0.8], [0.3, 0.9]
 
@@ -143,19 +143,6 @@ def test_fae_test_writes_the_sweeps_files_and_grids_and_fae_report_reads_them(tm
     assert bad.returncode == 2 and bad.stderr.strip().startswith("fae: error: no robustness.json in")
 
 
-def fake_run(folder, model: str, means: dict[tuple[str, float], float], clean: float | None = None):
-    """A run folder as `fae test` leaves it: test-*/robustness.json and, optionally, metrics.csv."""
-    test = folder / "test-20260101-000000"
-    test.mkdir(parents=True)
-    rows = [
-        {"model": model, "kind": k, "level": lv, "metric": "bce", "mean": m, "std": 0.1, "n": 10}
-        for (k, lv), m in means.items()
-    ]
-    (test / "robustness.json").write_text(json.dumps(rows))
-    if clean is not None:
-        (test / "metrics.csv").write_text(f"step,test/recon_bce,test/posterior_fisher\n0,{clean},{2 * clean}\n")
-
-
 def test_report_pools_seeds_by_folder_with_the_spread_across_runs(tmp_path):
     from fae.evaluation.report import report
 
@@ -171,7 +158,9 @@ def test_report_pools_seeds_by_folder_with_the_spread_across_runs(tmp_path):
             )
     paths = [str(p) for p in sorted((tmp_path / "exp").glob("*/seed*"))]
     report(paths, out=tmp_path / "report", group_by="parent")
-    summary, _, levels_table = (tmp_path / "report" / "robustness.md").read_text().split("\n\n")[:3]
+    parts = (tmp_path / "report" / "robustness.md").read_text().split("\n\n")
+    summary, levels_table = parts[0], next(part for part in parts if part.startswith("| noise |"))
+    assert "written by an older fae, the robustness.json does not record its split and noise seed" in parts[1]
     # fisher: per level, mean and sample standard deviation of the three runs' means
     assert "| mask | 0.5 | 3.0000 ± 1.7321 | 1.5000 ± 0.7071 |" in levels_table
     assert "| mask | 1 | 5.0000 ± 1.0000 | 1.5000 ± 0.7071 |" in levels_table

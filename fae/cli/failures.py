@@ -6,6 +6,8 @@ traceback for a mistake the user can fix.
     Lightning's configuration errors: `fae: error: ...`, exit status 2;
   - SIGTERM or SIGINT during training (fae.checkpoint.Preempted): the line that resumes the run,
     status 128 + the signal's number; outside training (`Stopped`): one line, the same status;
+  - a write that fails for want of room, quota or permission (fae.files, or any OSError of that kind):
+    the file, the reason, the free space and, in training, the checkpoint that is safe; status 2;
   - a start that fails removes the run folders it made (fae.runs.remove_failed_starts).
 """
 
@@ -18,8 +20,10 @@ import sys
 from argparse import ArgumentError
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 
 from fae.errors import UserError, short_reason, user_message
+from fae.files import free_space, is_write_error
 from fae.runs import global_rank_from_env, remove_failed_starts
 
 _PARSE_NOISE = (
@@ -92,9 +96,14 @@ def run_command(command: Callable[[], None], argv: list[str], name: str) -> None
 
 def one_line(err: Exception) -> str | None:
     """The line that explains `err` to a user, or None for an error that is fae's own (a bug: its traceback)."""
+    saved = getattr(err, "saved_state", None)  # which checkpoint is safe, when a write failed in training
     user = find_user_error(err)
     if user is not None:
-        return user_message(user)
+        return user_message(user) + (f"; {saved}" if saved else "")
+    if is_write_error(err):  # a write of Lightning's or a library's (metrics.csv, a logger's file)
+        where = Path(err.filename).parent if err.filename else Path.cwd()
+        return (f"could not write {err.filename or 'a file'} ({err.strerror}; {free_space(where)} on its disk)"
+                + (f"; {saved}" if saved else ""))  # fmt: skip
     if "can't allocate memory" in str(err):  # also as quoted by jsonargparse from a net's constructor
         return "not enough memory to build the nets: lower --model.width"
     if isinstance(err, RuntimeError) and str(err).startswith("Error(s) in loading state_dict"):

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from fae.data.noise import corruption_level_name
 from fae.errors import UserError, make_folder
-from fae.evaluation.results import QUALITY_COLUMNS, RESULTS_NAME, error_rows, read_rows, write_atomically
+from fae.evaluation.results import QUALITY_COLUMNS, RESULTS_NAME, error_rows, read_rows
+from fae.files import write_text
 from fae.tracking import (
     resolve_wandb_mode,
     run_config,
@@ -243,8 +244,8 @@ def dashboard(
     workspace = build_workspace(runs, entity or "", project, title)
     out = Path(out)
     make_folder(out.parent, "the dashboard's folder", "give --out a file in a folder that can be made")
-    write_atomically(out, json.dumps(report_json(report), indent=1))
-    write_atomically(out.with_name(f"{out.stem}.workspace.json"), json.dumps(workspace_json(workspace), indent=1))
+    write_text(out, json.dumps(report_json(report), indent=1))
+    write_text(out.with_name(f"{out.stem}.workspace.json"), json.dumps(workspace_json(workspace), indent=1))
     if save:
         print(f"fae: dashboard saved: {save_to_wandb(report, workspace)} (their specs in {out})")
         return

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fae.data.noise import corruption_label
 from fae.evaluation.results import Curves, error_rows
+from fae.files import written
 
 
 def pyplot():
@@ -56,7 +57,8 @@ def plot_kind(runs: dict[str, Curves], kind: str, file: Path, metric: str | None
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(file, dpi=120)
+    with written(file) as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
 
 
@@ -86,5 +88,6 @@ def combine_grids(grids: dict[str, Path], file: Path, per_row: int = 4) -> None:
         ax.imshow(image, cmap="gray", interpolation="nearest")
         ax.set_title(label, fontsize=8)
     fig.tight_layout()
-    fig.savefig(file, dpi=110, bbox_inches="tight")
+    with written(file) as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -37,6 +37,7 @@ from fae.evaluation.results import (
     summary_of,
     write_rows,
 )
+from fae.files import written
 
 
 def publish(trainer: L.Trainer, rows: list[Row], grids: dict[str, Tensor], folder: Path) -> None:
@@ -44,7 +45,8 @@ def publish(trainer: L.Trainer, rows: list[Row], grids: dict[str, Tensor], folde
     files = write_rows(rows, folder)
     write_report({f"{rows[0].model} ({folder.name})": Curves(rows, summary_of(rows))}, folder)
     for name, grid in grids.items():
-        save_image(grid, folder / f"{name}.png")
+        with written(folder / f"{name}.png") as file:
+            save_image(grid, file, format="png")
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             log_to_wandb(logger, rows, grids, folder, files)

@@ -21,22 +21,34 @@ over test images; "parent" pools the runs of one folder (OUT/<variant>/seed0, se
 of one setting) and "model" the runs of one model class. A pooled curve is the mean over its runs of
 each run's mean error, and its band and +- are the standard deviation ACROSS RUNS (the seed spread).
 No network and no W&B are needed.
+
+A report is written whole or not at all: it is built in a hidden folder beside --out and swapped into
+place in one step (fae.files.replace_folder), so a stop, a crash or a full disk leaves the earlier
+report in --out as it was, and a used --out holds only the new report's files afterwards. --out must be
+new, empty, or a report (its files only: a folder holding anything else is refused, never emptied).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import fnmatch
 import math
+import os
+import shutil
 import statistics
 from pathlib import Path
 from typing import Literal
 
 from fae.errors import UserError, make_folder
+from fae.evaluation.compare import check_alike, common_levels
 from fae.evaluation.figures import combine_grids, plot_results
 from fae.evaluation.results import GENERATED_KINDS, Curves, Row, error_rows, find_results, read_rows, summary_of
+from fae.files import is_write_error, replace_folder, write_failed, write_text
 
 SUMMARY_METRICS = ("posterior_fisher", "active_units")  # test/<name>, beside the clean error
+REPORT_FILES = ("robustness.md", "robustness_*.png", "fid_*.png", "reconstructions_*.png")  # what a report writes
+REPORT_MARK = ".fae-report"  # in every report folder: the next report may replace it
 
 
 def clean_metrics(results_file: Path, metric: str) -> dict[str, float]:
@@ -52,13 +64,18 @@ def clean_metrics(results_file: Path, metric: str) -> dict[str, float]:
     return {column: values[key] for column, key in names.items() if key in values}
 
 
-def run_curves(path: Path) -> Curves:
-    """A run's rows and summary, read from its files."""
+def read_run(path: Path) -> tuple[list[Row], dict[str, float]]:
+    """A run's rows and its clean test metrics, read from its files."""
     file = find_results(path)
     rows = read_rows(file)
     errors = error_rows(rows)
-    clean = clean_metrics(file, errors[0].metric) if errors else {}
-    return Curves(rows, summary_of(rows, clean))
+    return rows, clean_metrics(file, errors[0].metric) if errors else {}
+
+
+def run_curves(rows: list[Row], clean: dict[str, float], levels: set[tuple[str, float]] | None = None) -> Curves:
+    """A run's curves; its summary (the AUC columns) over `levels` only, when given."""
+    scored = rows if levels is None else [r for r in rows if r.is_quality or (r.kind, r.level) in levels]
+    return Curves(rows, summary_of(scored, clean))
 
 
 def pool(runs: list[Curves]) -> Curves:
@@ -123,8 +140,12 @@ def level_table(runs: dict[str, Curves], rows_of, cell) -> list[str]:
     return lines
 
 
-def markdown_table(runs: dict[str, Curves]) -> str:
-    """The summary table, the error per level, and the FID of reconstructions per level."""
+def error_cell(row: Row) -> str:
+    return f"{row.mean:.4f} ± {row.std:.4f}" if math.isfinite(row.mean) else "non-finite"
+
+
+def markdown_table(runs: dict[str, Curves], notes: list[str] = ()) -> str:
+    """The summary table (and the notes on it), the error per level, and the FID of reconstructions per level."""
     pooled = any(c.runs > 1 for c in runs.values())
     spread = "standard deviation across runs" if pooled else "standard deviation over test images"
     columns = list(dict.fromkeys(k for c in runs.values() for k in c.summary))
@@ -135,10 +156,11 @@ def markdown_table(runs: dict[str, Curves]) -> str:
             f"| {label} | {c.runs} | " + " | ".join(format_values(c.summary.get(k, [])) for k in columns) + " |"
             for label, c in runs.items()
         ),
+        *(f"\nNote: {note}." for note in notes),
         "",
         f"Error per noise level, mean ± {spread}:",
         "",
-        *level_table(runs, lambda c: error_rows(c.rows), lambda r: f"{r.mean:.4f} ± {r.std:.4f}"),
+        *level_table(runs, lambda c: error_rows(c.rows), error_cell),
     ]
     fid_rows = lambda c: [r for r in c.rows if r.metric == "fid" and r.kind not in GENERATED_KINDS]  # noqa: E731
     if any(fid_rows(c) for c in runs.values()):
@@ -159,9 +181,12 @@ def grids_of(results_file: Path) -> dict[str, Path]:
     return grids
 
 
-def write_report(runs: dict[str, Curves], out: Path, grids: dict[str, dict[str, Path]] | None = None) -> list[Path]:
+def write_report(
+    runs: dict[str, Curves], out: Path, grids: dict[str, dict[str, Path]] | None = None, notes: list[str] = ()
+) -> list[Path]:
     """Figures per corruption kind, the markdown tables and, given {label: {grid name: png}}, the
-    combined grids of every name all of them have, in `out`; returns the files written."""
+    combined grids of every name all of them have, in `out`, each file whole or not at all; returns
+    the files written."""
     make_folder(out, "the report folder", "give another --out")
     written = []
     if grids and len(grids) == len(runs):
@@ -169,9 +194,30 @@ def write_report(runs: dict[str, Curves], out: Path, grids: dict[str, dict[str, 
             combine_grids({label: g[name] for label, g in grids.items()}, out / f"{name}.png")
             written.append(out / f"{name}.png")
     written += plot_results(runs, out)
-    table = out / "robustness.md"
-    table.write_text(markdown_table(runs))
-    return [*written, table]
+    return [*written, write_text(out / "robustness.md", markdown_table(runs, notes))]
+
+
+def is_report_file(name: str) -> bool:
+    """Whether a file of that name is one a report writes (a folder of only these is a report)."""
+    return name == REPORT_MARK or any(fnmatch.fnmatch(name, pattern) for pattern in REPORT_FILES)
+
+
+def check_out(out: Path) -> None:
+    """--out must be a new folder, an empty one, or an earlier report, which the new one replaces whole."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give the report a folder")
+    held = [p.name for p in (out / "robustness.json", out / "metrics.csv") if p.is_file()] + [
+        p.name for p in out.glob("**/*.ckpt")
+    ]
+    if held:  # a report never writes over a run's or a test's results
+        raise UserError(f"--out {out} holds a run's results ({held[0]}): give the report a folder of its own")
+    entries = list(out.iterdir()) if out.is_dir() else []
+    other = sorted(p.name for p in entries if not (p.is_file() and is_report_file(p.name)))
+    if other:
+        raise UserError(
+            f"--out {out} holds {other[0]}, which is not a file of a report: give a new or empty folder (a report "
+            "replaces its folder's files with its own)"
+        )
 
 
 def report(
@@ -186,19 +232,33 @@ def report(
             model class.
     """
     out = Path(out)
-    held = [p.name for p in (out / "robustness.json", out / "metrics.csv") if p.is_file()] + [
-        p.name for p in out.glob("**/*.ckpt")
-    ]
-    if held:  # a report never writes over a run's or a test's results
-        raise UserError(f"--out {out} holds a run's results ({held[0]}): give the report a folder of its own")
+    check_out(out)
     run_dirs = [Path(p) for p in run_dirs]
+    read = {label: (path, *read_run(path)) for path, label in zip(run_dirs, labels_for(run_dirs), strict=True)}
+    rows_of = {label: rows for label, (_, rows, _) in read.items()}
+    notes = check_alike(rows_of)  # unlike sweeps: one line, nothing written
+    levels, level_notes = common_levels(rows_of)
+    notes += level_notes
     groups: dict[str, list[Curves]] = {}
     grids: dict[str, dict[str, Path]] = {}
-    for path, label in zip(run_dirs, labels_for(run_dirs), strict=True):
-        curves = run_curves(path)
-        key = group_key(path, curves.rows, label, group_by)
-        groups.setdefault(key, []).append(curves)
+    for label, (path, rows, clean) in read.items():
+        key = group_key(path, rows, label, group_by)
+        groups.setdefault(key, []).append(run_curves(rows, clean, levels if level_notes else None))
         grids.setdefault(key, grids_of(find_results(path)))  # a group's grids: its first run's
     runs = {key: members[0] if len(members) == 1 else pool(members) for key, members in groups.items()}
-    for file in write_report(runs, out, grids):
-        print(f"fae report: wrote {file}")
+    for note in notes:
+        print(f"fae report: note: {note}")
+    make_folder(out.parent, "the report's parent folder", "give another --out")
+    build = out.with_name(f".{out.name}.partial-{os.getpid()}")  # beside --out: the same filesystem
+    try:
+        files = write_report(runs, build, grids, notes)
+        write_text(build / REPORT_MARK, "a report of `fae report`: the next report into this folder replaces it\n")
+        replace_folder(build, out)
+    except OSError as err:
+        if not is_write_error(err):
+            raise
+        raise write_failed(out, err) from None
+    finally:
+        shutil.rmtree(build, ignore_errors=True)  # a stop or a failure leaves the earlier report as it was
+    for file in files:
+        print(f"fae report: wrote {out / file.name}")

@@ -19,14 +19,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import itertools
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fae.errors import UserError
+from fae.files import write_text
 
 QUALITY_METRICS = ("fid", "kid")  # rows of sample quality (fae.evaluation.quality); the others are errors
 GENERATED_KINDS = ("samples", "fitted_samples")  # quality rows of generated images
@@ -54,6 +53,10 @@ class Row:
     mean: float
     std: float  # over the test images (an error), over KID's subsets, or across runs once pooled
     n: int  # test images, or runs once pooled
+    # what else makes two sweeps comparable (fae report checks them); a file of an older fae lacks them
+    split: str = ""  # the data split swept ("test")
+    noise_seed: int = -1  # the corruptions' seed (--sweep.seed); -1: not recorded
+    features: str = ""  # FID/KID rows: the feature network file's SHA-256 (its first 16 hex digits)
 
     @property
     def is_quality(self) -> bool:
@@ -79,23 +82,6 @@ def area_under_curve(rows: list[Row], kind: str) -> float:
     return area / (points[-1][0] - points[0][0])
 
 
-PARTIALS = itertools.count()  # a unique name for each file being written
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """`text` into `path` by way of a file beside it, synced and renamed over it once whole. The file's
-    name is unique, so that a signal handler may write `path` while this process is writing it too."""
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}-{next(PARTIALS)}")
-    try:
-        with open(partial, "x") as f:  # the umask's permissions, as any file the user writes
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
 def write_rows(rows: list[Row], folder: Path) -> list[Path]:
     """robustness.json and robustness.csv in `folder`; returns them."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -105,8 +91,8 @@ def write_rows(rows: list[Row], folder: Path) -> list[Path]:
     writer.writeheader()
     writer.writerows(records)
     files = [folder / RESULTS_NAME, folder / "robustness.csv"]
-    write_atomically(files[0], json.dumps(records, indent=1))
-    write_atomically(files[1], table.getvalue())
+    write_text(files[0], json.dumps(records, indent=1))
+    write_text(files[1], table.getvalue())
     return files
 
 

@@ -12,6 +12,7 @@ The draws come from a seeded CPU generator, so `--device cuda` (decoding on a GP
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +22,7 @@ from torchvision.utils import save_image
 
 from fae.checkpoint import checkpoint_facts
 from fae.errors import UserError, make_folder
+from fae.files import written
 from fae.images import sample_grid
 from fae.models.base import AutoEncoder
 from fae.models.gaussian import GaussianAutoEncoder
@@ -76,14 +78,15 @@ def write(images: torch.Tensor, out: Path) -> Path:
     if out.suffix not in (".png", ".npy"):
         raise UserError(f"--out {out}: give a .png (a grid) or a .npy (an array) file")
     make_folder(out.parent, "the output folder", "give --out a path in a folder that can be made")
-    try:
-        with open(out, "xb") as file:  # exclusive: an earlier result is never replaced
-            if out.suffix == ".npy":
-                np.save(file, images.numpy().astype(np.float32))
-            else:
-                save_image(sample_grid(images), file, format="png")
-    except FileExistsError:
-        raise UserError(f"{out} exists: give another --out (fae never overwrites a result)") from None
+    if out.exists():  # checked again, atomically, when the whole file is linked into place
+        raise UserError(f"{out} exists: give another --out (fae never overwrites a result)")
+    with written(out, replace=False) as file:  # whole or not at all; an earlier result is never replaced
+        if out.suffix == ".npy":  # through a buffer: numpy's own short write names no reason
+            buffer = io.BytesIO()
+            np.save(buffer, images.numpy().astype(np.float32))
+            file.write(buffer.getbuffer())
+        else:
+            save_image(sample_grid(images), file, format="png")
     return out
 
 

@@ -20,6 +20,7 @@ reconstructions at every level and FID/KID of generated images, as more rows of 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -44,6 +45,26 @@ from fae.objectives import RECONSTRUCTION_ERRORS
 # The authors' code sweeps 10 noise levels from 0.01 to 2; masking from 0.01 to about 0.9.
 DEFAULT_SIGMAS = [0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0]
 DEFAULT_NUS = [0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+
+
+def errors_of(error_fn, recon: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """(recon, the per-sample errors): a sample whose reconstruction is not finite (a model that diverges
+    at a level) gets the error +inf (which the max-reduction across devices keeps, as it would not keep
+    NaN), and the target in place of its reconstruction for the quality scores, whose rows at that level
+    are then marked NaN; decided on the device, without a host read. BCE would refuse the NaN values in a
+    traceback."""
+    finite = torch.isfinite(recon).flatten(1).all(1)
+    safe = torch.where(finite.view(-1, *[1] * (recon.dim() - 1)), recon, target)
+    return safe, torch.where(finite, error_fn(safe, target), torch.inf)
+
+
+def file_hash(path: Path) -> str:
+    """The first 16 hex digits of a file's SHA-256: which network scored FID/KID."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 class PerSampleErrors(Metric):
@@ -129,6 +150,7 @@ class RobustnessSweep(L.Callback):
             raise UserError(f"--sweep.kid_subset_size must be >= 2 (KID compares pairs), got {kid_subset_size}")
         self.quality_mode, self.features, self.kid_subset_size = quality, features, kid_subset_size
         self.quality: QualityScores | None = None
+        self.features_hash = ""  # of the feature network scoring FID/KID, in their rows
         self.results: list[Row] = []
         self.grids: dict[str, Tensor] = {}
 
@@ -170,6 +192,7 @@ class RobustnessSweep(L.Callback):
             rank_zero_info(f"fae: FID/KID not scored ({why}): {fix}, or pass --sweep.quality off")
             return None
         features = load_features(Path(file), pl_module.encoder.image_shape)
+        self.features_hash = file_hash(Path(file))
         levels = [(c.kind, c.level) for c in self.corruptions]
         data = trainer.datamodule
         if data is not None and hasattr(data, "val_dataloader") and hasattr(data, "to_float"):
@@ -190,7 +213,8 @@ class RobustnessSweep(L.Callback):
         for level, corruption in enumerate(self.corruptions):
             with trainer.precision_plugin.forward_context():  # the trainer's precision, as in test_step
                 recon = pl_module.reconstruct(corruption(batch.target, batch.index))  # (B, C, H, W)
-            self.errors.update(level, batch.index, error_fn(recon, batch.target))
+            recon, error = errors_of(error_fn, recon, batch.target)
+            self.errors.update(level, batch.index, error)
             if scored is not None:
                 self.quality.update_recon(level + 1, pl_module.to_unit_range(recon[scored]))
         if batch_idx == 0 and trainer.is_global_zero and self.grid_images > 0:
@@ -225,13 +249,19 @@ class RobustnessSweep(L.Callback):
         folder = trainer.log_dir  # every rank calls it: it broadcasts
         self.results = self.error_rows(trainer, pl_module)
         n = self.results[0].n
+        for row in self.results:
+            if not math.isfinite(row.mean):
+                rank_zero_info(f"fae: the reconstructions at {row.kind} {row.level:g} are not finite for some "
+                               "test images: that level's rows are marked non-finite (inf, NaN for FID)")  # fmt: skip
         if self.quality is not None and n < 2:
             rank_zero_info(f"fae: FID/KID not scored: they need 2 test images or more, {n} were tested")
         elif self.quality is not None:
+            broken = {(r.kind, r.level) for r in self.results if not math.isfinite(r.mean)}
             self.results += [
-                replace(self.results[0], kind=kind, level=level, metric=metric, mean=value, std=spread)
+                replace(self.results[0], kind=kind, level=level, metric=metric, std=spread, features=self.features_hash,
+                        mean=math.nan if (kind, level) in broken else value)
                 for (kind, level, metric), (value, spread) in self.quality.compute().items()
-            ]
+            ]  # fmt: skip
         self.quality, self.draws = None, {}  # the feature network and the metrics' states go with them
         if trainer.is_global_zero and trainer.loggers:  # a Trainer without loggers writes no files
             publish(trainer, self.results, self.grids, Path(folder))
@@ -257,6 +287,8 @@ class RobustnessSweep(L.Callback):
                 mean=float(mean),
                 std=float(std) if math.isfinite(float(std)) else 0.0,
                 n=n,
+                split="test",
+                noise_seed=self.seed,
             )
             for corruption, mean, std in zip(self.corruptions, means, stds, strict=True)
         ]

@@ -26,12 +26,12 @@ import time as clock
 from pathlib import Path
 from typing import Literal
 
-from fae.errors import UserError
-from fae.evaluation.results import write_atomically
+from fae.errors import UserError, make_folder
 from fae.experiment.spec import Experiment, Run, Slurm, read_experiment, with_overrides
 from fae.experiment.state import STATES, RunState, finished, other_settings, run_state
 from fae.experiment.table import write_table
 from fae.experiment.task import RunTask
+from fae.files import write_text, written
 
 LOCAL_TIMEOUT_MIN = 60 * 24 * 365  # submitit's local executor stops a job at its time limit: none here
 SUBMITIT_DIR = ".submitit"  # submitit's pickles and the jobs' own logs, under OUT
@@ -291,6 +291,22 @@ def submit_to_slurm(plan: Experiment, runs: list[Run], out: Path, slurm: Slurm) 
     return states
 
 
+def copy_published(out: Path, publish: Path) -> None:
+    """The tables and the report's files into `publish` (docs/results/...), each whole, and the report files
+    an earlier copy left there that this report does not have removed (the folder's other files stay)."""
+    from fae.evaluation.report import is_report_file
+
+    make_folder(publish, "the --publish folder", "give another --publish")
+    files = [out / "table.md", out / "table.csv", *sorted(p for p in (out / "report").iterdir() if p.name[0] != ".")]
+    for file in files:
+        with written(publish / file.name) as copy:
+            copy.write(file.read_bytes())
+    names = {file.name for file in files}
+    for stale in publish.iterdir():
+        if stale.is_file() and is_report_file(stale.name) and stale.name not in names:
+            stale.unlink()
+
+
 def jobs_file(out: Path) -> Path:
     return out / "jobs.json"
 
@@ -306,7 +322,7 @@ def read_jobs(out: Path) -> dict[str, str]:
 def record_jobs(out: Path, jobs: dict[str, str]) -> None:
     recorded = {**read_jobs(out), **jobs}
     out.mkdir(parents=True, exist_ok=True)
-    write_atomically(jobs_file(out), json.dumps(recorded, indent=1) + "\n")
+    write_text(jobs_file(out), json.dumps(recorded, indent=1) + "\n")
 
 
 def scheduler_states(job_ids: list[str]) -> dict[str, str]:
@@ -374,10 +390,7 @@ def finish(plan: Experiment, runs: list[Run], out: Path, publish: Path | None) -
     print(f"experiment: wrote {write_table(runs, plan, out)}", flush=True)
     report([run.run_dir for run in done], out=out / "report", group_by="parent")
     if publish is not None:
-        publish = Path(publish)
-        publish.mkdir(parents=True, exist_ok=True)
-        for file in [out / "table.md", out / "table.csv", *sorted((out / "report").iterdir())]:
-            shutil.copy2(file, publish / file.name)
+        copy_published(out, Path(publish))
         print(f"experiment: copied the tables and figures to {publish}", flush=True)
     missing = [run.key for run in runs if not finished(run)]
     if missing:

@@ -15,8 +15,8 @@ import os
 import time
 from dataclasses import dataclass
 
-from fae.evaluation.results import write_atomically
 from fae.experiment.spec import Run
+from fae.files import write_text
 from fae.runs import flock_holder, in_use, take_flock
 
 ACTIVE = {  # SLURM job states in which a run's job will still run (sacct's names)
@@ -52,7 +52,7 @@ def write_status(run: Run, **changes) -> dict:
     """Update the run's status file: written to a temporary file and renamed, so a reader sees it whole."""
     status = {**read_status(run), **changes, "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
     run.status_file.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(run.status_file, json.dumps(status, indent=1) + "\n")
+    write_text(run.status_file, json.dumps(status, indent=1) + "\n")
     return status
 
 

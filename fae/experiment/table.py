@@ -5,6 +5,7 @@ levels, the sample quality and the training time (OUT/table.md and OUT/table.csv
 from __future__ import annotations
 
 import csv
+import io
 import math
 import statistics
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 from fae.evaluation.results import QUALITY_COLUMNS, error_rows, read_rows
 from fae.experiment.spec import Experiment, Run
 from fae.experiment.state import finished, read_status
+from fae.files import write_text
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -88,7 +90,8 @@ def write_table(runs: list[Run], experiment: Experiment, out: Path) -> Path:
         "| variant | seeds | " + " | ".join(columns) + " |",
         "|---|---|" + "---|" * len(columns),
     ]
-    with open(out / "table.csv", "w", newline="") as f:
+    table_csv = io.StringIO()
+    with table_csv as f:
         writer = csv.writer(f)
         writer.writerow(["variant", "seed_count", *[f"{c} {s}" for c in columns for s in ("mean", "std")]])
         for variant, summaries in per_variant.items():
@@ -97,6 +100,7 @@ def write_table(runs: list[Run], experiment: Experiment, out: Path) -> Path:
             writer.writerow(
                 [variant, len(summaries), *[v for c in columns for v in mean_std([r[c] for r in summaries])[:2]]]
             )
+        write_text(out / "table.csv", f.getvalue())
     table = out / "table.md"
-    table.write_text("\n".join(lines) + "\n")
+    write_text(table, "\n".join(lines) + "\n")
     return table
