@@ -174,3 +174,26 @@ def test_a_checkpoint_is_read_once_per_command(tmp_path, monkeypatch):
     forget_checkpoints(keep=chosen)
     read_checkpoint(chosen)  # Lightning's restore takes the planner's copy
     assert sorted(Path(p).name for p in loads) == ["hpc_ckpt_1.ckpt", "last.ckpt"]
+
+
+def test_a_resume_names_the_settings_that_change_the_data_stream():
+    from fae.cli.lightning import stream_changes
+
+    data = {"class_path": "fae.data.MNISTDataModule",
+            "init_args": {"batch_size": 64, "num_workers": 0, "data_dir": "/a", "split_seed": 0}}  # fmt: skip
+    recorded = {"seed_everything": 0, "trainer": {"accumulate_grad_batches": 1, "devices": 1, "max_steps": 40},
+                "data": data}  # fmt: skip
+    same = {**recorded, "trainer": {**recorded["trainer"], "max_steps": 80}}  # a longer budget: the same stream
+    moved = {"data": {**recorded["data"], "init_args": {**recorded["data"]["init_args"], "num_workers": 4,
+                                                          "data_dir": "/b"}}}  # fmt: skip
+    assert stream_changes(recorded, same) == [] and stream_changes(recorded, {**recorded, **moved}) == []
+    changed = {
+        "seed_everything": 7,
+        "trainer": {"accumulate_grad_batches": 2, "devices": 2},
+        "data": {"class_path": "fae.data.DigitsDataModule", "init_args": {"batch_size": 32, "split_seed": 0}},
+    }
+    assert stream_changes(recorded, changed) == [
+        "seed_everything 0 -> 7", "trainer.accumulate_grad_batches 1 -> 2", "trainer.devices 1 -> 2",
+        "data fae.data.MNISTDataModule -> fae.data.DigitsDataModule", "data.batch_size 64 -> 32",
+    ]  # fmt: skip
+    assert stream_changes({}, changed) == []  # a run without config.yaml: nothing to compare with

@@ -36,9 +36,13 @@ def test_a_run_folder_is_resumed_in_place_and_never_reused_or_overwritten(tmp_pa
     # rows logged after the checkpoint, before a crash (kill -9): the resumed run logs those steps again
     with open(run / "metrics.csv", "a") as f:
         f.write("0,34,1,1,1,1,1,1\n")
-    resumed = run_fae("fit", *QUICK, *TINY, "--trainer.max_steps", "80",
+    resumed = run_fae("fit", *QUICK, *TINY, "--trainer.max_steps", "80", "--seed_everything", "7",
                       "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), cwd=tmp_path)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (  # a resume that changes the data stream says so, in one line
+        "fae: this resume changes what fixes the run's data stream against its config.yaml (seed_everything 0 -> 7): "
+        "it goes on, but its weights will no longer be those of an uninterrupted run"
+    ) in resumed.stderr
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["a"]  # resumed in its own folder
     assert (run / "config.yaml").read_bytes() == before[run / "config.yaml"]  # the resume's is beside it
     assert "max_steps: 80" in next(run.glob("config-resumed-*.yaml")).read_text()
@@ -95,6 +99,7 @@ def test_sigterm_saves_last_ckpt_and_the_resumed_run_ends_as_an_uninterrupted_on
     assert step_of(last) == 20
     resumed = fae_here("fit", *FISHER, *TINY, *budget, *often, "--ckpt_path", str(last), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "changes what fixes the run's data stream" not in resumed.stderr  # the same settings: no word
     a = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=False)
     b = torch.load(last, weights_only=False)
     assert a["global_step"] == b["global_step"] == 40

@@ -164,6 +164,12 @@ class FaeCLI(LightningCLI):
         if self.plan.ckpt is not None:
             self.rebuild_model(checkpoint_facts(self.plan.ckpt), subcommand)
             config = self.config[subcommand]  # the rebuilt config, a new object
+        if subcommand == "fit" and self.plan.ckpt is not None and not self.plan.new and global_rank_from_env() == 0:
+            changed = stream_changes(run_config(self.plan.run_dir), config.as_dict())
+            if changed:
+                print(f"fae: this resume changes what fixes the run's data stream against its config.yaml "
+                      f"({', '.join(changed)}): it goes on, but its weights will no longer be those of an "
+                      "uninterrupted run", file=sys.stderr)  # fmt: skip
         trained = run_config(self.plan.evaluates) if subcommand != "fit" and self.plan.evaluates else {}
         for key in ("experiment", "variant"):  # an evaluation is of its training run's experiment and variant
             if config.get(key) is None and trained.get(key):
@@ -284,6 +290,23 @@ class FaeCLI(LightningCLI):
         if images:
             lines.append(f"  images:      {self.run_dir / 'images'} ({len(images)} files)")
         print("\n".join(lines), flush=True)
+
+
+# what fixes the batches a run trains on, besides the data module's arguments (those that do not: NOT_STREAM)
+STREAM = ("seed_everything", "trainer.accumulate_grad_batches", "trainer.devices", "trainer.num_nodes",
+          "trainer.limit_train_batches")  # fmt: skip
+NOT_STREAM = ("data.num_workers", "data.eval_batch_size", "data.data_dir", "data.download")
+
+
+def stream_changes(recorded: dict, now: dict) -> list[str]:
+    """The settings of `now` that fix the data stream and differ from a run's recorded config.yaml."""
+    if not recorded:
+        return []
+    before, after = flat_config(recorded), flat_config(now)
+    keys = [
+        k for k in {**before, **after} if (k in STREAM or k == "data" or k.startswith("data.")) and k not in NOT_STREAM
+    ]
+    return [f"{k} {before.get(k)} -> {after.get(k)}" for k in keys if before.get(k) != after.get(k)]
 
 
 def request_of(config, subcommand: str) -> Request:
