@@ -130,3 +130,11 @@ def replace_folder(new: Path, old: Path) -> None:
         os.rename(new, old)
         new = aside
     shutil.rmtree(new)  # the earlier content, now under the partial name
+
+
+def share_as_umask(handle: int) -> None:
+    """Give a file made by tempfile.mkstemp (mode 0600) the permissions the umask gives any new file, so
+    that the other users of a shared data folder can read a cache written there."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(handle, 0o666 & ~mask)

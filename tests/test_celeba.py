@@ -4,6 +4,8 @@ conversion, clear errors for a missing folder or a missing or corrupt JPEG, and 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import lightning as L
@@ -97,6 +99,9 @@ def test_each_split_is_decoded_once_then_memory_mapped(tiny_celeba, monkeypatch)
     arrays = sorted(cache.glob("*.npy"))
     assert [p.name.split("-")[1] for p in arrays] == ["test", "train", "val"]
     assert np.load(arrays[1], mmap_mode="r").shape == (12, 3, 64, 64)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in arrays} == {0o666 & ~umask}  # a shared cache: the umask's mode
 
     def no_decoding(*args):
         raise AssertionError("a cached split was decoded again")

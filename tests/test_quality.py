@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 
 import lightning as L
 import numpy as np
@@ -36,6 +38,9 @@ def test_fae_classifier_trains_once_caches_and_prints_its_test_accuracy(digits_m
     assert f"classifier cached, reused: {file}; MNIST test accuracy {100 * content['test_accuracy']:.2f}%" in out.stdout
     assert "not Inception FIDs" in out.stdout
     assert file.stat().st_mtime_ns == before  # never trained again, never rewritten
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask  # the other users of a shared data folder read it
     missing = fae_here("classifier", "--data_dir", str(tmp_path / "nowhere"), cwd=tmp_path)
     assert missing.returncode == 2 and "MNIST not found" in missing.stderr.strip().splitlines()[-1]
     corrupt = tmp_path / "corrupt"

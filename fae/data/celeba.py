@@ -45,6 +45,7 @@ from tqdm import tqdm
 from fae.data.base import InMemoryImageDataModule, collate_batch
 from fae.data.noise import Corruption
 from fae.errors import UserError, short_reason
+from fae.files import share_as_umask
 
 IMAGES = "img_align_celeba"
 PARTITION = "list_eval_partition.txt"
@@ -225,6 +226,7 @@ class CelebADataModule(InMemoryImageDataModule):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}.partial-")
+            share_as_umask(handle)  # a shared cache's other users read it too
         except OSError as err:
             raise UserError(
                 f"cannot write the CelebA arrays in {path.parent} ({err.strerror}): set --data.cache_dir "

@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from fae.data.mnist import CLASSIFIER_FILE, MNISTDataModule
 from fae.errors import UserError
 from fae.evaluation.features import CLASSIFIER_FORMAT, load_features
+from fae.files import share_as_umask
 from fae.nets.classifier import MNISTClassifier
 
 
@@ -83,6 +84,7 @@ def train_classifier(data_dir: Path, epochs: int = 2, seed: int = 0, limit_batch
         "seed": seed,
     }
     handle, tmp = tempfile.mkstemp(dir=data_dir, prefix=".fae_mnist_classifier-", suffix=".pt")
+    share_as_umask(handle)  # a shared data folder's other users score with it too
     os.close(handle)
     try:
         torch.save(content, tmp)
