@@ -16,10 +16,12 @@ are fae.metrics_log's). It imports no Lightning: `fae experiment`'s jobs read ru
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -95,6 +97,9 @@ def several_processes_from_env() -> bool:
     return int(os.environ.get("WORLD_SIZE", 1)) > 1 or int(os.environ.get("SLURM_NTASKS", 1)) > 1
 
 
+NO_FLOCK = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}  # a file system without flock (some mounts)
+
+
 class RunLock:
     """An exclusive lock of a run folder for the life of this process; see the module docstring."""
 
@@ -103,7 +108,12 @@ class RunLock:
         try:
             self.fd = take_flock(self.path, f"`fae {command}`")
         except OSError as err:
-            raise UserError(f"cannot write in the run folder {folder}: {err.strerror}") from None
+            if err.errno not in NO_FLOCK:
+                raise UserError(f"cannot write in the run folder {folder}: {err.strerror}") from None
+            print(f"fae: note: the file system of {folder} has no file locks ({err.strerror}): running unlocked, so a "
+                  "second live run in this folder would not be refused", file=sys.stderr)  # fmt: skip
+            self.fd = -1
+            return
         if self.fd is None:
             raise UserError(
                 f"the run folder {folder} is in use by a live run ({flock_holder(self.path) or 'another process'}): "
@@ -112,7 +122,7 @@ class RunLock:
         HELD.append(self)
 
     def release(self) -> None:
-        if self.fd is not None:
+        if self.fd is not None and self.fd >= 0:
             os.close(self.fd)  # closing releases the flock; the file stays (removing it would race)
             self.fd = None
 

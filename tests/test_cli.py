@@ -17,7 +17,7 @@ from fae.models.base import AutoEncoder
 from fae.nets import MNISTDecoder, MNISTEncoder
 from fae.objectives import reconstruction_bce
 
-from .helpers import CONFIGS, QUICK, TINY, last_value, rows_of
+from .helpers import CONFIGS, QUICK, TINY, last_value, one_line_error, rows_of
 
 
 def test_help_lists_every_command_and_each_tool_documents_its_arguments(tmp_path, fae_here):
@@ -93,7 +93,34 @@ def test_bad_input_gives_one_line_errors_before_anything_runs(tmp_path, fae_here
     ]:
         out = fae_here(tool, *extra, cwd=tmp_path)
         assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(message), (tool, out.stderr)
+    (tmp_path / "r" / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": {}}, tmp_path / "r" / "checkpoints" / "last.ckpt")
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)) * 20)
+    for config, message in {
+        "r/checkpoints/last.ckpt": "--config r/checkpoints/last.ckpt is a checkpoint, not a config: give the config it "
+        "was trained with (--config r/config.yaml) and the checkpoint as --ckpt_path r/checkpoints/last.ckpt",
+        "binary.yaml": "--config binary.yaml is not a YAML file (not text)",
+    }.items():  # fmt: skip
+        one_line_error(fae_here("fit", "--config", config, cwd=tmp_path), message)
     assert not (tmp_path / "runs").exists()  # a failed start leaves no run folder
+
+
+def test_a_file_system_without_file_locks_runs_unlocked_saying_so(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import fae.runs
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fae.runs.fcntl, "flock", no_locks)
+    lock = fae.runs.RunLock(tmp_path, "fit")
+    assert capsys.readouterr().err.strip() == (
+        f"fae: note: the file system of {tmp_path} has no file locks (No locks available): running unlocked, so a "
+        "second live run in this folder would not be refused"
+    )
+    assert not fae.runs.in_use(tmp_path)  # nothing can be known: not refused
+    lock.release()
 
 
 @pytest.mark.slow

@@ -75,6 +75,9 @@ def fae_experiment(*args: str, cwd: Path, env: dict | None = None) -> subprocess
         ({"table": {"val_at": 6, "levels": {}}}, "table.val_at must be a list of numbers"),
         ({"table": {"levels": [0.5]}}, "table.levels must be a mapping"),
         ({"variants": {"vae": {"config": VAE_CONFIG, "seeds": "0"}}}, "variants.vae.seeds must be a list"),
+        ({"variants": {"vae": {"config": 3}}}, "variant vae needs a config"),
+        ({"flags": {"model.width": 4}}, "flags: 'model.width' is not a flag of fae fit: write it as on the command"),
+        ({"variants": {"vae": {"config": VAE_CONFIG, "flags": {"x": 1}}}}, "variants.vae.flags: 'x' is not a flag"),
     ],
 )
 def test_a_bad_experiment_file_is_refused_in_one_line(tmp_path, changes, message):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fae.errors import UserError
-from fae.evaluation.samples import generate
+from fae.evaluation.samples import check_memory, generate
 from fae.models import VAE, WAEGAN, FisherAE
 from fae.models.ae import AE
 from fae.models.load import load_model
@@ -40,8 +40,14 @@ def test_svgd_samples_the_polynomial_prior_and_is_refused_for_a_gaussian_one():
     fisher = FisherAE(**NETS, prior="polynomial").eval()
     images = generate(fisher, 6, sampler="svgd", svgd_steps=20)
     assert images.shape == (6, 1, 28, 28) and 0 <= images.min() and images.max() <= 1
-    with pytest.raises(UserError, match="--sampler svgd samples the learned polynomial prior; this VAE has"):
+    with pytest.raises(UserError, match=r"polynomial prior; this VAE has a Gaussian prior \(StandardNormal\), sampled"):
         generate(VAE(**NETS), 2, sampler="svgd")
+    with pytest.raises(UserError, match=r"polynomial prior; this WAEGAN has a Gaussian prior \(N\(0, sigma_z\^2 I\)\)"):
+        generate(WAEGAN(**NETS), 2, sampler="svgd")
+    with pytest.raises(UserError, match="polynomial prior; this AE has no prior .it reconstructs.: --sampler fitted"):
+        generate(AE(**NETS), 2, sampler="svgd")
+    with pytest.raises(UserError, match=r"--n 10000000000000: 10000000000000 images of \(1, 28, 28\) need .* GiB"):
+        check_memory(10**13, (1, 28, 28))
 
 
 @pytest.mark.slow

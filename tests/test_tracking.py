@@ -67,3 +67,24 @@ def test_a_tests_summaries_go_to_its_training_run_only_when_it_is_there_and_not_
         lock.release()
     assert "is still training; the test's summaries stay in the test run" in caplog.text
     assert sorted(p.name for p in (run / "wandb").iterdir()) == ["offline-run-20260101_000000-abc123"]
+
+
+def test_credentials_that_only_wandb_login_finds_count(no_wandb_env, monkeypatch):
+    """Beyond WANDB_API_KEY and netrc, whatever `wandb.login(prompt=False, verify=False)` finds (a key in W&B's
+    settings file, an identity token file) counts, asked so that it prompts no one and reaches no server.
+    (wandb itself is replaced here: a real login that finds a key starts wandb's service, seconds per case;
+    checked by hand with a settings file and a token file, each True in a fresh process.)"""
+    import wandb
+
+    calls = []
+
+    def login(**kwargs):
+        calls.append(kwargs)
+        return answer
+
+    monkeypatch.setattr(wandb, "login", login)
+    for answer in (True, False):
+        assert wandb_credentials_found() is answer
+    assert calls == [{"prompt": False, "verify": False}] * 2
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)  # found without asking wandb
+    assert wandb_credentials_found() and len(calls) == 2

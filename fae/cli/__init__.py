@@ -25,8 +25,10 @@ import sys
 import threading
 import typing
 from collections.abc import Callable
+from pathlib import Path
 
 from fae.cli.failures import run_command, stop_on_signals
+from fae.errors import UserError
 from fae.runs import CREATED, RUN_DIR_ENV, release_all, remove_failed_starts
 
 LIGHTNING = {  # LightningCLI's subcommands, with the line `fae --help` shows for each
@@ -144,7 +146,11 @@ def main(args: list[str] | None = None) -> None:
         from fae.cli.lightning import FaeCLI
 
         name = next((a for a in argv if a in LIGHTNING), "")
-        command = lambda: FaeCLI(args=args)  # noqa: E731  (None: LightningCLI reads sys.argv)
+
+        def command() -> None:
+            check_config_files(argv)
+            FaeCLI(args=args)  # None: LightningCLI reads sys.argv
+
     status = 1  # the command's exit status
     try:
         with stop_on_signals(threading.current_thread() is threading.main_thread()):
@@ -165,6 +171,28 @@ def main(args: list[str] | None = None) -> None:
             sys.modules["fae.checkpoint"].forget_checkpoints()
         if inherited is None:  # a later invocation in this process must not reuse this run's folder
             os.environ.pop(RUN_DIR_ENV, None)
+
+
+def check_config_files(argv: list[str]) -> None:
+    """A --config that is a checkpoint or another binary file: one line (jsonargparse would fail to decode it)."""
+    values = [b for a, b in zip(argv, argv[1:], strict=False) if a == "--config"]
+    values += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for value in values:
+        path = Path(value)
+        if not path.is_file():
+            continue
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        if head.startswith(b"PK") or path.suffix in (".ckpt", ".pt", ".pth"):
+            run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+            raise UserError(f"--config {value} is a checkpoint, not a config: give the config it was trained with "
+                            f"(--config {run / 'config.yaml'}) and the checkpoint as --ckpt_path {value}")  # fmt: skip
+        try:
+            head.decode()
+        except UnicodeDecodeError as err:
+            if err.start < len(head) - 4:  # not a character cut at the end of the 4096 bytes
+                raise UserError(f"--config {value} is not a YAML file (not text): give a config such as "
+                                "configs/mnist_vae.yaml") from None  # fmt: skip
 
 
 def help_and_exit(asked: bool) -> None:

@@ -13,6 +13,8 @@ The draws come from a seeded CPU generator, so `--device cuda` (decoding on a GP
 from __future__ import annotations
 
 import io
+import math
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -46,10 +48,13 @@ def generate(
     if sampler == "svgd":
         prior = getattr(model, "prior", None)
         if not isinstance(model, GaussianAutoEncoder) or not isinstance(prior, PolynomialExpFamily):
-            raise UserError(
-                f"--sampler svgd samples the learned polynomial prior; this {type(model).__name__} has "
-                f"{type(prior).__name__ if prior is not None else 'a Gaussian prior'}: use --sampler inverse_cdf"
-            )
+            if not model.can_sample:
+                has = "no prior (it reconstructs): --sampler fitted draws from the Gaussian fitted to its codes"
+            else:
+                has = f"a Gaussian prior ({type(prior).__name__ if prior is not None else 'N(0, sigma_z^2 I)'}), "
+                has += "sampled exactly: use --sampler inverse_cdf"
+            family = type(model).__name__
+            raise UserError(f"--sampler svgd samples the learned polynomial prior; this {family} has {has}")
         z = prior.sample_svgd(n, svgd_steps, svgd_step_size, generator=generator)
         images = model.decode(z.to(model.device))
     elif sampler == "fitted":
@@ -57,6 +62,16 @@ def generate(
     else:
         images = model.sample(n, generator=generator)
     return model.to_unit_range(images).cpu()
+
+
+def check_memory(n: int, image_shape: tuple[int, ...]) -> None:
+    """--n images must fit in this machine's free memory (float32, and the copy a file write makes)."""
+    need = 2 * 4 * n * math.prod(image_shape)
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
+    if free is not None and need > free:
+        raise UserError(f"--n {n}: {n} images of {tuple(image_shape)} need {need / 2**30:.1f} GiB, and "
+                        f"{free / 2**30:.1f} GiB of memory are free: ask for fewer (several files of fewer images "
+                        "each)")  # fmt: skip
 
 
 def torch_device(name: str) -> torch.device:
@@ -118,6 +133,7 @@ def sample(
         raise UserError(f"--n must be >= 1, got {n}")
     target = torch_device(device)
     model = load_model(Path(checkpoint)).to(target)
+    check_memory(n, model.encoder.image_shape)
     images = generate(model, n, seed, sampler, svgd_steps, svgd_step_size)
     step = checkpoint_facts(Path(checkpoint)).step
     if sampler == "fitted" and int(model.code_fit.step) != step:

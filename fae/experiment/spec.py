@@ -183,7 +183,7 @@ def read_experiment(path: Path) -> Experiment:
             raise UserError(
                 f"{path}: variant name {name!r} must be letters, digits, '_', '-' or '.' (it names a folder)"
             )
-        if not isinstance(entry, dict) or "config" not in entry:
+        if not isinstance(entry, dict) or not isinstance(entry.get("config"), str) or not entry["config"]:
             raise UserError(f"{path}: variant {name} needs a config (variants.{name}.config: configs/....yaml)")
     for key in ("batches", "val_every"):
         if not isinstance(budget.get(key), int) or budget[key] <= 0:
@@ -221,6 +221,9 @@ def check_shapes(spec: dict, table: dict, path: Path) -> None:
     for key, value in mappings.items():
         if not isinstance(value, dict):
             raise UserError(f"{path}: {key} must be a mapping (key: value lines), got {value!r}")
+        if key.endswith("flags") and (bad := [f for f in value if not str(f).startswith("--")]):
+            raise UserError(f"{path}: {key}: {bad[0]!r} is not a flag of fae fit: write it as on the command line "
+                            f"(--{str(bad[0]).lstrip('-')}: value)")  # fmt: skip
 
 
 def require(spec: dict, key: str, kind: type, path: Path):
