@@ -56,7 +56,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from fae.errors import UserError, short_reason
-from fae.files import WriteFailed, is_write_error
 
 _VERIFIED: set[tuple] = set()  # the version keys of checkpoints whose checksums passed
 UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError)
@@ -336,16 +335,11 @@ class Checkpoint(ModelCheckpoint):
             raise Preempted(self._signal.get("name", "SIGTERM"), trainer.global_step, last)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        """A file that could not be written (a full disk) ends the run: its line (fae.cli.failures) says which
-        saved state is safe, from `saved_state`."""
-        if (isinstance(exception, WriteFailed) or is_write_error(exception)) and trainer.state.fn == "fit":
+        """A failure in training (a full disk, a lost process) carries the state that is safe, for its line
+        (fae.cli.failures): `last_checkpoint`, (path, step) of last.ckpt, or None before the first."""
+        if trainer.state.fn == "fit":
             last = Path(self.last_model_path or "")
-            exception.saved_state = (
-                f"the last good checkpoint is {last} (step {self.last_saved_step}), intact: free some space and "
-                "resume with --ckpt_path last"
-                if last.is_file()
-                else "no checkpoint was written yet"
-            )
+            exception.last_checkpoint = (str(last), self.last_saved_step) if last.is_file() else None
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for signum, handler in self._previous_handlers.items():

@@ -150,3 +150,15 @@ class DiskFullAt(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self.teardown(trainer, pl_module, "fit")
+
+
+class KillRankAt(L.Callback):
+    """SIGKILL the process of global rank `rank` once `step` batches are trained: a worker lost as to the
+    kernel's OOM killer or a failed node, with no chance to say anything."""
+
+    def __init__(self, step: int, rank: int = 1) -> None:
+        self.step, self.rank = step, rank
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            os.kill(os.getpid(), signal.SIGKILL)

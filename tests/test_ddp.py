@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -50,6 +51,24 @@ def test_fit_on_two_cpu_processes(tmp_path, family, fae_here):
         assert "use --trainer.strategy ddp_find_unused_parameters_true" in plain.stderr.strip().splitlines()[-1]
     assert math.isfinite(last_value(rows, "val/loss"))
     assert 0 < last_value(rows, "val/recon_bce") < 2
+
+
+def test_a_killed_process_stops_the_other_in_one_line_that_resumes_from_last_ckpt(tmp_path):
+    """kill -9 of rank 1 (as the OOM killer does) at step 8: rank 0's next collective fails, and it ends in
+    one line naming the checkpoint it holds (step 5, the last validation) and the command that resumes."""
+    start = time.monotonic()
+    out = run_fae("fit", "--config", str(CONFIGS / "quickstart" / "digits_vae.yaml"), *TINY,
+                  "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                  "--trainer.val_check_interval", "5", "--trainer.limit_val_batches", "1",
+                  "--trainer.callbacks+=tests.callbacks.KillRankAt", "--trainer.callbacks.step", "8",
+                  "--run_dir", "r", cwd=tmp_path, timeout=400)  # fmt: skip
+    last = tmp_path / "r" / "checkpoints" / "last.ckpt"
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("fae: error: another process of this run stopped") and f"{last} holds step 5." in line
+    assert line.endswith(f"--trainer.callbacks.step 8 --ckpt_path {last}") and "Resume with: fae fit --config" in line
+    assert torch.load(last, weights_only=False)["global_step"] == 5
+    assert time.monotonic() - start < 120  # it stops; it does not wait for the lost process
 
 
 def test_sigterm_to_rank_zero_stops_both_processes_with_a_resumable_checkpoint(tmp_path):

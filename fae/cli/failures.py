@@ -6,6 +6,8 @@ traceback for a mistake the user can fix.
     Lightning's configuration errors: `fae: error: ...`, exit status 2;
   - SIGTERM or SIGINT during training (fae.checkpoint.Preempted): the line that resumes the run,
     status 128 + the signal's number; outside training (`Stopped`): one line, the same status;
+  - a collective that fails because another process of the run went away (gloo, NCCL): the line that
+    resumes from the last checkpoint, status 1;
   - a write that fails for want of room, quota or permission (fae.files, or any OSError of that kind):
     the file, the reason, the free space and, in training, the checkpoint that is safe; status 2;
   - a start that fails removes the run folders it made (fae.runs.remove_failed_starts).
@@ -88,6 +90,10 @@ def run_command(command: Callable[[], None], argv: list[str], name: str) -> None
             raise
         sys.exit(stop.code)
     except Exception as err:
+        lost = lost_peer(err, argv)
+        if lost is not None:  # every surviving process says it: which one died, none can tell
+            print(f"fae: error: {lost}", file=sys.stderr)
+            sys.exit(1)
         message = one_line(err)
         if message is None:
             raise
@@ -96,7 +102,7 @@ def run_command(command: Callable[[], None], argv: list[str], name: str) -> None
 
 def one_line(err: Exception) -> str | None:
     """The line that explains `err` to a user, or None for an error that is fae's own (a bug: its traceback)."""
-    saved = getattr(err, "saved_state", None)  # which checkpoint is safe, when a write failed in training
+    saved = saved_state(err)
     user = find_user_error(err)
     if user is not None:
         return user_message(user) + (f"; {saved}" if saved else "")
@@ -116,6 +122,36 @@ def one_line(err: Exception) -> str | None:
     ):
         return short_reason(err) if len(str(err)) > 400 else " ".join(str(err).split())
     return None
+
+
+def saved_state(err: BaseException) -> str | None:
+    """Which checkpoint is safe, for a failure in training (fae.checkpoint.Checkpoint.on_exception)."""
+    if not hasattr(err, "last_checkpoint"):
+        return None
+    if err.last_checkpoint is None:
+        return "no checkpoint was written yet"
+    path, step = err.last_checkpoint
+    return f"the last good checkpoint is {path} (step {step}), intact: free some space and resume with --ckpt_path last"
+
+
+# what gloo and NCCL say when a peer process of a collective has gone (killed, out of memory, a node lost)
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker crashing",
+             "NCCL communicator was aborted", "NCCL error", "ProcessGroupNCCL", "Socket Timeout")  # fmt: skip
+
+
+def lost_peer(err: BaseException, argv: list[str]) -> str | None:
+    """The line for a collective that failed because another process of the run went away, or None."""
+    text = str(err)
+    if not (isinstance(err, RuntimeError) and any(part in text for part in PEER_LOST)):
+        return None
+    peer = re.search(r"by peer \[([^\]]+)\]:(\d+)", text)
+    who = f" (its peer at {peer.group(1)}:{peer.group(2)} closed the connection)" if peer else ""
+    last = getattr(err, "last_checkpoint", None)
+    if last is None:
+        return f"another process of this run stopped{who}; no checkpoint was written yet: start the run again"
+    path, step = last
+    return (f"another process of this run stopped{who}; {path} holds step {step}. Resume with: "
+            f"{resume_command(argv, path)}")  # fmt: skip
 
 
 def loaded(module: str, name: str, err: BaseException) -> bool:
