@@ -144,3 +144,20 @@ def test_a_sweep_level_whose_reconstructions_are_not_finite_is_a_row_marked_so(t
     assert math.isfinite(rows[0.1]["mean"]) and rows[1e38]["mean"] == math.inf
     assert rows[0.1]["split"] == "test" and rows[0.1]["noise_seed"] == 0  # what makes sweeps comparable
     assert "| gaussian | 1e+38 | non-finite |" in (results.parent / "robustness.md").read_text()
+
+
+def test_publishing_an_experiment_replaces_its_report_files_and_keeps_the_others(tmp_path):
+    from fae.experiment.launch import copy_published
+
+    out, docs = tmp_path / "exp", tmp_path / "docs"
+    (out / "report").mkdir(parents=True)
+    docs.mkdir()
+    for name in ("table.md", "table.csv", "report/robustness.md", "report/robustness_mask.png", "report/.fae-report"):
+        (out / name).write_text(f"new {name}")
+    for name in ("README.md", "robustness_gaussian.png", "robustness.md"):  # a verdict, a stale figure, the table
+        (docs / name).write_text(f"old {name}")
+    copy_published(out, docs)
+    assert {p.name: p.read_text() for p in docs.iterdir()} == {
+        "README.md": "old README.md", "robustness.md": "new report/robustness.md",
+        "robustness_mask.png": "new report/robustness_mask.png", "table.md": "new table.md", "table.csv": "new table.csv",
+    }  # fmt: skip

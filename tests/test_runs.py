@@ -206,6 +206,27 @@ def test_a_run_whose_weights_diverge_stops_in_one_line_with_the_last_good_checkp
     assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("config, term", [("digits_vae", "loss, nll, kl"), ("digits_fisher", "loss, decoder_score"),
+                                          ("digits_wae_gan", "disc_loss")])  # fmt: skip
+def test_under_stop_a_learning_rate_far_too_high_stops_in_one_line_before_any_bad_update(
+    tmp_path, config, term, fae_here
+):
+    """lr 1e4 from step 12 under `stop` (the default): the first non-finite term stops the run in one line,
+    no update from it applied, last.ckpt the validation's of step 10, every weight finite."""
+    diverge = ["--trainer.callbacks+=tests.callbacks.LearningRateFrom", "--trainer.callbacks.step", "12",
+               "--trainer.callbacks.lr", "1e4"]  # fmt: skip
+    out = fae_here("fit", "--config", str(CONFIGS / "quickstart" / f"{config}.yaml"), *TINY, *diverge,
+                   "--trainer.max_steps", "40", "--trainer.val_check_interval", "10", "--trainer.limit_val_batches",
+                   "2", "--run_dir", "r", cwd=tmp_path)  # fmt: skip
+    one_line_error(out, f"non-finite loss term {term}")
+    assert "that optimizer step was not applied, nor any after it" in out.stderr
+    last = tmp_path / "r" / "checkpoints" / "last.ckpt"
+    assert f"last saved state: {last}" in out.stderr and step_of(last) == 10
+    state = torch.load(last, weights_only=False)["state_dict"]
+    assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
 def test_skipping_non_finite_steps_gives_up_after_a_bound(tmp_path, fae_here):
     run_fae = fae_here
     poison = ["--trainer.callbacks+=tests.callbacks.PoisonFrom", "--trainer.callbacks.step", "5"]
