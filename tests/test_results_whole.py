@@ -159,5 +159,6 @@ def test_publishing_an_experiment_replaces_its_report_files_and_keeps_the_others
     copy_published(out, docs)
     assert {p.name: p.read_text() for p in docs.iterdir()} == {
         "README.md": "old README.md", "robustness.md": "new report/robustness.md",
-        "robustness_mask.png": "new report/robustness_mask.png", "table.md": "new table.md", "table.csv": "new table.csv",
+        "robustness_mask.png": "new report/robustness_mask.png", "table.md": "new table.md",
+        "table.csv": "new table.csv",
     }  # fmt: skip
