@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 
 import lightning as L
+import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 from fae.data import DigitsDataModule
@@ -102,8 +104,10 @@ def test_report_makes_figures_and_table_and_rejects_malformed_files(tmp_path):
     for figure in ("robustness_gaussian.png", "robustness_mask.png"):
         assert (tmp_path / "report" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "report" / "robustness.md").read_text().split("\n\n")
-    summary, levels = table[0].splitlines(), table[2].splitlines()
-    assert summary[0] == "| run | runs | gaussian AUC | mask AUC |" and len(summary) == 2 + 2
+    summary = next(part for part in table if part.startswith("| run |")).splitlines()
+    levels = next(part for part in table if part.startswith("| noise |")).splitlines()
+    assert summary[0] == "| run | runs | gaussian AUC | gaussian AUC ≤0.5 | mask AUC | mask AUC ≤0.5 |"
+    assert len(summary) == 2 + 2
     assert levels[0] == "| noise | level | VAE (vae) | WAEGAN (wae) |" and len(levels) == 2 + 4
     assert "±" in levels[2]
     broken = tmp_path / "broken" / "robustness.json"
@@ -158,16 +162,39 @@ def test_report_pools_seeds_by_folder_with_the_spread_across_runs(tmp_path):
             )
     paths = [str(p) for p in sorted((tmp_path / "exp").glob("*/seed*"))]
     report(paths, out=tmp_path / "report", group_by="parent")
-    parts = (tmp_path / "report" / "robustness.md").read_text().split("\n\n")
-    summary, levels_table = parts[0], next(part for part in parts if part.startswith("| noise |"))
-    assert "written by an older fae, the robustness.json does not record its split and noise seed" in parts[1]
-    # fisher: per level, mean and sample standard deviation of the three runs' means
-    assert "| mask | 0.5 | 3.0000 ± 1.7321 | 1.5000 ± 0.7071 |" in levels_table
-    assert "| mask | 1 | 5.0000 ± 1.0000 | 1.5000 ± 0.7071 |" in levels_table
-    # summary: clean error across seeds, and the normalised area under the curve (trapezoids / level range)
+    text = (tmp_path / "report" / "robustness.md").read_text()
+    parts = text.split("\n\n")
+    summary, levels_table = (next(part for part in parts if part.startswith(head)) for head in ("| run |", "| noise |"))
+    assert "written by an older fae, the robustness.json does not record its split and noise seed" in text
+
+    def ci(values):  # scipy's own interval of a mean (t.interval), the reference of the report's
+        low, high = scipy.stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=scipy.stats.sem(values))
+        return np.mean(values), (high - low) / 2
+
+    # per level: the mean of the runs' means, ± its 95% confidence interval across runs
+    for level, column in ((0.5, 1), (1.0, 2)):
+        (f_mean, f_half), (v_mean, v_half) = (
+            ci([m[column] for m in runs["fisher"]]),
+            ci([m[column] for m in runs["vae"]]),
+        )
+        assert f"| mask | {level:g} | {f_mean:.4f} ± {f_half:.4f} | {v_mean:.4f} ± {v_half:.4f} |" in levels_table
+    # summary: clean error across seeds, the normalised area under the curve (trapezoids / level range) over all
+    # levels and over those up to 0.5
     auc = [(0.5 * (a + b) + 0.5 * (b + c)) / 2 for a, b, c in runs["fisher"]]
-    expected = f"{sum(auc) / 3:.4g} ± {torch.tensor(auc).std().item():.2g}"
-    assert summary.splitlines()[2] == f"| fisher | 3 | 0.2 ± 0.1 | 0.4 ± 0.2 | {expected} |"
+    low = [(a + b) / 2 for a, b, _ in runs["fisher"]]
+    cells = [ci([0.1, 0.2, 0.3]), ci([0.2, 0.4, 0.6]), ci(auc), ci(low)]
+    expected = " | ".join(f"{mean:.4g} ± {half:.2g}" for mean, half in cells)
+    assert summary.splitlines()[2] == f"| fisher | 3 | {expected} |"
+    # fisher against the VAE's group (the default baseline): Welch's test per column, Holm over the four
+    vae_auc = [(0.5 * (a + b) + 0.5 * (b + c)) / 2 for a, b, c in runs["vae"]]
+    vae_low = [(a + b) / 2 for a, b, _ in runs["vae"]]
+    pairs = [([0.1, 0.2, 0.3], [0.1, 0.2]), ([0.2, 0.4, 0.6], [0.2, 0.4]), (auc, vae_auc), (low, vae_low)]
+    raw = [scipy.stats.ttest_ind(a, b, equal_var=False).pvalue for a, b in pairs]
+    order = np.argsort(raw)
+    holm = np.maximum.accumulate([min(1, (4 - rank) * raw[i]) for rank, i in enumerate(order)])[np.argsort(order)]
+    assert "Each group against vae: the difference of the means, and in brackets the two-sided p-value" in text
+    cells = [f"{np.mean(a) - np.mean(b):+.3g} (p = {p:.2g})" for (a, b), p in zip(pairs, holm, strict=True)]
+    assert "\n| fisher | " + " | ".join(cells) + " |\n" in text
 
 
 def test_report_labels_runs_with_the_same_folder_name_apart(tmp_path):

@@ -111,7 +111,8 @@ def build_report(runs: list[DashboardRun], entity: str, project: str, title: str
     curves, models = panels(runs, group, MODEL_GRIDS)
     rows = [r for run in runs for r in run.rows]
     summary = [f"summary:{metric}" for metric in (*recon_metrics(runs), "test/posterior_fisher")]
-    summary += [f"summary:robustness/auc_{kind}" for kind in sorted({r.kind for r in error_rows(rows)})]
+    for kind in sorted({r.kind for r in error_rows(rows)}):
+        summary += [f"summary:robustness/auc_{kind}", f"summary:robustness/auc_low_{kind}"]
     summary += [
         f"summary:quality/{m}/{k}" for (k, m) in QUALITY_COLUMNS if any((r.kind, r.metric) == (k, m) for r in rows)
     ]

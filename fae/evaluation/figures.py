@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fae.data.noise import corruption_label
 from fae.evaluation.results import Curves, error_rows
+from fae.evaluation.stats import half_width
 from fae.files import written
 
 
@@ -41,6 +42,8 @@ def plot_kind(runs: dict[str, Curves], kind: str, file: Path, metric: str | None
         levels, means, stds = [r.level for r in rows], [r.mean for r in rows], [r.std for r in rows]
         color = colors(i % colors.N)
         ax.plot(levels, means, marker="o", ms=3, color=color, label=f"{label} (n={curves.runs})" if pooled else label)
+        if pooled:  # a pooled row's std and n are across runs: the band is its mean's 95% interval
+            stds = [0.0 if math.isnan(h := half_width(r.std, r.n)) else h for r in rows]
         low = [m - s for m, s in zip(means, stds, strict=True)]
         high = [m + s for m, s in zip(means, stds, strict=True)]
         ax.fill_between(levels, low, high, alpha=0.2, color=color)
@@ -50,7 +53,8 @@ def plot_kind(runs: dict[str, Curves], kind: str, file: Path, metric: str | None
     ax.set_xlabel(corruption_label(kind))
     what = f"{name.upper()} of reconstructions" if metric else f"reconstruction {name.upper()}"
     ax.set_ylabel(f"{what} vs clean image{'s' if metric else ''}")
-    ax.set_title(f"band: ±1 sd {'across runs (n = runs)' if pooled else 'over test images'}", fontsize=8)
+    title = "band: 95% confidence interval across runs (n = runs)" if pooled else "band: ±1 sd over test images"
+    ax.set_title(title, fontsize=8)
     if many:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:

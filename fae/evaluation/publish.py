@@ -29,6 +29,7 @@ from torchvision.utils import save_image
 from fae.data.noise import corruption_level_name
 from fae.evaluation.report import write_report
 from fae.evaluation.results import (
+    LOW_NOISE,
     SAMPLE_KINDS,
     Curves,
     Row,
@@ -60,9 +61,13 @@ def level_metrics(rows: list[Row]) -> dict[str, float]:
 
 
 def summaries(rows: list[Row]) -> dict[str, float]:
-    """One number per run: the AUC of each corruption kind and the quality scores."""
+    """One number per run: the AUC of each corruption kind (its full range and its levels up to LOW_NOISE)
+    and the quality scores."""
     errors = error_rows(rows)
-    values = {f"robustness/auc_{kind}": area_under_curve(errors, kind) for kind in sorted({r.kind for r in errors})}
+    values = {}
+    for kind in sorted({r.kind for r in errors}):
+        values[f"robustness/auc_{kind}"] = area_under_curve(errors, kind)
+        values[f"robustness/auc_low_{kind}"] = area_under_curve(errors, kind, up_to=LOW_NOISE)
     for r in rows:
         if r.is_quality:
             values[f"quality/{r.metric}/{r.kind}" + ("" if r.kind in SAMPLE_KINDS else f"/{r.level:g}")] = r.mean

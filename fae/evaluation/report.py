@@ -19,7 +19,11 @@ folder's metrics.csv), and writes to --out:
 --group_by pools runs: "run" (default) keeps each run apart, its band and +- the standard deviation
 over test images; "parent" pools the runs of one folder (OUT/<variant>/seed0, seed1, ...: the seeds
 of one setting) and "model" the runs of one model class. A pooled curve is the mean over its runs of
-each run's mean error, and its band and +- are the standard deviation ACROSS RUNS (the seed spread).
+each run's mean error, and its band and +- are the 95% confidence interval of that mean ACROSS RUNS
+(Student t, fae.evaluation.stats); so are the summary columns', and each group of 2 runs or more is
+tested against a baseline group (`--baseline`, the VAE's by default) by Welch's t-test per column, the
+p-values Holm-corrected over the table. Every AUC comes twice: over a kind's full range, and over its
+levels up to 0.5 (where models beat the training set's mean image; the full range rewards blur).
 No network and no W&B are needed.
 
 A report is written whole or not at all: it is built in a hidden folder beside --out and swapped into
@@ -43,7 +47,17 @@ from typing import Literal
 from fae.errors import UserError, make_folder
 from fae.evaluation.compare import check_alike, common_levels
 from fae.evaluation.figures import combine_grids, plot_results
-from fae.evaluation.results import GENERATED_KINDS, Curves, Row, error_rows, find_results, read_rows, summary_of
+from fae.evaluation.results import (
+    GENERATED_KINDS,
+    LOW_NOISE,
+    Curves,
+    Row,
+    error_rows,
+    find_results,
+    read_rows,
+    summary_of,
+)
+from fae.evaluation.stats import half_width, holm, interval, welch
 from fae.files import is_write_error, replace_folder, write_failed, write_text
 
 SUMMARY_METRICS = ("posterior_fisher", "active_units")  # test/<name>, beside the clean error
@@ -120,12 +134,50 @@ def group_key(path: Path, rows: list[Row], label: str, group_by: str) -> str:
 
 
 def format_values(values: list[float]) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
+    """One run's value, or the runs' mean ± the half-width of its 95% confidence interval (Student t)."""
+    mean, half = interval(values)
+    if math.isnan(mean):
         return ""
-    if len(values) == 1:
-        return f"{values[0]:.4g}"
-    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
+    return f"{mean:.4g}" if math.isnan(half) else f"{mean:.4g} ± {half:.2g}"
+
+
+def baseline_group(groups: list[str], baseline: str | None) -> str | None:
+    """The group the others are tested against: --baseline, else the VAE's when there is one."""
+    if baseline is not None:
+        if baseline not in groups:
+            raise UserError(f"--baseline {baseline} is not a group of this report: give one of {', '.join(groups)}")
+        return baseline
+    return next((g for g in groups if g.lower().startswith("vae")), None)
+
+
+def tests_table(runs: dict[str, Curves], baseline: str | None) -> list[str]:
+    """Welch's test of every group of 2 runs or more against the baseline, per summary column, Holm-corrected
+    over every test of the table (empty when there is no baseline of 2 runs or more)."""
+    if baseline is None or runs[baseline].runs < 2:
+        return []
+    others = [label for label, c in runs.items() if label != baseline and c.runs >= 2]
+    columns = [k for k in dict.fromkeys(k for c in runs.values() for k in c.summary) if k in runs[baseline].summary]
+    tests = [(label, k) for label in others for k in columns]
+    raw = [welch(runs[label].summary.get(k, []), runs[baseline].summary[k]) for label, k in tests]
+    adjusted = dict(zip(tests, holm(raw), strict=True))
+    if not others or all(math.isnan(p) for p in raw):
+        return []
+    lines = [
+        f"Each group against {baseline}: the difference of the means, and in brackets the two-sided p-value of "
+        f"Welch's t-test across runs, Holm-corrected over the {sum(math.isfinite(p) for p in raw)} tests of this "
+        "table:",
+        "",
+        "| run | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for label in others:
+        cells = []
+        for k in columns:
+            difference = interval(runs[label].summary.get(k, []))[0] - interval(runs[baseline].summary[k])[0]
+            p = adjusted[(label, k)]
+            cells.append("" if math.isnan(p) else f"{difference:+.3g} (p = {p:.2g})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return ["", *lines]
 
 
 def level_table(runs: dict[str, Curves], rows_of, cell) -> list[str]:
@@ -140,16 +192,35 @@ def level_table(runs: dict[str, Curves], rows_of, cell) -> list[str]:
     return lines
 
 
-def error_cell(row: Row) -> str:
-    return f"{row.mean:.4f} ± {row.std:.4f}" if math.isfinite(row.mean) else "non-finite"
+def error_cell(pooled: bool):
+    """A level's cell: mean ± the 95% interval across runs (pooled rows), or ± the sd over test images."""
+
+    def cell(row: Row) -> str:
+        if not math.isfinite(row.mean):
+            return "non-finite"
+        if not pooled:
+            return f"{row.mean:.4f} ± {row.std:.4f}"
+        half = half_width(row.std, row.n)  # a pooled row: std and n across runs
+        return f"{row.mean:.4f}" if math.isnan(half) else f"{row.mean:.4f} ± {half:.4f}"
+
+    return cell
 
 
-def markdown_table(runs: dict[str, Curves], notes: list[str] = ()) -> str:
-    """The summary table (and the notes on it), the error per level, and the FID of reconstructions per level."""
+def markdown_table(runs: dict[str, Curves], notes: list[str] = (), baseline: str | None = None) -> str:
+    """The summary table (and the notes on it), the tests against the baseline, the error per level, and
+    the FID of reconstructions per level."""
     pooled = any(c.runs > 1 for c in runs.values())
-    spread = "standard deviation across runs" if pooled else "standard deviation over test images"
+    spread = (
+        "the half-width of its 95% confidence interval across runs (Student t; one run: its value alone)"
+        if pooled
+        else "standard deviation over test images"
+    )
     columns = list(dict.fromkeys(k for c in runs.values() for k in c.summary))
     lines = [
+        "Per run or group: one run's value, or the runs' mean ± the half-width of its 95% confidence interval "
+        "(Student t). An AUC is the mean error over a kind's levels (trapezoids over the level range); "
+        f"AUC ≤{LOW_NOISE:g} over its levels up to {LOW_NOISE:g}.",
+        "",
         "| run | runs | " + " | ".join(columns) + " |",
         "|---|---|" + "---|" * len(columns),
         *(
@@ -157,10 +228,11 @@ def markdown_table(runs: dict[str, Curves], notes: list[str] = ()) -> str:
             for label, c in runs.items()
         ),
         *(f"\nNote: {note}." for note in notes),
+        *tests_table(runs, baseline),
         "",
         f"Error per noise level, mean ± {spread}:",
         "",
-        *level_table(runs, lambda c: error_rows(c.rows), error_cell),
+        *level_table(runs, lambda c: error_rows(c.rows), error_cell(pooled)),
     ]
     fid_rows = lambda c: [r for r in c.rows if r.metric == "fid" and r.kind not in GENERATED_KINDS]  # noqa: E731
     if any(fid_rows(c) for c in runs.values()):
@@ -182,7 +254,11 @@ def grids_of(results_file: Path) -> dict[str, Path]:
 
 
 def write_report(
-    runs: dict[str, Curves], out: Path, grids: dict[str, dict[str, Path]] | None = None, notes: list[str] = ()
+    runs: dict[str, Curves],
+    out: Path,
+    grids: dict[str, dict[str, Path]] | None = None,
+    notes: list[str] = (),
+    baseline: str | None = None,
 ) -> list[Path]:
     """Figures per corruption kind, the markdown tables and, given {label: {grid name: png}}, the
     combined grids of every name all of them have, in `out`, each file whole or not at all; returns
@@ -194,7 +270,7 @@ def write_report(
             combine_grids({label: g[name] for label, g in grids.items()}, out / f"{name}.png")
             written.append(out / f"{name}.png")
     written += plot_results(runs, out)
-    return [*written, write_text(out / "robustness.md", markdown_table(runs, notes))]
+    return [*written, write_text(out / "robustness.md", markdown_table(runs, notes, baseline))]
 
 
 def is_report_file(name: str) -> bool:
@@ -221,7 +297,10 @@ def check_out(out: Path) -> None:
 
 
 def report(
-    run_dirs: list[Path], out: Path = Path("reports/latest"), group_by: Literal["run", "parent", "model"] = "run"
+    run_dirs: list[Path],
+    out: Path = Path("reports/latest"),
+    group_by: Literal["run", "parent", "model"] = "run",
+    baseline: str | None = None,
 ) -> None:
     """Compare the robustness sweeps of runs: figures and tables of their errors and sample quality.
 
@@ -230,6 +309,8 @@ def report(
         out: where the figures and the tables are written.
         group_by: pool runs into one curve: each run apart, the runs of one folder (seeds), or of one
             model class.
+        baseline: the group every other group of 2 runs or more is tested against (Welch's t-test per
+            summary column, Holm-corrected); default: the VAE's group when there is one.
     """
     out = Path(out)
     check_out(out)
@@ -245,13 +326,17 @@ def report(
         key = group_key(path, rows, label, group_by)
         groups.setdefault(key, []).append(run_curves(rows, clean, levels if level_notes else None))
         grids.setdefault(key, grids_of(find_results(path)))  # a group's grids: its first run's
-    runs = {key: members[0] if len(members) == 1 else pool(members) for key, members in groups.items()}
+    pooled = any(len(members) > 1 for members in groups.values())  # then a lone run is a group of one
+    runs = {key: pool(members) if pooled else members[0] for key, members in groups.items()}
+    chosen = baseline_group(list(runs), baseline)
+    if pooled and chosen is None:
+        notes.append("no baseline group (a VAE's, or --baseline): no tests between groups")
     for note in notes:
         print(f"fae report: note: {note}")
     make_folder(out.parent, "the report's parent folder", "give another --out")
     build = out.with_name(f".{out.name}.partial-{os.getpid()}")  # beside --out: the same filesystem
     try:
-        files = write_report(runs, build, grids, notes)
+        files = write_report(runs, build, grids, notes, chosen)
         write_text(build / REPORT_MARK, "a report of `fae report`: the next report into this folder replaces it\n")
         replace_folder(build, out)
     except OSError as err:

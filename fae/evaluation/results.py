@@ -9,8 +9,10 @@ report and the experiment runner read them, the publisher writes them:
     each written beside its destination and renamed over it, so that neither is ever half written;
   - `read_rows(path)`: the rows of a robustness.json (the file, a folder holding it, or a training run
     whose newest test-* folder holds it), checked field by field;
-  - `area_under_curve(rows, kind)`: the trapezoidal area under error(level) divided by the level
-    range, i.e. the mean error over the swept range;
+  - `area_under_curve(rows, kind, up_to)`: the trapezoidal area under error(level) divided by the level
+    range, i.e. the mean error over the swept range (or over its levels up to `up_to`: the summaries
+    give both the full range and the low-noise one, levels <= LOW_NOISE, where models beat the mean
+    image and the full range's weight on high noise does not reward blur);
   - `QUALITY_COLUMNS`: the summary columns of the quality rows.
 """
 
@@ -72,10 +74,13 @@ def error_rows(rows: list[Row]) -> list[Row]:
     return [r for r in rows if not r.is_quality]
 
 
-def area_under_curve(rows: list[Row], kind: str) -> float:
-    """Trapezoidal area under error(level) of one corruption kind, divided by the level range: the mean
-    error over the range, comparable between runs swept on the same levels."""
-    points = sorted((r.level, r.mean) for r in error_rows(rows) if r.kind == kind)
+LOW_NOISE = 0.5  # the low-noise AUC: sigma and nu up to this, where models beat the mean image
+
+
+def area_under_curve(rows: list[Row], kind: str, up_to: float = math.inf) -> float:
+    """Trapezoidal area under error(level) of one corruption kind (its levels up to `up_to`), divided by
+    the level range: the mean error over the range, comparable between runs swept on the same levels."""
+    points = sorted((r.level, r.mean) for r in error_rows(rows) if r.kind == kind and r.level <= up_to)
     if len(points) < 2:
         return math.nan
     area = sum((b[0] - a[0]) * (a[1] + b[1]) / 2 for a, b in zip(points[:-1], points[1:], strict=True))
@@ -153,6 +158,7 @@ def summary_of(rows: list[Row], clean: dict[str, float] | None = None) -> dict[s
     summary = dict(clean or {})
     for kind in sorted({r.kind for r in error_rows(rows)}):
         summary[f"{kind} AUC"] = area_under_curve(rows, kind)
+        summary[f"{kind} AUC ≤{LOW_NOISE:g}"] = area_under_curve(rows, kind, up_to=LOW_NOISE)
     for r in rows:
         if (r.kind, r.metric) in QUALITY_COLUMNS:
             summary[QUALITY_COLUMNS[(r.kind, r.metric)]] = r.mean
