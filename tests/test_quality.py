@@ -150,6 +150,7 @@ def test_the_sweep_writes_fid_rows_for_samples_and_each_level_and_the_report_plo
     assert set(rows) == {
         *[("gaussian", s, "bce") for s in (0.1, 1.0)],
         ("mask", 0.3, "bce"),
+        ("mean_image", 0.0, "bce"),
         ("clean", 0.0, "fid"),
         *[("gaussian", s, "fid") for s in (0.1, 1.0)],
         ("mask", 0.3, "fid"),
@@ -172,8 +173,8 @@ def test_the_sweep_writes_fid_rows_for_samples_and_each_level_and_the_report_plo
     table = (tmp_path / "report" / "robustness.md").read_text()
     summary = next(part for part in table.split("\n\n") if part.startswith("| run |")).splitlines()
     assert summary[0] == (
-        "| run | runs | gaussian AUC | gaussian AUC ≤0.5 | mask AUC | mask AUC ≤0.5 | recon FID | sample FID | "
-        "sample KID | fitted-sample FID | fitted-sample KID |"
+        "| run | runs | gaussian AUC | gaussian AUC ≤0.5 | mask AUC | mask AUC ≤0.5 | mean-image error | recon FID | "
+        "sample FID | sample KID | fitted-sample FID | fitted-sample KID |"
     )
     vae_line = summary[2]
     assert f"{rows[('samples', 0.0, 'fid')].mean:.4g}" in vae_line

@@ -38,6 +38,12 @@ def test_one_pass_sweep_equals_a_slow_reference_loop():
     dm = DigitsDataModule()
     dm.setup()
     clean = dm.to_float(dm.splits["test"])
+    *results, reference = results
+    # the reference row: the error of the training set's mean image, taken image by image
+    mean_image = dm.to_float(dm.splits["train"]).double().mean(0, keepdim=True).float()
+    errors = torch.tensor([reconstruction_bce(mean_image, clean[i : i + 1]).item() for i in range(len(clean))])
+    assert (reference.kind, reference.level, reference.n) == ("mean_image", 0.0, 500)
+    assert abs(reference.mean - errors.double().mean().item()) < 1e-6
     for result, corruption in zip(results, RobustnessSweep(SIGMAS, NUS, seed=3).corruptions, strict=True):
         errors = []
         for i in range(len(clean)):  # one sample at a time
@@ -81,9 +87,11 @@ def test_sweep_on_two_ddp_processes_equals_one(tmp_path, digits_mnist, trained_r
     (one_dir,), (two_dir,) = ((tmp_path / "runs" / name).glob("test-*") for name in ("one", "two"))
     rows_one = json.loads((one_dir / "robustness.json").read_text())
     rows_two = json.loads((two_dir / "robustness.json").read_text())
-    assert [r["n"] for r in rows_two] == [500] * (4 + 5 + 4)  # 500 test digits: the padded duplicates count once
-    # errors at 4 levels; FID of reconstructions (clean and 4 levels); FID and KID of prior and fitted samples
-    assert [r["metric"] for r in rows_one] == ["bce"] * 4 + ["fid"] * 5 + ["fid", "kid"] * 2
+    assert [r["n"] for r in rows_two] == [500] * (5 + 5 + 4)  # 500 test digits: the padded duplicates count once
+    # errors at 4 levels and the mean image's; FID of reconstructions (clean and 4 levels); FID and KID of prior
+    # and fitted samples
+    assert [r["metric"] for r in rows_one] == ["bce"] * 5 + ["fid"] * 5 + ["fid", "kid"] * 2
+    assert rows_one[4]["kind"] == "mean_image"
     for a, b in zip(rows_one, rows_two, strict=True):
         assert (a["kind"], a["level"], a["metric"]) == (b["kind"], b["level"], b["metric"])
         assert a["mean"] == pytest.approx(b["mean"], rel=1e-5, abs=1e-6), a
@@ -106,7 +114,9 @@ def test_report_makes_figures_and_table_and_rejects_malformed_files(tmp_path):
     table = (tmp_path / "report" / "robustness.md").read_text().split("\n\n")
     summary = next(part for part in table if part.startswith("| run |")).splitlines()
     levels = next(part for part in table if part.startswith("| noise |")).splitlines()
-    assert summary[0] == "| run | runs | gaussian AUC | gaussian AUC ≤0.5 | mask AUC | mask AUC ≤0.5 |"
+    assert (
+        summary[0] == "| run | runs | gaussian AUC | gaussian AUC ≤0.5 | mask AUC | mask AUC ≤0.5 | mean-image error |"
+    )
     assert len(summary) == 2 + 2
     assert levels[0] == "| noise | level | VAE (vae) | WAEGAN (wae) |" and len(levels) == 2 + 4
     assert "±" in levels[2]
@@ -130,7 +140,8 @@ def test_fae_test_writes_the_sweeps_files_and_grids_and_fae_report_reads_them(tm
     (folder,) = run.glob("test-*")
     rows = json.loads((folder / "robustness.json").read_text())
     assert [(r["kind"], r["level"], r["n"]) for r in rows] == [
-        (kind, level, 500) for kind in ("gaussian", "mask") for level in (0.2, 0.5)
+        *((kind, level, 500) for kind in ("gaussian", "mask") for level in (0.2, 0.5)),
+        ("mean_image", 0.0, 500),
     ]
     for name in ("robustness_gaussian.png", "robustness_mask.png", "reconstructions_mask_0.8.png"):
         assert (folder / name).read_bytes()[:4] == b"\x89PNG"
@@ -234,7 +245,12 @@ def test_a_new_corruption_kind_is_one_class_and_a_config_line(tmp_path, fae_here
     assert test.returncode == 0, test.stderr[-2000:]
     (folder,) = run.glob("test-*")
     rows = read_rows(folder)
-    assert [(r.kind, r.level) for r in rows] == [("gaussian", 0.1), ("speckle", 0.5), ("speckle", 1.0)]
+    assert [(r.kind, r.level) for r in rows] == [
+        ("gaussian", 0.1),
+        ("speckle", 0.5),
+        ("speckle", 1.0),
+        ("mean_image", 0),
+    ]
     model = load_model(run / "checkpoints" / "last.ckpt")
     dm = DigitsDataModule()
     dm.setup()
@@ -244,5 +260,5 @@ def test_a_new_corruption_kind_is_one_class_and_a_config_line(tmp_path, fae_here
         reconstruction_bce(model.reconstruct(corrupt(clean[i : i + 1], torch.tensor([i]))), clean[i : i + 1])
         for i in range(len(clean))
     ]
-    assert rows[-1].mean == pytest.approx(torch.cat(slow).double().mean().item(), abs=1e-6)
+    assert rows[2].mean == pytest.approx(torch.cat(slow).double().mean().item(), abs=1e-6)
     assert (folder / "robustness_speckle.png").is_file() and "speckle noise level" in labels  # its figure's axis

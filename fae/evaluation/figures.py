@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from fae.data.noise import corruption_label
-from fae.evaluation.results import Curves, error_rows
+from fae.evaluation.results import Curves, error_rows, reference_error
 from fae.evaluation.stats import half_width
 from fae.files import written
 
@@ -48,6 +48,10 @@ def plot_kind(runs: dict[str, Curves], kind: str, file: Path, metric: str | None
         high = [m + s for m, s in zip(means, stds, strict=True)]
         ax.fill_between(levels, low, high, alpha=0.2, color=color)
         plotted += means
+    references = {reference_error(c.rows) for c in runs.values()} - {None} if metric is None else set()
+    if len(references) == 1:  # one data set: the error of its training mean image, the same at every level
+        (reference,) = references
+        ax.axhline(reference, color="0.4", ls="--", lw=1, label="training set's mean image")
     if plotted and min(plotted) > 0 and max(plotted) / min(plotted) > 20:
         ax.set_yscale("log")
     ax.set_xlabel(corruption_label(kind))

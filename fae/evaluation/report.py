@@ -50,6 +50,7 @@ from fae.evaluation.figures import combine_grids, plot_results
 from fae.evaluation.results import (
     GENERATED_KINDS,
     LOW_NOISE,
+    REFERENCE_COLUMN,
     Curves,
     Row,
     error_rows,
@@ -156,7 +157,10 @@ def tests_table(runs: dict[str, Curves], baseline: str | None) -> list[str]:
     if baseline is None or runs[baseline].runs < 2:
         return []
     others = [label for label, c in runs.items() if label != baseline and c.runs >= 2]
-    columns = [k for k in dict.fromkeys(k for c in runs.values() for k in c.summary) if k in runs[baseline].summary]
+    columns = [  # the reference (the data's mean image) is the same for every run: nothing to test
+        k for k in dict.fromkeys(k for c in runs.values() for k in c.summary)
+        if k in runs[baseline].summary and k != REFERENCE_COLUMN
+    ]  # fmt: skip
     tests = [(label, k) for label in others for k in columns]
     raw = [welch(runs[label].summary.get(k, []), runs[baseline].summary[k]) for label, k in tests]
     adjusted = dict(zip(tests, holm(raw), strict=True))
@@ -219,7 +223,9 @@ def markdown_table(runs: dict[str, Curves], notes: list[str] = (), baseline: str
     lines = [
         "Per run or group: one run's value, or the runs' mean ± the half-width of its 95% confidence interval "
         "(Student t). An AUC is the mean error over a kind's levels (trapezoids over the level range); "
-        f"AUC ≤{LOW_NOISE:g} over its levels up to {LOW_NOISE:g}.",
+        f"AUC ≤{LOW_NOISE:g} over its levels up to {LOW_NOISE:g}. The mean-image error is that of predicting the "
+        "training set's mean image for every test image, whatever the noise: a model above it does worse than "
+        "ignoring its input.",
         "",
         "| run | runs | " + " | ".join(columns) + " |",
         "|---|---|" + "---|" * len(columns),

@@ -69,9 +69,19 @@ FIELDS = {f.name: f for f in dataclasses.fields(Row)}
 TYPES = {"str": (str,), "float": (int, float), "int": (int,)}
 
 
+REFERENCE_KIND = "mean_image"  # the row of the error of the training set's mean image, the same at every level
+REFERENCE_COLUMN = "mean-image error"
+
+
 def error_rows(rows: list[Row]) -> list[Row]:
-    """The reconstruction-error rows of a sweep (its FID/KID rows left out)."""
-    return [r for r in rows if not r.is_quality]
+    """The reconstruction-error rows of a sweep (its FID/KID rows and its reference row left out)."""
+    return [r for r in rows if not r.is_quality and r.kind != REFERENCE_KIND]
+
+
+def reference_error(rows: list[Row]) -> float | None:
+    """The error of predicting the training set's mean image for every test image (None when not recorded):
+    a model above it at some level does worse there than ignoring its input."""
+    return next((r.mean for r in rows if r.kind == REFERENCE_KIND), None)
 
 
 LOW_NOISE = 0.5  # the low-noise AUC: sigma and nu up to this, where models beat the mean image
@@ -159,6 +169,8 @@ def summary_of(rows: list[Row], clean: dict[str, float] | None = None) -> dict[s
     for kind in sorted({r.kind for r in error_rows(rows)}):
         summary[f"{kind} AUC"] = area_under_curve(rows, kind)
         summary[f"{kind} AUC ≤{LOW_NOISE:g}"] = area_under_curve(rows, kind, up_to=LOW_NOISE)
+    if (reference := reference_error(rows)) is not None:
+        summary[REFERENCE_COLUMN] = reference
     for r in rows:
         if (r.kind, r.metric) in QUALITY_COLUMNS:
             summary[QUALITY_COLUMNS[(r.kind, r.metric)]] = r.mean

@@ -38,7 +38,7 @@ from fae.errors import UserError
 from fae.evaluation.features import load_features
 from fae.evaluation.publish import publish, publish_summary
 from fae.evaluation.quality import QualityScores, first_visits
-from fae.evaluation.results import Row
+from fae.evaluation.results import REFERENCE_KIND, Row
 from fae.images import reconstruction_grid
 from fae.objectives import RECONSTRUCTION_ERRORS
 
@@ -56,6 +56,19 @@ def errors_of(error_fn, recon: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     finite = torch.isfinite(recon).flatten(1).all(1)
     safe = torch.where(finite.view(-1, *[1] * (recon.dim() - 1)), recon, target)
     return safe, torch.where(finite, error_fn(safe, target), torch.inf)
+
+
+@torch.no_grad()
+def training_mean(data, device: torch.device) -> Tensor | None:
+    """The training split's mean image (C, H, W) on `device`, summed in float64 a chunk at a time (CelebA's
+    split as floats would not fit in memory); None for a data module without one."""
+    images = getattr(data, "splits", {}).get("train") if data is not None and hasattr(data, "to_float") else None
+    if images is None or len(images) == 0:
+        return None
+    total = torch.zeros(images.shape[1:], dtype=torch.float64)
+    for start in range(0, len(images), 4096):
+        total += data.to_float(images[start : start + 4096]).double().sum(0)
+    return (total / len(images)).float().to(device)
 
 
 def file_hash(path: Path) -> str:
@@ -153,12 +166,15 @@ class RobustnessSweep(L.Callback):
         self.features_hash = ""  # of the feature network scoring FID/KID, in their rows
         self.results: list[Row] = []
         self.grids: dict[str, Tensor] = {}
+        self.mean_image: Tensor | None = None  # the training set's, for the reference row
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:
             return
         n_samples = len(trainer.test_dataloaders.dataset)
-        self.errors = PerSampleErrors(len(self.corruptions), n_samples).to(pl_module.device)
+        self.mean_image = training_mean(trainer.datamodule, pl_module.device)
+        levels = len(self.corruptions) + (self.mean_image is not None)  # the reference: one more "level"
+        self.errors = PerSampleErrors(levels, n_samples).to(pl_module.device)
         self.quality = self.quality_scores(trainer, pl_module)
         if self.quality is not None:
             (self.order, self.first_visit), self.place = first_visits(trainer, pl_module, n_samples), 0
@@ -217,6 +233,9 @@ class RobustnessSweep(L.Callback):
             self.errors.update(level, batch.index, error)
             if scored is not None:
                 self.quality.update_recon(level + 1, pl_module.to_unit_range(recon[scored]))
+        if self.mean_image is not None:  # the reference: the training set's mean image for every test image
+            reference = self.mean_image.expand_as(batch.target)
+            self.errors.update(len(self.corruptions), batch.index, error_fn(reference, batch.target))
         if batch_idx == 0 and trainer.is_global_zero and self.grid_images > 0:
             clean, index = batch.target[: self.grid_images], batch.index[: self.grid_images]
             for corruption in self.grid_corruptions:
@@ -290,5 +309,10 @@ class RobustnessSweep(L.Callback):
                 split="test",
                 noise_seed=self.seed,
             )
-            for corruption, mean, std in zip(self.corruptions, means, stds, strict=True)
-        ]
+            for corruption, mean, std in zip(self.corruptions, means, stds, strict=False)
+        ] + [
+            Row(model=type(pl_module).__name__, dataset=type(trainer.datamodule).__name__, kind=REFERENCE_KIND,
+                level=0.0, metric=pl_module.recon_metric, mean=float(means[-1]), std=float(stds[-1]), n=n,
+                split="test", noise_seed=self.seed, checkpoint=str(trainer.ckpt_path or ""))
+            for _ in range(self.mean_image is not None)
+        ]  # fmt: skip
