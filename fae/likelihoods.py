@@ -11,6 +11,8 @@ mean (fae.models.base keeps the encoder's heads in float32 for the same reason).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -35,6 +37,9 @@ class Likelihood(nn.Module):
     def nll(self, out: Tensor, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def project(self) -> None:
+        """Keep the learned parameters in their admissible set after an optimizer step (none by default)."""
+
 
 class Bernoulli(Likelihood):
     """Independent Bernoulli pixels with mean sigmoid(out); needs a sigmoid decoder and x in [0, 1]."""
@@ -52,12 +57,23 @@ class Bernoulli(Likelihood):
 
 
 class Gaussian(Likelihood):
-    """N(mu_theta(z), s^2 I); s fixed, or learned as a parameter log s when `learn_scale`."""
+    """N(mu_theta(z), s^2 I); s fixed, or learned as a parameter log s when `learn_scale`, then kept at or
+    above `floor` (when given) by projecting log s onto [log floor, inf) after every optimizer step: a
+    learned s makes the Gaussian losses unbounded below as the residual shrinks (the NLL falls as log s,
+    the Hyvarinen score as -d / s^2), on data such as raw MNIST whose pixels are mostly exactly 0."""
 
-    def __init__(self, output_activation: str, scale: float = 1.0, learn_scale: bool = False) -> None:
+    def __init__(
+        self, output_activation: str, scale: float = 1.0, learn_scale: bool = False, floor: float | None = None
+    ) -> None:
         super().__init__(output_activation)
         if not 1e-6 <= scale <= 1e6:  # s^2 and 1/s^2 stay far inside float32 (it overflows near 3e38)
             raise UserError(f"decoder_scale must be in [1e-6, 1e6], got {scale}")
+        if floor is not None and not (learn_scale and 1e-6 <= floor <= scale):
+            raise UserError(
+                f"decoder_scale_floor {floor} needs a learned scale (learn_decoder_scale true) starting at or above "
+                f"it (decoder_scale {scale}), and at least 1e-6"
+            )
+        self.log_floor = math.log(floor) if floor is not None else None
         log_scale = torch.tensor(float(scale)).log()
         if learn_scale:
             self.log_scale = nn.Parameter(log_scale)
@@ -67,10 +83,19 @@ class Gaussian(Likelihood):
     def nll(self, out: Tensor, x: Tensor) -> Tensor:
         return gaussian_nll(self.mean(out), x, self.log_scale)
 
+    def project(self) -> None:
+        if self.log_floor is not None:
+            with torch.no_grad():
+                self.log_scale.clamp_(min=self.log_floor)
 
-def make_likelihood(name: str, output_activation: str, scale: float, learn_scale: bool) -> Likelihood:
+
+def make_likelihood(
+    name: str, output_activation: str, scale: float, learn_scale: bool, floor: float | None = None
+) -> Likelihood:
     if name == "bernoulli":
+        if floor is not None:
+            raise UserError("decoder_scale_floor is a Gaussian decoder's: use --model.likelihood gaussian")
         return Bernoulli(output_activation)
     if name == "gaussian":
-        return Gaussian(output_activation, scale, learn_scale)
+        return Gaussian(output_activation, scale, learn_scale, floor)
     raise UserError(f"unknown likelihood {name!r}: use 'bernoulli' or 'gaussian'")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import lightning as L
 import pytest
@@ -279,3 +280,47 @@ def test_training_on_real_digits_beats_the_mean_image_clearly():
     assert after["val/recon_mse"] < 0.6 * (mean_image - val).pow(2).mean().item()
     assert after["val/active_units"] >= 4
     assert model.likelihood.log_scale.exp() < 0.45  # the learned scale moves toward ||x - mu||^2 / d
+
+
+def test_input_noise_and_a_floor_on_s_are_the_theorys_data_conditions():
+    """input_noise tau trains on x + tau N(0, I) (evaluation on the clean x); decoder_scale_floor keeps a learned
+    s at or above it by projection after each step, while its gradient still moves it above the floor."""
+    from fae.errors import UserError
+    from fae.models import VAE
+    from fae.objectives import dequantise
+
+    x = torch.rand(6, 1, 28, 28)
+    torch.manual_seed(1)
+    noisy = dequantise(x, 0.1, training=True)
+    torch.manual_seed(1)
+    assert torch.equal(noisy, x + 0.1 * torch.randn_like(x)) and torch.equal(dequantise(x, 0.1, training=False), x)
+    model = small_fisher(input_noise=0.1).train()
+    torch.manual_seed(2)
+    terms = model.model_step(x)
+    torch.manual_seed(2)
+    expected = model.fisher_terms(x + 0.1 * torch.randn_like(x))
+    torch.testing.assert_close(terms["loss"], expected["loss"])  # the same eps: one draw of the noise, then the rest
+
+    floored = FisherAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0, learn_decoder_scale=True,
+                       decoder_scale=0.5, decoder_scale_floor=0.3)  # fmt: skip
+    optimizer = torch.optim.SGD([floored.likelihood.log_scale], lr=1.0)
+    for _ in range(5):  # pulled down hard: a gradient of +1 on log s each step
+        optimizer.zero_grad()
+        floored.likelihood.log_scale.sum().backward()
+        optimizer.step()
+        floored.on_train_batch_end(None, None, 0)
+    assert floored.decoder_scale().item() == pytest.approx(0.3)
+    optimizer.zero_grad()
+    (-floored.likelihood.log_scale).sum().backward()  # and back up: the projection keeps the gradient
+    optimizer.step()
+    floored.on_train_batch_end(None, None, 0)
+    assert floored.decoder_scale().item() == pytest.approx(0.3 * math.e)
+    for kwargs, message in [
+        (dict(decoder_scale_floor=0.3), "decoder_scale_floor 0.3 needs a learned scale"),
+        (dict(learn_decoder_scale=True, decoder_scale=0.2, decoder_scale_floor=0.3), "starting at or above it"),
+        (dict(input_noise=-1.0), "input_noise must be >= 0"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            FisherAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, grid_images=0, **kwargs)
+    with pytest.raises(UserError, match="a Bernoulli likelihood takes targets in"):
+        VAE(MNISTEncoder, MNISTDecoder, latent_dim=8, width=4, input_noise=0.1)

@@ -187,9 +187,14 @@ class AutoEncoder(L.LightningModule):
         values = family_arguments(frame)
         self.save_hyperparameters({k: v for k, v in values.items() if not (isinstance(v, nn.Module) or callable(v))})
 
-    def build_likelihood(self, likelihood: str, decoder_scale: float, learn_decoder_scale: bool) -> None:
+    def build_likelihood(
+        self, likelihood: str, decoder_scale: float, learn_decoder_scale: bool, floor: float | None = None
+    ) -> None:
         activation = self.decoder.output_activation
-        self.likelihood = make_likelihood(likelihood, activation, decoder_scale, learn_decoder_scale)
+        self.likelihood = make_likelihood(likelihood, activation, decoder_scale, learn_decoder_scale, floor)
+
+    def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
+        self.likelihood.project()  # a learned s kept at or above its floor, after the step
 
     # --- what a family provides ------------------------------------------------------------------
     def encode(self, x: Tensor) -> Tensor:

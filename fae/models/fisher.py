@@ -45,7 +45,7 @@ from fae.errors import UserError
 from fae.models.gaussian import GaussianAutoEncoder
 from fae.nets.batchnorm import BatchStatistics, detached_batchnorm, running_batchnorm
 from fae.nets.contract import DecoderFactory, EncoderFactory
-from fae.objectives import fisher_terms
+from fae.objectives import dequantise, fisher_terms
 
 
 class FisherAE(GaussianAutoEncoder):
@@ -68,6 +68,8 @@ class FisherAE(GaussianAutoEncoder):
         stability: Literal["fixed_z", "total"] = "fixed_z",
         batchnorm: Literal["per_sample", "detached", "running", "batch"] = "per_sample",
         posterior_trains_decoder: bool = True,
+        decoder_scale_floor: float | None = None,
+        input_noise: float = 0.0,
         **kwargs,
     ) -> None:
         """
@@ -84,11 +86,18 @@ class FisherAE(GaussianAutoEncoder):
                 samples); see the module docstring.
             posterior_trains_decoder: differentiate the posterior term through grad_z log p_theta(x|z)
                 (Theorem 1); false treats that score as a constant (the authors' code).
+            decoder_scale_floor: keep a learned s at or above this (None: no floor): with a learned s the
+                loss is unbounded below as the residual shrinks.
+            input_noise: tau: train on x + tau * N(0, I), a smooth density as Theorem 1 assumes (0: the raw
+                images; validation and tests see the clean x).
             **kwargs: the arguments every family takes (fae.models.base.AutoEncoder).
         """
         super().__init__(encoder, decoder, prior=prior, prior_degree=prior_degree, **kwargs)
         self.save_config()
-        self.build_likelihood("gaussian", decoder_scale, learn_decoder_scale)
+        self.build_likelihood("gaussian", decoder_scale, learn_decoder_scale, decoder_scale_floor)
+        if input_noise < 0:
+            raise UserError(f"input_noise must be >= 0, got {input_noise}")
+        self.input_noise = input_noise
         self.stability = stability
         self.batchnorm = batchnorm
         self.posterior_trains_decoder = posterior_trains_decoder
@@ -135,4 +144,4 @@ class FisherAE(GaussianAutoEncoder):
         return {**terms, **self.diagnostics(x, mean, mu, log_sigma.exp())}
 
     def model_step(self, x: Tensor) -> dict[str, Tensor]:
-        return self.fisher_terms(x)
+        return self.fisher_terms(dequantise(x, self.input_noise, self.training))

@@ -13,9 +13,10 @@ from typing import Literal
 
 from torch import Tensor
 
+from fae.errors import UserError
 from fae.models.gaussian import GaussianAutoEncoder
 from fae.nets.contract import DecoderFactory, EncoderFactory
-from fae.objectives import kl_to_standard_normal
+from fae.objectives import dequantise, kl_to_standard_normal
 
 
 class VAE(GaussianAutoEncoder):
@@ -31,6 +32,8 @@ class VAE(GaussianAutoEncoder):
         likelihood: Literal["bernoulli", "gaussian"] = "bernoulli",
         decoder_scale: float = 1.0,
         learn_decoder_scale: bool = False,
+        decoder_scale_floor: float | None = None,
+        input_noise: float = 0.0,
         **kwargs,
     ) -> None:
         """
@@ -40,13 +43,21 @@ class VAE(GaussianAutoEncoder):
             likelihood: the decoder family p_theta(x|z).
             decoder_scale: s of a Gaussian decoder (its initial value when learned).
             learn_decoder_scale: learn log s with the other parameters.
+            decoder_scale_floor: keep a learned s at or above this (None: no floor).
+            input_noise: tau: train on x + tau * N(0, I) (a Gaussian decoder only; validation and tests see
+                the clean x).
             **kwargs: the arguments every family takes (fae.models.base.AutoEncoder).
         """
         super().__init__(encoder, decoder, prior="standard_normal", prior_degree=2, **kwargs)
         self.save_config()
-        self.build_likelihood(likelihood, decoder_scale, learn_decoder_scale)
+        self.build_likelihood(likelihood, decoder_scale, learn_decoder_scale, decoder_scale_floor)
+        if input_noise < 0 or (input_noise > 0 and likelihood != "gaussian"):
+            raise UserError(f"input_noise {input_noise}: give tau >= 0, and a Gaussian decoder (--model.likelihood "
+                            "gaussian) for tau > 0: a Bernoulli likelihood takes targets in [0, 1]")  # fmt: skip
+        self.input_noise = input_noise
 
     def model_step(self, x: Tensor) -> dict[str, Tensor]:
+        x = dequantise(x, self.input_noise, self.training)
         mu, log_sigma = self.encode_gaussian(x)  # (B, d_z) each
         z, _ = self.reparameterise(mu, log_sigma)  # (B, d_z)
         out = self.decoder(z)  # (B, C, H, W)
