@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
 from torchvision.datasets import MNIST
 
-from fae.data import BinaryMask, DigitsDataModule, GaussianNoise, MNISTDataModule
+from fae.data import BinaryMask, DigitsDataModule, FashionMNISTDataModule, GaussianNoise, MNISTDataModule
 from fae.data.digits import load_digits
 from fae.errors import UserError
 
@@ -101,3 +103,24 @@ def test_corrupt_mnist_file_is_named(tmp_path, mnist_root):
         (raw / name).write_bytes(data[: len(data) // 2] if name == "train-images-idx3-ubyte" else data)
     with pytest.raises(UserError, match="cannot read MNIST from .*corrupt"):
         MNISTDataModule(data_dir=str(tmp_path)).setup()
+
+
+def fashion_root(mnist_root: Path) -> Path:
+    if not (mnist_root / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte").is_file():
+        pytest.skip(f"real Fashion-MNIST not available: {mnist_root} holds no FashionMNIST/raw/")
+    return mnist_root
+
+
+def test_fashion_mnist_is_mnists_module_on_its_own_files(mnist_root):
+    root = fashion_root(mnist_root)
+    dm = FashionMNISTDataModule(data_dir=str(root))
+    dm.setup()
+    assert {k: tuple(v.shape) for k, v in dm.splits.items()} == {
+        "train": (55000, 1, 28, 28), "val": (5000, 1, 28, 28), "test": (10000, 1, 28, 28),
+    }  # fmt: skip
+    images, labels = dm.read(train=True, labels=True)
+    assert labels[:5].tolist() == [9, 0, 0, 3, 0] and abs(images.double().mean().item() - 72.94) < 0.01  # its README
+    assert torch.equal(torch.cat([dm.splits["train"], dm.splits["val"]]).flatten(1).sum(0), images.flatten(1).sum(0))
+    assert dm.feature_network == root / "fae_fashion_mnist_classifier.pt"
+    with pytest.raises(UserError, match=r"Fashion-MNIST not found: .*nowhere/FashionMNIST/raw lacks train-images"):
+        FashionMNISTDataModule(data_dir="nowhere").setup()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import stat
 
 import lightning as L
@@ -221,3 +222,15 @@ def test_inception_weights_from_a_local_file(tmp_path, monkeypatch):
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
     with pytest.raises(UserError, match="is neither a `fae classifier` file nor FID's Inception weights"):
         load_features(tmp_path / "wrong.pth", (3, 64, 64))
+
+
+def test_the_fashion_mnist_classifier_is_cached_under_its_own_name(digits_mnist, tmp_path):
+    """The same net trained on Fashion-MNIST's layout (here the embedded digits copied into it), cached as
+    fae_fashion_mnist_classifier.pt beside FashionMNIST/, never as MNIST's."""
+    from fae.evaluation.classifier import train_classifier
+
+    root, _ = digits_mnist
+    shutil.copytree(root / "MNIST" / "raw", tmp_path / "FashionMNIST" / "raw")
+    file = train_classifier(tmp_path, epochs=1, limit_batches=2, dataset="fashion_mnist")
+    assert file == tmp_path / "fae_fashion_mnist_classifier.pt" and not (tmp_path / CLASSIFIER_FILE).exists()
+    assert load_features(file, (1, 28, 28))(torch.rand(3, 1, 28, 28)).shape[0] == 3

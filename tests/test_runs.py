@@ -440,3 +440,18 @@ def test_a_resumed_fit_loads_its_checkpoint_once(tmp_path, fae_here, trained_run
     assert out.returncode == 0, out.stderr[-2000:]
     assert loads.count(str(last)) == 1, loads  # before the change: up to five reads of it
     assert step_of(last) == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["vae", "fisher", "wae_gan"])
+def test_every_family_trains_on_fashion_mnist_from_its_config(tmp_path, family, fae_here, mnist_root):
+    if not (mnist_root / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte").is_file():
+        pytest.skip(f"real Fashion-MNIST not available: {mnist_root} holds no FashionMNIST/raw/")
+    out = fae_here("fit", "--config", str(CONFIGS / f"fashion_mnist_{family}.yaml"), *TINY, "--data.data_dir",
+                   str(mnist_root), "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1", "--run_dir", "r",
+                   cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    config = (tmp_path / "r" / "config.yaml").read_text()
+    assert (
+        "class_path: fae.data.FashionMNISTDataModule" in config and step_of(tmp_path / "r/checkpoints/last.ckpt") == 3
+    )

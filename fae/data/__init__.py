@@ -3,7 +3,7 @@
 from fae.data.base import Batch, InMemoryImageDataModule
 from fae.data.celeba import CelebADataModule
 from fae.data.digits import DigitsDataModule
-from fae.data.mnist import MNISTDataModule
+from fae.data.mnist import FashionMNISTDataModule, MNISTDataModule
 from fae.data.noise import BinaryMask, Corruption, GaussianNoise
 
 __all__ = [
@@ -14,5 +14,6 @@ __all__ = [
     "DigitsDataModule",
     "GaussianNoise",
     "InMemoryImageDataModule",
+    "FashionMNISTDataModule",
     "MNISTDataModule",
 ]

@@ -1,7 +1,10 @@
-"""MNIST (LeCun et al.) from its four IDX files, read by torchvision, held in memory as uint8.
+"""MNIST (LeCun et al.) and Fashion-MNIST (Xiao, Rasul and Vollgraf 2017) from their four IDX files, read by
+torchvision, held in memory as uint8.
 
-60,000 training images, of which `val_size` are carved off for validation by a fixed permutation
-(`split_seed`); the 10,000 test images for testing. Values in [0, 1], shape (1, 28, 28).
+Both: 60,000 training images, of which `val_size` are carved off for validation by a fixed permutation
+(`split_seed`); the 10,000 test images for testing. Values in [0, 1], shape (1, 28, 28). Fashion-MNIST
+has MNIST's format and layout (DATA_DIR/FashionMNIST/raw/), so it is MNIST's module with another
+reader, name and FID classifier file.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torchvision.datasets import MNIST
+from torchvision.datasets import MNIST, FashionMNIST
 
 from fae.data.base import InMemoryImageDataModule
 from fae.data.noise import Corruption
@@ -38,6 +41,9 @@ class MNISTDataModule(InMemoryImageDataModule):
     """MNIST digits, (1, 28, 28) in [0, 1]; batches are fae.data.base.Batch."""
 
     image_shape = (1, 28, 28)
+    name = "MNIST"
+    reader = MNIST  # torchvision's reader of the IDX files, in DATA_DIR/<its class name>/raw/
+    classifier_file = CLASSIFIER_FILE
 
     def __init__(
         self,
@@ -52,8 +58,8 @@ class MNISTDataModule(InMemoryImageDataModule):
     ) -> None:
         """
         Args:
-            data_dir: folder holding MNIST/raw/ with the four uncompressed IDX files (the layout
-                torchvision.datasets.MNIST reads).
+            data_dir: folder holding MNIST/raw/ (FashionMNIST/raw/ for Fashion-MNIST) with the four
+                uncompressed IDX files (the layout torchvision's MNIST and FashionMNIST read).
             download: fetch the files into data_dir when they are missing.
             val_size: training images held out for validation.
             split_seed: seed of the fixed train/validation permutation.
@@ -69,11 +75,11 @@ class MNISTDataModule(InMemoryImageDataModule):
     @property
     def feature_network(self) -> Path:
         """Where `fae classifier --data_dir DATA_DIR` caches the network of FID/KID (fae.evaluation.features)."""
-        return self.data_dir / CLASSIFIER_FILE
+        return self.data_dir / self.classifier_file
 
     @property
     def raw_dir(self) -> Path:
-        return self.data_dir / "MNIST" / "raw"
+        return self.data_dir / self.reader.__name__ / "raw"
 
     def _missing(self) -> list[str]:
         return [name for name in RAW_FILES if not (self.raw_dir / name).is_file()]
@@ -87,17 +93,17 @@ class MNISTDataModule(InMemoryImageDataModule):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.data_dir, prefix=".mnist-download-") as tmp:
             try:
-                MNIST(tmp, train=True, download=True)
-                MNIST(tmp, train=False, download=True)
+                self.reader(tmp, train=True, download=True)
+                self.reader(tmp, train=False, download=True)
             except Exception as err:  # torchvision raises RuntimeError or URLError per mirror
                 raise UserError(
-                    f"MNIST download failed ({short_reason(err)}); nothing was written to {self.data_dir}. "
+                    f"{self.name} download failed ({short_reason(err)}); nothing was written to {self.data_dir}. "
                     f"Put the four IDX files ({', '.join(RAW_FILES)}) in {self.raw_dir} and run "
                     "again with --data.download false."
                 ) from err
             self.raw_dir.mkdir(parents=True, exist_ok=True)
             for name in RAW_FILES:
-                shutil.move(str(Path(tmp) / "MNIST" / "raw" / name), self.raw_dir / name)
+                shutil.move(str(Path(tmp) / self.reader.__name__ / "raw" / name), self.raw_dir / name)
 
     def check_available(self) -> None:
         if not self.download:  # else prepare_data fetches what is missing
@@ -107,8 +113,8 @@ class MNISTDataModule(InMemoryImageDataModule):
         missing = self._missing()
         if missing:
             raise UserError(
-                f"MNIST not found: {self.raw_dir} lacks {', '.join(missing)}. Point --data.data_dir "
-                "at a folder holding MNIST/raw/ with the four uncompressed IDX files, or pass "
+                f"{self.name} not found: {self.raw_dir} lacks {', '.join(missing)}. Point --data.data_dir "
+                f"at a folder holding {self.reader.__name__}/raw/ with the four uncompressed IDX files, or pass "
                 "--data.download true where the network allows it."
             )
 
@@ -128,18 +134,28 @@ class MNISTDataModule(InMemoryImageDataModule):
         of images in MNIST's format (a subset, or another digit set in its layout)."""
         self._raise_if_missing()
         try:
-            dataset = MNIST(str(self.data_dir), train=train, download=False)
+            dataset = self.reader(str(self.data_dir), train=train, download=False)
             images, targets = dataset.data, dataset.targets
         except Exception as err:
             raise UserError(
-                f"cannot read MNIST from {self.raw_dir} ({type(err).__name__}: {err}); the files "
+                f"cannot read {self.name} from {self.raw_dir} ({type(err).__name__}: {err}); the files "
                 "may be truncated or corrupt: replace them with the original IDX files."
             ) from err
         expected = (60000 if train else 10000, 28, 28) if full else (len(images), 28, 28)
         if tuple(images.shape) != expected or images.dtype != torch.uint8 or len(targets) != len(images):
             raise UserError(
-                f"MNIST in {self.raw_dir} has images of shape {tuple(images.shape)} ({images.dtype}) and "
+                f"{self.name} in {self.raw_dir} has images of shape {tuple(images.shape)} ({images.dtype}) and "
                 f"{len(targets)} labels, expected {expected} uint8 and as many labels: replace the files with the "
                 "original IDX files."
             )
         return (images.unsqueeze(1), targets) if labels else images.unsqueeze(1)
+
+
+class FashionMNISTDataModule(MNISTDataModule):
+    """Fashion-MNIST's clothing images (10 classes), (1, 28, 28) in [0, 1]: MNIST's module, format and
+    splits, read from DATA_DIR/FashionMNIST/raw/; its FID classifier is cached as
+    DATA_DIR/fae_fashion_mnist_classifier.pt (`fae classifier --dataset fashion_mnist`)."""
+
+    name = "Fashion-MNIST"
+    reader = FashionMNIST
+    classifier_file = "fae_fashion_mnist_classifier.pt"

@@ -1,19 +1,21 @@
-"""`fae classifier --data_dir DIR`: train, once, the MNIST classifier whose features fae's FID/KID use
-(fae.nets.classifier, read by fae.evaluation.features), and cache it beside the data as
-DIR/fae_mnist_classifier.pt. An existing file is never retrained or rewritten."""
+"""`fae classifier --data_dir DIR [--dataset fashion_mnist]`: train, once, the classifier whose features
+fae's FID/KID use on MNIST (or Fashion-MNIST: the same net, trained on its 10 classes) (fae.nets.classifier,
+read by fae.evaluation.features), and cache it beside the data as DIR/fae_mnist_classifier.pt (or
+DIR/fae_fashion_mnist_classifier.pt). An existing file is never retrained or rewritten."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from fae.data.mnist import CLASSIFIER_FILE, MNISTDataModule
+from fae.data.mnist import FashionMNISTDataModule, MNISTDataModule
 from fae.errors import UserError
 from fae.evaluation.features import CLASSIFIER_FORMAT, load_features
 from fae.files import share_as_umask
@@ -41,21 +43,27 @@ class ClassifierTraining(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
-def mnist_tensors(data_dir: Path, train: bool) -> torch.utils.data.TensorDataset:
-    """MNIST's images in [0, 1] (N, 1, 28, 28) and their labels, read and checked by fae.data.mnist."""
-    images, labels = MNISTDataModule(data_dir=str(data_dir)).read(train, labels=True, full=False)
+DATASETS = {"mnist": MNISTDataModule, "fashion_mnist": FashionMNISTDataModule}
+Dataset = Literal["mnist", "fashion_mnist"]
+
+
+def mnist_tensors(data_dir: Path, train: bool, dataset: Dataset = "mnist") -> torch.utils.data.TensorDataset:
+    """The images in [0, 1] (N, 1, 28, 28) and their labels, read and checked by fae.data.mnist."""
+    images, labels = DATASETS[dataset](data_dir=str(data_dir)).read(train, labels=True, full=False)
     return torch.utils.data.TensorDataset(images.float() / 255, labels)
 
 
-def train_classifier(data_dir: Path, epochs: int = 2, seed: int = 0, limit_batches: int | None = None) -> Path:
-    """Train the classifier on the 60k MNIST training images, test it on the 10k test images and save
-    it as DATA_DIR/fae_mnist_classifier.pt (written to a temporary file, then renamed into place).
+def train_classifier(
+    data_dir: Path, epochs: int = 2, seed: int = 0, limit_batches: int | None = None, dataset: Dataset = "mnist"
+) -> Path:
+    """Train the classifier on the 60k training images, test it on the 10k test images and save it as
+    DATA_DIR/<the data module's classifier_file> (written to a temporary file, then renamed into place).
     An existing file is kept: it is returned untouched. The global random streams are left as they were."""
     data_dir = Path(data_dir)
-    file = data_dir / CLASSIFIER_FILE
+    file = data_dir / DATASETS[dataset].classifier_file
     if file.exists():
         return file
-    train_set, test_set = mnist_tensors(data_dir, True), mnist_tensors(data_dir, False)
+    train_set, test_set = mnist_tensors(data_dir, True, dataset), mnist_tensors(data_dir, False, dataset)
     if not os.access(data_dir, os.W_OK):
         raise UserError(f"cannot write the classifier into {data_dir} (not writable): give a --data_dir fae may write")
     shuffle = torch.Generator().manual_seed(seed)
@@ -103,23 +111,28 @@ def classifier_record(file: Path) -> dict:
     return {key: content[key] for key in ("test_accuracy", "epochs", "seed") if key in content}
 
 
-def classifier(*, data_dir: Path, epochs: int = 2, seed: int = 0) -> None:
-    """Train (once) the MNIST classifier whose features fae's FID/KID use; cached in DATA_DIR.
+def classifier(*, data_dir: Path, epochs: int = 2, seed: int = 0, dataset: Dataset = "mnist") -> None:
+    """Train (once) the classifier whose features fae's FID/KID use; cached in DATA_DIR.
 
     Args:
-        data_dir: the folder holding MNIST/raw/ (real MNIST); the classifier is cached there.
+        data_dir: the folder holding MNIST/raw/ (FashionMNIST/raw/ for Fashion-MNIST); the classifier is
+            cached there.
         epochs: training epochs over the 60k training images.
         seed: the training seed.
+        dataset: mnist or fashion_mnist.
     """
     if epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {epochs}")
-    file = Path(data_dir) / CLASSIFIER_FILE
+    module = DATASETS[dataset]
+    file = Path(data_dir) / module.classifier_file
     cached = file.exists()
-    file = train_classifier(Path(data_dir), epochs, seed)
+    file = train_classifier(Path(data_dir), epochs, seed, dataset=dataset)
     load_features(file, (1, 28, 28))  # a corrupt cached file is named here, not at `fae test`
     record = classifier_record(file)
     accuracy = f"{100 * record['test_accuracy']:.2f}%" if "test_accuracy" in record else "not recorded"
-    print(f"fae: classifier {'cached, reused' if cached else 'trained'}: {file}; MNIST test accuracy {accuracy}")
+    print(
+        f"fae: classifier {'cached, reused' if cached else 'trained'}: {file}; {module.name} test accuracy {accuracy}"
+    )
     if cached and (record.get("epochs"), record.get("seed")) != (epochs, seed):
         print(
             f"fae: the cached file was trained with epochs {record.get('epochs')}, seed {record.get('seed')}; "
