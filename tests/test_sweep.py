@@ -206,6 +206,9 @@ def test_report_pools_seeds_by_folder_with_the_spread_across_runs(tmp_path):
     assert "Each group against vae: the difference of the means, and in brackets the two-sided p-value" in text
     cells = [f"{np.mean(a) - np.mean(b):+.3g} (p = {p:.2g})" for (a, b), p in zip(pairs, holm, strict=True)]
     assert "\n| fisher | " + " | ".join(cells) + " |\n" in text
+    # the trade-off: each AUC against the clean error, a point per group
+    for column in ("mask_AUC", "mask_AUC_le0.5"):
+        assert (tmp_path / "report" / f"tradeoff_{column}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_report_labels_runs_with_the_same_folder_name_apart(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fae.data.noise import corruption_label
 from fae.evaluation.results import Curves, error_rows, reference_error
-from fae.evaluation.stats import half_width
+from fae.evaluation.stats import half_width, interval
 from fae.files import written
 
 
@@ -99,3 +99,36 @@ def combine_grids(grids: dict[str, Path], file: Path, per_row: int = 4) -> None:
     with written(file) as f:
         fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def plot_tradeoffs(runs: dict[str, Curves], out: Path) -> list[Path]:
+    """tradeoff_<column>.png: robustness (each kind's AUC, full and up to 0.5) and sample FID against the
+    clean test error, a point per run or group with its 95% interval across runs on both axes, so that
+    families are compared at matched clean error (a blurrier model can buy robustness with clean error).
+    Only where the runs record their clean error; returns the files written."""
+    columns = list(dict.fromkeys(k for c in runs.values() for k in c.summary))
+    clean = next((k for k in columns if k.startswith("clean ")), None)
+    wanted = [k for k in columns if " AUC" in k or k == "sample FID"]
+    if clean is None or not wanted:
+        return []
+    plt, files = pyplot(), []
+    for column in wanted:
+        fig, ax = plt.subplots(figsize=(5, 3.8))
+        colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10")
+        for i, (label, curves) in enumerate(runs.items()):
+            (x, dx), (y, dy) = interval(curves.summary.get(clean, [])), interval(curves.summary.get(column, []))
+            if math.isnan(x) or math.isnan(y):
+                continue
+            ax.errorbar(x, y, xerr=None if math.isnan(dx) else dx, yerr=None if math.isnan(dy) else dy, fmt="o",
+                        ms=4, capsize=2, color=colors(i % colors.N), label=f"{label} (n={curves.runs})")  # fmt: skip
+        ax.set_xlabel(f"{clean} (test)")
+        ax.set_ylabel(column)
+        ax.set_title("bars: 95% confidence interval across runs", fontsize=8)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.grid(alpha=0.3)
+        file = out / f"tradeoff_{column.replace(' ', '_').replace('≤', 'le')}.png"
+        with written(file) as f:
+            fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        files.append(file)
+    return files

@@ -15,6 +15,9 @@ folder's metrics.csv), and writes to --out:
                             images on odd rows, reconstructions on even rows; supplement Figs 2 and 4),
                             side by side, for every level all runs have a grid of
   reconstructions_clean.png the same for the clean test images (the test's images/ grid)
+  tradeoff_<column>.png     each AUC (full range, up to 0.5) and the sample FID against the clean test
+                            error, a point per run or group with its 95% intervals: robustness compared
+                            at matched clean error (with 2 runs or more)
 
 --group_by pools runs: "run" (default) keeps each run apart, its band and +- the standard deviation
 over test images; "parent" pools the runs of one folder (OUT/<variant>/seed0, seed1, ...: the seeds
@@ -46,7 +49,7 @@ from typing import Literal
 
 from fae.errors import UserError, make_folder
 from fae.evaluation.compare import check_alike, common_levels
-from fae.evaluation.figures import combine_grids, plot_results
+from fae.evaluation.figures import combine_grids, plot_results, plot_tradeoffs
 from fae.evaluation.results import (
     GENERATED_KINDS,
     LOW_NOISE,
@@ -62,7 +65,13 @@ from fae.evaluation.stats import half_width, holm, interval, welch
 from fae.files import is_write_error, replace_folder, write_failed, write_text
 
 SUMMARY_METRICS = ("posterior_fisher", "active_units")  # test/<name>, beside the clean error
-REPORT_FILES = ("robustness.md", "robustness_*.png", "fid_*.png", "reconstructions_*.png")  # what a report writes
+REPORT_FILES = (
+    "robustness.md",
+    "robustness_*.png",
+    "fid_*.png",
+    "reconstructions_*.png",
+    "tradeoff_*.png",
+)  # what a report writes
 REPORT_MARK = ".fae-report"  # in every report folder: the next report may replace it
 
 
@@ -276,6 +285,8 @@ def write_report(
             combine_grids({label: g[name] for label, g in grids.items()}, out / f"{name}.png")
             written.append(out / f"{name}.png")
     written += plot_results(runs, out)
+    if len(runs) > 1:  # a comparison: one point per run or group
+        written += plot_tradeoffs(runs, out)
     return [*written, write_text(out / "robustness.md", markdown_table(runs, notes, baseline))]
 
 
