@@ -104,8 +104,8 @@ def one_line(err: Exception) -> str | None:
     """The line that explains `err` to a user, or None for an error that is fae's own (a bug: its traceback)."""
     saved = saved_state(err)
     user = find_user_error(err)
-    if user is not None:
-        return user_message(user) + (f"; {saved}" if saved else "")
+    if user is not None:  # the safe checkpoint said for a failed write (other lines say their own)
+        return user_message(user) + (f"; {saved}" if saved and loaded("fae.files", "WriteFailed", user) else "")
     if is_write_error(err):  # a write of Lightning's or a library's (metrics.csv, a logger's file)
         where = Path(err.filename).parent if err.filename else Path.cwd()
         return (f"could not write {err.filename or 'a file'} ({err.strerror}; {free_space(where)} on its disk)"
@@ -142,7 +142,7 @@ PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pi
 def lost_peer(err: BaseException, argv: list[str]) -> str | None:
     """The line for a collective that failed because another process of the run went away, or None."""
     text = str(err)
-    if not (isinstance(err, RuntimeError) and any(part in text for part in PEER_LOST)):
+    if not (isinstance(err, RuntimeError) and any(part in text for part in PEER_LOST) and distributed_run()):
         return None
     peer = re.search(r"by peer \[([^\]]+)\]:(\d+)", text)
     who = f" (its peer at {peer.group(1)}:{peer.group(2)} closed the connection)" if peer else ""
@@ -152,6 +152,12 @@ def lost_peer(err: BaseException, argv: list[str]) -> str | None:
     path, step = last
     return (f"another process of this run stopped{who}; {path} holds step {step}. Resume with: "
             f"{resume_command(argv, path)}")  # fmt: skip
+
+
+def distributed_run() -> bool:
+    """Whether this process took part in a process group (torch.distributed, imported and initialised)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 def loaded(module: str, name: str, err: BaseException) -> bool:
