@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from fae.data import DigitsDataModule
 from fae.models import VAE, WAEGAN, FisherAE
 from fae.models import metrics as metrics_module
-from fae.models.metrics import ActiveUnits, active_units
+from fae.models.metrics import ActiveUnits, RelativeActiveUnits, active_units
 from fae.nets import MNISTDecoder, MNISTEncoder
 
 from .helpers import QUIET
@@ -33,6 +33,21 @@ def test_active_units_count_dimensions_whose_code_varies_across_the_batch():
     for chunk in codes.split(333):  # over a whole split, batch by batch
         metric.update(chunk)
     assert metric.compute() == slow
+
+
+def test_relative_active_units_count_the_dimensions_that_carry_the_codes_variance_at_any_scale():
+    torch.manual_seed(1)
+    spread = torch.tensor([3.0, 2.0, 1.0, 0.12, 0.05, 0.001])  # standard deviations: variances 9 ... 1e-6
+    codes = torch.randn(4000, 6) * spread
+    variances = codes.var(0)
+    slow = int((variances > 0.01 * variances.mean()).sum())  # above 1% of the mean variance
+    assert slow == 3  # 9, 4 and 1, of a mean variance 2.34; 0.0144 is not 1% of it (but is above 0.01)
+    for scale, absolute in ((1.0, 4), (0.01, 0)):  # the absolute count moves with the codes' scale
+        relative, counted = RelativeActiveUnits(6), ActiveUnits(6)
+        for chunk in (codes * scale).split(333):
+            relative.update(chunk)
+            counted.update(chunk)
+        assert relative.compute() == slow and counted.compute() == absolute
 
 
 def families():

@@ -64,7 +64,7 @@ from fae.evaluation.results import (
 from fae.evaluation.stats import half_width, holm, interval, welch
 from fae.files import is_write_error, replace_folder, write_failed, write_text
 
-SUMMARY_METRICS = ("posterior_fisher", "active_units")  # test/<name>, beside the clean error
+SUMMARY_METRICS = ("posterior_fisher", "active_units", "active_units_rel")  # test/<name>, beside the clean error
 REPORT_FILES = (
     "robustness.md",
     "robustness_*.png",

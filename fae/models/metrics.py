@@ -6,6 +6,10 @@ degenerate model visible:
     (`EvaluationMetrics`, stage val or test);
   - active_units  A_u = #{j : Var_x(E_q[z_j | x]) > 0.01} (Burda et al. 2016): over the batch in
     training (`active_units`), over the whole split in evaluation (`ActiveUnits`);
+  - active_units_rel  #{j : Var_x(E_q[z_j | x]) > 0.01 mean_k Var_x(E_q[z_k | x])} in evaluation: the same
+    count on codes standardised by their own scale (`RelativeActiveUnits`). The absolute threshold says
+    8 of 8 for any family whose codes are spread wider than 0.1; this one is unchanged by rescaling all
+    the codes and counts the dimensions that carry a share of the code's variance;
   - recon_mse: per-pixel MSE of a reconstruction against the clean image (`per_pixel_mse`);
   - decoder_scale: s of a Gaussian decoder, when the model has one.
 """
@@ -101,6 +105,18 @@ class ActiveUnits(CodeMoments):
         return (super().compute()[1].diagonal() > self.threshold).sum().float()
 
 
+class RelativeActiveUnits(CodeMoments):
+    """The dimensions whose code variance is above `threshold` times the mean variance of the dimensions."""
+
+    def __init__(self, latent_dim: int, threshold: float = ACTIVE_UNIT_THRESHOLD) -> None:
+        super().__init__(latent_dim)
+        self.threshold = threshold
+
+    def compute(self) -> Tensor:
+        variances = super().compute()[1].diagonal()
+        return (variances > self.threshold * variances.mean()).sum().float()
+
+
 class EvaluationMetrics(nn.Module):
     """The averages of `names` (per-sample values) and the active units of the codes, per stage."""
 
@@ -108,6 +124,7 @@ class EvaluationMetrics(nn.Module):
         super().__init__()
         self.means = nn.ModuleDict({stage: nn.ModuleDict({n: MeanMetric() for n in names}) for stage in STAGES})
         self.active_units = nn.ModuleDict({stage: ActiveUnits(latent_dim) for stage in STAGES})
+        self.relative_units = nn.ModuleDict({stage: RelativeActiveUnits(latent_dim) for stage in STAGES})
 
     def log(self, module: L.LightningModule, stage: str, values: dict[str, Tensor], codes: Tensor) -> None:
         """Update with one batch's per-sample `values` {name: (B,)} and `codes` (B, d_z), and log every
@@ -118,3 +135,5 @@ class EvaluationMetrics(nn.Module):
             module.log(f"{stage}/{name}", means[name], on_step=False, on_epoch=True, prog_bar=name == "loss")
         self.active_units[stage].update(codes)
         module.log(f"{stage}/active_units", self.active_units[stage], on_step=False, on_epoch=True)
+        self.relative_units[stage].update(codes)
+        module.log(f"{stage}/active_units_rel", self.relative_units[stage], on_step=False, on_epoch=True)
