@@ -268,14 +268,15 @@ class RobustnessSweep(L.Callback):
         folder = trainer.log_dir  # every rank calls it: it broadcasts
         self.results = self.error_rows(trainer, pl_module)
         n = self.results[0].n
-        for row in self.results:
-            if not math.isfinite(row.mean):
-                rank_zero_info(f"fae: the reconstructions at {row.kind} {row.level:g} are not finite for some "
-                               "test images: that level's rows are marked non-finite (inf, NaN for FID)")  # fmt: skip
+        broken = {(r.kind, r.level) for r in self.results if not math.isfinite(r.mean)}
+        for kind, level in sorted(broken):
+            rank_zero_info(
+                f"fae: the reconstructions at {kind} {level:g} are not finite for some test images: "
+                "that level's rows are marked non-finite (inf, NaN for FID)"
+            )
         if self.quality is not None and n < 2:
             rank_zero_info(f"fae: FID/KID not scored: they need 2 test images or more, {n} were tested")
         elif self.quality is not None:
-            broken = {(r.kind, r.level) for r in self.results if not math.isfinite(r.mean)}
             self.results += [
                 replace(self.results[0], kind=kind, level=level, metric=metric, std=spread, features=self.features_hash,
                         mean=math.nan if (kind, level) in broken else value)
@@ -292,10 +293,11 @@ class RobustnessSweep(L.Callback):
             publish_summary(trainer, self.results if self.enabled else [])
 
     def error_rows(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Row]:
-        """One row per corruption: the mean, spread and count of the errors (synchronised across devices)."""
+        """One row per corruption: the mean, spread and count of the errors (synchronised across devices); then
+        the reference row, the training mean image's error, when the data has a training split."""
         means, stds, n = self.errors.compute()
         means, stds = means.reshape(-1), stds.reshape(-1)  # torchmetrics squeezes a sweep of one level to 0-d
-        return [
+        rows = [
             Row(
                 model=type(pl_module).__name__,
                 dataset=type(trainer.datamodule).__name__ if trainer.datamodule is not None else "",
@@ -309,10 +311,8 @@ class RobustnessSweep(L.Callback):
                 split="test",
                 noise_seed=self.seed,
             )
-            for corruption, mean, std in zip(self.corruptions, means, stds, strict=False)
-        ] + [
-            Row(model=type(pl_module).__name__, dataset=type(trainer.datamodule).__name__, kind=REFERENCE_KIND,
-                level=0.0, metric=pl_module.recon_metric, mean=float(means[-1]), std=float(stds[-1]), n=n,
-                split="test", noise_seed=self.seed, checkpoint=str(trainer.ckpt_path or ""))
-            for _ in range(self.mean_image is not None)
-        ]  # fmt: skip
+            for corruption, mean, std in zip(self.corruptions, means, stds, strict=False)  # then the reference's
+        ]
+        if self.mean_image is not None:
+            rows.append(replace(rows[0], kind=REFERENCE_KIND, level=0.0, mean=float(means[-1]), std=float(stds[-1])))
+        return rows
