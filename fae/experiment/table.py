@@ -90,17 +90,15 @@ def write_table(runs: list[Run], experiment: Experiment, out: Path) -> Path:
         "| variant | seeds | " + " | ".join(columns) + " |",
         "|---|---|" + "---|" * len(columns),
     ]
-    table_csv = io.StringIO()
-    with table_csv as f:
-        writer = csv.writer(f)
-        writer.writerow(["variant", "seed_count", *[f"{c} {s}" for c in columns for s in ("mean", "std")]])
-        for variant, summaries in per_variant.items():
-            cells = [cell([r[c] for r in summaries], c) for c in columns]
-            lines.append(f"| {variant} | {len(summaries)} | " + " | ".join(cells) + " |")
-            writer.writerow(
-                [variant, len(summaries), *[v for c in columns for v in mean_std([r[c] for r in summaries])[:2]]]
-            )
-        write_text(out / "table.csv", f.getvalue())
+    table_csv = io.StringIO()  # written whole, as every result file (fae.files)
+    writer = csv.writer(table_csv)
+    writer.writerow(["variant", "seed_count", *[f"{c} {s}" for c in columns for s in ("mean", "std")]])
+    for variant, summaries in per_variant.items():
+        cells = [cell([r[c] for r in summaries], c) for c in columns]
+        lines.append(f"| {variant} | {len(summaries)} | " + " | ".join(cells) + " |")
+        spreads = [v for c in columns for v in mean_std([r[c] for r in summaries])[:2]]
+        writer.writerow([variant, len(summaries), *spreads])
+    write_text(out / "table.csv", table_csv.getvalue())
     table = out / "table.md"
     write_text(table, "\n".join(lines) + "\n")
     return table
