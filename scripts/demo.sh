@@ -32,5 +32,5 @@ for family in $families; do
     echo "    test metrics       $(ls -d "$run"/test-*)/metrics.csv and robustness.json, .csv, .png"
     echo "    W&B (offline)      $run/wandb/ (upload with: wandb sync $run/wandb/offline-run-*)"
 done
-echo "  comparison:        $demo/report/robustness_gaussian.png, robustness_mask.png, robustness.md"
+echo "  comparison:        $demo/report/robustness_gaussian.png, robustness_mask.png, tradeoff_*.png, robustness.md"
 echo "  W&B report:        $demo/dashboard.json (saved by \`fae dashboard ... --save\` once the runs are synced)"
