@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from fae.errors import UserError
+from fae.experiment.launch import seed_major
 from fae.experiment.spec import Run, extra_sbatch, minutes, read_experiment
 from fae.experiment.state import holder, read_status, run_state, take_lock
 from fae.experiment.task import Interrupted, RunFailed, RunTask
@@ -122,9 +123,13 @@ def test_the_grid_names_every_variant_and_seed_with_its_flags(tmp_path):
     assert (
         runs[2].run_dir == tmp_path / "out" / "wae" / "seed3" and runs[2].log == tmp_path / "out" / "wae" / "seed3.log"
     )
+    # a start takes every variant's first seed (here wae's only one) before any variant's second
+    assert [r.key for r in seed_major(runs)] == ["vae/seed0", "wae/seed3", "vae/seed1"]
 
 
-@pytest.mark.parametrize("name", ["mnist_ablation", "mnist_reproduce", "mnist_reproduce_paper"])
+@pytest.mark.parametrize(
+    "name", ["mnist_ablation", "mnist_controls", "mnist_long", "mnist_reproduce", "mnist_reproduce_paper"]
+)
 def test_the_shipped_experiment_files_read_and_name_existing_configs(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)  # configs are found beside the experiments/ folder too
     exp = read_experiment(ROOT / "experiments" / f"{name}.yaml")

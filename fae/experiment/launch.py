@@ -121,10 +121,19 @@ def default_jobs() -> tuple[int, int]:
     return (gpus or len(os.sched_getaffinity(0))), gpus
 
 
+def seed_major(runs: list[Run]) -> list[Run]:
+    """The runs in the order they start: every variant's first seed before any variant's second, and so on,
+    so that a grid stopped half way still compares every variant (the table keeps the file's order)."""
+    rank = {}
+    for run in runs:
+        rank.setdefault(run.variant, {}).setdefault(run.seed, len(rank[run.variant]))
+    return sorted(runs, key=lambda run: rank[run.variant][run.seed])  # stable: the file's order within a rank
+
+
 def runs_to_do(runs: list[Run], out: Path) -> list[Run]:
-    """The runs a start on this machine takes, each with a line saying why (or why not)."""
+    """The runs a start on this machine takes, seed-major, each with a line saying why (or why not)."""
     todo = []
-    for state in current_states(runs, out):  # a run queued on SLURM is not run here too
+    for state in current_states(seed_major(runs), out):  # a run queued on SLURM is not run here too
         if state.state == "done":
             print(f"experiment: {state.run.key}: done earlier, reused", flush=True)
         elif state.state in ("running", "queued"):
