@@ -3,7 +3,7 @@
 No CelebA exists on these machines, so the script writes synthetic 178 x 218 "faces" (smooth colour
 gradients with a blurred texture, JPEG quality 90: about 8 KB a file, the official zip averages 7 KB)
 in the official layout, and times, side by side, for batches of 64 at 64x64:
-  decode:   fae.data.celeba.JPEGFaces (read, decode, centre crop 140, antialiased resize), one process
+  decode:   fae.data.folder.ImageFiles (read, decode, centre crop 140, antialiased resize), one process
   memmap:   what fae trains from: a random batch of the converted array (fancy indexing)
 Both give the same uint8 batch (3, 64, 64 per image); the conversion to [-1, 1] follows on the device either way.
   step:     one training step of the VAE on the paper's CelebA nets (`--width`, 64 = Table 3)
@@ -26,7 +26,8 @@ import torch
 from PIL import Image, ImageFilter
 
 from fae.data import CelebADataModule
-from fae.data.celeba import IMAGES, PARTITION, JPEGFaces
+from fae.data.celeba import IMAGES, PARTITION
+from fae.data.folder import ImageFiles
 from fae.models import VAE
 from fae.nets import CelebADecoder, CelebAEncoder
 
@@ -67,7 +68,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         files = write_faces(Path(tmp), args.images)
         kb = np.mean([f.stat().st_size for f in files]) / 1024
-        faces = JPEGFaces(files, crop=140, size=64)
+        faces = ImageFiles(files, 3, 140, 64)
         dm = CelebADataModule(data_dir=tmp, batch_size=64)
         start = time.perf_counter()
         dm.setup()  # the one-time conversion

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from fae.data import BinaryMask, CelebADataModule, GaussianNoise
-from fae.data import celeba as celeba_module
+from fae.data import folder as folder_module
 from fae.data.celeba import IMAGES, PARTITION, load_face
 from fae.errors import UserError, user_message
 from fae.models import VAE, WAEGAN, FisherAE
@@ -106,7 +106,7 @@ def test_each_split_is_decoded_once_then_memory_mapped(tiny_celeba, monkeypatch)
     def no_decoding(*args):
         raise AssertionError("a cached split was decoded again")
 
-    monkeypatch.setattr(celeba_module, "load_face", no_decoding)
+    monkeypatch.setattr(folder_module, "load_image", no_decoding)
     again = CelebADataModule(data_dir=str(root))
     again.setup()
     for split in SIZES:

@@ -17,8 +17,7 @@ import pytest
 import yaml
 
 from fae.errors import UserError
-from fae.experiment.launch import seed_major
-from fae.experiment.spec import Run, extra_sbatch, minutes, read_experiment
+from fae.experiment.spec import Run, extra_sbatch, minutes, read_experiment, seed_major
 from fae.experiment.state import holder, read_status, run_state, take_lock
 from fae.experiment.task import Interrupted, RunFailed, RunTask
 

@@ -97,9 +97,11 @@ def test_celeba_decoder_layer_shapes(width):
 def test_nets_follow_the_image_shape_and_reject_shapes_they_cannot_make():
     assert CelebADecoder(16, 4, (3, 32, 32))(torch.zeros(2, 16)).shape == (2, 3, 32, 32)
     assert CelebAEncoder(16, 4, (3, 32, 32))(torch.zeros(2, 3, 32, 32)).shape == (2, 32)
-    with pytest.raises(UserError, match=r"CelebADecoder takes \(3, S, S\) images with S a multiple of 16.*\(3, 40"):
+    assert CelebADecoder(16, 4, (1, 32, 32))(torch.zeros(2, 16)).shape == (2, 1, 32, 32)  # grey images
+    assert CelebAEncoder(16, 4, (1, 32, 32))(torch.zeros(2, 1, 32, 32)).shape == (2, 32)
+    with pytest.raises(UserError, match=r"CelebADecoder takes \(C, S, S\) images with S a multiple of 16.*\(3, 40"):
         CelebADecoder(64, 4, (3, 40, 40))
-    with pytest.raises(UserError, match=r"CelebAEncoder takes \(3, S, S\) images.*gives \(1, 28, 28\)"):
+    with pytest.raises(UserError, match=r"CelebAEncoder takes \(C, S, S\) images.*gives \(1, 28, 28\)"):
         CelebAEncoder(64, 4, (1, 28, 28))
     with pytest.raises(UserError, match=r"MNISTEncoder takes MNIST's \(1, 28, 28\) images, the data gives \(3, 64"):
         MNISTEncoder(8, 4, (3, 64, 64))

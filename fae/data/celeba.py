@@ -12,40 +12,24 @@ then x = u / 127.5 - 1 for the uint8 pixel u, the [-1, 1] range of the decoder's
 corruptions act on that scale: Gaussian noise adds sigma N(0, 1) to values in [-1, 1], and a masked
 pixel is set to 0, mid-grey.
 
-Decoding JPEGs costs far more per batch than reading a memory-mapped uint8 array
-(benchmarks/celeba_loading.py measures the ratio), about as much as a GPU training step of these nets,
-so decoding every epoch would leave a GPU waiting. Each split is therefore decoded ONCE into a uint8
-array (N, 3, S, S), saved as .npy in `cache_dir` (N x 3 x S x S bytes: 2.5 GB for all of CelebA at
-64x64), which every later epoch and run memory-maps. The conversion
-runs in `prepare_data`, on one process per node (nodes sharing a filesystem each build the same file:
-wasted work, not a race), with `decode_workers` decoding processes; it writes a temporary file
-(`*.partial-*`) that is renamed only when complete. The file's name carries a fingerprint of the
-images folder, the partition file and the preprocessing, so changing any of them builds a new array
-instead of reading a stale one.
+It is fae.data.ImageFolderDataModule (fae/data/folder.py: the uint8 arrays decoded once and memory-mapped,
+their fingerprinted names, the one-time conversion on one process per node) with CelebA's official split
+and its 140 crop. The arrays' fingerprint is of the images folder (path and modification time, not of
+each of the 202,599 files), the partition file's contents and the preprocessing.
 Sample indices (the key of the test-time noise) are positions in the partition file's order.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from functools import cached_property
 from pathlib import Path
-from typing import NamedTuple
 
-import numpy as np
-import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_image, read_file
-from torchvision.transforms.v2 import functional as TF
-from tqdm import tqdm
 
-from fae.data.base import InMemoryImageDataModule, collate_batch
+from fae.data.folder import ImageFolderDataModule, Listing, load_image
 from fae.data.noise import Corruption
-from fae.errors import UserError, short_reason
-from fae.files import share_as_umask
+from fae.errors import UserError
 
 IMAGES = "img_align_celeba"
 PARTITION = "list_eval_partition.txt"
@@ -56,12 +40,6 @@ HOW_TO_GET = (
     "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (Google Drive or Baidu links there), unzip them into one "
     "folder and pass it as --data.data_dir"
 )
-
-
-class Partition(NamedTuple):
-    root: Path  # the folder holding img_align_celeba/ and list_eval_partition.txt
-    splits: dict[str, list[str]]  # {"train", "val", "test"}: image file names in the partition file's order
-    fingerprint: str  # names the arrays decoded from these files with this preprocessing
 
 
 def find_root(data_dir: Path) -> Path:
@@ -98,41 +76,14 @@ def read_partition(text: str, path: Path) -> dict[str, list[str]]:
 
 def load_face(path: Path, crop: int, size: int) -> Tensor:
     """One CelebA image: decoded, centre-cropped to crop x crop, resized to size x size; uint8 (3, size, size)."""
-    try:
-        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)  # (3, H, W)
-    except (RuntimeError, OSError, ValueError) as err:
-        raise UserError(
-            f"cannot read CelebA image {path} ({short_reason(err)}): it is missing or corrupt; restore it from "
-            f"{IMAGES}.zip"
-        ) from err
-    height, width = image.shape[1:]
-    if min(height, width) < crop:
-        raise UserError(f"CelebA image {path} is {width}x{height}, smaller than the crop {crop}: lower --data.crop")
-    return TF.resize(TF.center_crop(image, [crop, crop]), [size, size], antialias=True)
+    return load_image(path, 3, crop, size, "CelebA image", f"restore it from {IMAGES}.zip")
 
 
-class JPEGFaces(Dataset):
-    """The given image files through `load_face`, served as (image, index) like fae.data.base.IndexedImages."""
-
-    def __init__(self, files: list[Path], crop: int, size: int) -> None:
-        self.files, self.crop, self.size = files, crop, size
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        return load_face(self.files[i], self.crop, self.size), torch.tensor(i)
-
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
-        images = torch.stack([load_face(self.files[i], self.crop, self.size) for i in indices])
-        return images, torch.as_tensor(indices, dtype=torch.int64)
-
-
-class CelebADataModule(InMemoryImageDataModule):
+class CelebADataModule(ImageFolderDataModule):
     """CelebA faces, (3, image_size, image_size) in [-1, 1], the official split; see the module docstring."""
 
-    pixel_range = (-1.0, 1.0)
-    recon_metric = "mse"  # the paper's CelebA error, on the [-1, 1] scale
+    name = "CelebA"
+    image_label = "CelebA image"
 
     def __init__(
         self,
@@ -156,113 +107,27 @@ class CelebADataModule(InMemoryImageDataModule):
             decode_workers: processes decoding JPEGs in the one-time conversion (default: the number of
                 CPUs, at most 8; 0 decodes in the main process).
         """
-        super().__init__(batch_size, eval_batch_size, num_workers, corruption)
-        if crop < 1 or image_size < 1:
-            raise UserError(f"crop and image_size must be positive, got {crop} and {image_size}")
-        self.data_dir = Path(data_dir)
-        self.crop = crop
-        self.image_size = image_size
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.decode_workers = min(8, os.cpu_count() or 1) if decode_workers is None else decode_workers
+        super().__init__(
+            data_dir, image_size, crop, 3, cache_dir=cache_dir, decode_workers=decode_workers, batch_size=batch_size,
+            eval_batch_size=eval_batch_size, num_workers=num_workers, corruption=corruption,
+        )  # fmt: skip
 
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (3, self.image_size, self.image_size)
-
-    def to_float(self, images: Tensor) -> Tensor:
-        """uint8 -> [-1, 1], the range of the decoder's Tanh."""
-        return images.float() / 127.5 - 1.0
-
-    # --- where things are ------------------------------------------------------------------------
     @cached_property
-    def partition(self) -> Partition:
-        """The folder, its split lists and the arrays' fingerprint: of the images folder (path and modification
-        time), of the partition file's contents and of the preprocessing. Read once per data module."""
+    def listing(self) -> Listing:
+        """The images folder, the official split lists and the arrays' fingerprint (module docstring)."""
         root = find_root(self.data_dir)
         text = (root / PARTITION).read_text()
         images = (root / IMAGES).resolve()
         key = f"{CACHE_FORMAT}|{images}|{images.stat().st_mtime_ns}|crop{self.crop}|size{self.image_size}|{text}"
         fingerprint = hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
-        return Partition(root, read_partition(text, root / PARTITION), fingerprint)
+        return Listing(root / IMAGES, read_partition(text, root / PARTITION), fingerprint, PARTITION)
 
     def cache_path(self, split: str) -> Path:
-        folder = self.cache_dir or self.partition.root / "fae-cache"
-        return folder / f"celeba-{split}-{self.image_size}px-crop{self.crop}-{self.partition.fingerprint}.npy"
+        folder = self.cache_dir or self.listing.root.parent / "fae-cache"
+        return folder / f"celeba-{split}-{self.image_size}px-crop{self.crop}-{self.listing.fingerprint}.npy"
 
-    def open_cache(self, split: str) -> np.ndarray | None:
-        """The split's memory-mapped array if it holds the expected images, else None. Copy-on-write: a
-        stray write in memory never reaches the file."""
-        try:
-            array = np.load(self.cache_path(split), mmap_mode="c")
-        except (OSError, ValueError):
-            return None
-        expected = (len(self.partition.splits[split]), 3, self.image_size, self.image_size)
-        return array if array.shape == expected and array.dtype == np.uint8 else None
+    def unreadable_fix(self) -> str:
+        return f"restore it from {IMAGES}.zip"
 
-    # --- Lightning hooks -------------------------------------------------------------------------
-    def check_available(self) -> None:
-        """Fail now, with the fix, when CelebA is missing: the folder, its partition file or listed images."""
-        root, splits, _ = self.partition
-        todo = [split for split in splits if self.open_cache(split) is None]
-        present = set(os.listdir(root / IMAGES)) if todo else set()
-        missing = [name for split in todo for name in splits[split] if name not in present]
-        if missing:
-            raise UserError(
-                f"CelebA in {root} lacks {len(missing)} of the images {PARTITION} names, e.g. "
-                f"{root / IMAGES / missing[0]}; restore them from {IMAGES}.zip"
-            )
-
-    def prepare_data(self) -> None:
-        """Decode each split into its uint8 array once (Lightning runs this on one process per node)."""
-        root, splits, _ = self.partition
-        for split, names in splits.items():
-            if self.open_cache(split) is None:
-                self.convert([root / IMAGES / name for name in names], self.cache_path(split))
-
-    def convert(self, files: list[Path], path: Path) -> None:
-        """Decode `files` into a uint8 .npy at `path`. Written in order through a file (a disk that fills up
-        raises, where a memory map would fault), to a temporary name renamed when complete."""
-        print(f"fae: decoding {len(files)} CelebA images once into {path} (later runs memory-map it)", flush=True)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}.partial-")
-            share_as_umask(handle)  # a shared cache's other users read it too
-        except OSError as err:
-            raise UserError(
-                f"cannot write the CelebA arrays in {path.parent} ({err.strerror}): set --data.cache_dir "
-                "to a writable folder"
-            ) from err
-        shape = (len(files), 3, self.image_size, self.image_size)
-        loader = DataLoader(
-            JPEGFaces(files, self.crop, self.image_size),
-            batch_size=256,
-            num_workers=self.decode_workers,
-            collate_fn=collate_batch,
-        )
-        try:
-            with os.fdopen(handle, "wb") as file:
-                np.lib.format.write_array_header_1_0(file, {"descr": "|u1", "fortran_order": False, "shape": shape})
-                for images, _ in tqdm(loader, desc=f"CelebA -> {path.name}", unit="batch", disable=None):
-                    file.write(images.numpy().tobytes())  # (256, 3, S, S), in order: the loader does not shuffle
-            os.replace(tmp, path)
-        except OSError as err:  # e.g. the disk filled up
-            raise UserError(
-                f"writing the CelebA array {path} failed ({err.strerror or err}): free space there or set "
-                "--data.cache_dir to another folder"
-            ) from err
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-
-    def load_splits(self) -> dict[str, Tensor]:
-        if self.trainer is None:  # else the Trainer has called prepare_data, on one process per node
-            self.prepare_data()
-        arrays = {}
-        for split in self.partition.splits:
-            array = self.open_cache(split)
-            if array is None:
-                raise UserError(
-                    f"the CelebA array {self.cache_path(split)} is missing or unreadable: the first process of this "
-                    "node builds it, so if that failed its error says why; otherwise delete the file and run again"
-                )
-            arrays[split] = torch.from_numpy(array)  # (N, 3, S, S) uint8, memory-mapped
-        return arrays
+    def missing_fix(self) -> str:
+        return f"restore them from {IMAGES}.zip"

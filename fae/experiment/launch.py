@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from fae.errors import UserError, make_folder
-from fae.experiment.spec import Experiment, Run, Slurm, read_experiment, with_overrides
+from fae.experiment.spec import Experiment, Run, Slurm, read_experiment, seed_major, with_overrides
 from fae.experiment.state import STATES, RunState, finished, other_settings, run_state
 from fae.experiment.table import write_table
 from fae.experiment.task import RunTask
@@ -119,15 +119,6 @@ def default_jobs() -> tuple[int, int]:
 
     gpus = torch.cuda.device_count()
     return (gpus or len(os.sched_getaffinity(0))), gpus
-
-
-def seed_major(runs: list[Run]) -> list[Run]:
-    """The runs in the order they start: every variant's first seed before any variant's second, and so on,
-    so that a grid stopped half way still compares every variant (the table keeps the file's order)."""
-    rank = {}
-    for run in runs:
-        rank.setdefault(run.variant, {}).setdefault(run.seed, len(rank[run.variant]))
-    return sorted(runs, key=lambda run: rank[run.variant][run.seed])  # stable: the file's order within a rank
 
 
 def runs_to_do(runs: list[Run], out: Path) -> list[Run]:

@@ -160,6 +160,15 @@ class Experiment:
         )
 
 
+def seed_major(runs: list[Run]) -> list[Run]:
+    """The runs in the order they start: every variant's first seed before any variant's second, and so on,
+    so that a grid stopped half way still compares every variant (the table keeps the file's order)."""
+    rank = {}
+    for run in runs:
+        rank.setdefault(run.variant, {}).setdefault(run.seed, len(rank[run.variant]))
+    return sorted(runs, key=lambda run: rank[run.variant][run.seed])  # stable: the file's order within a rank
+
+
 def read_experiment(path: Path) -> Experiment:
     """The experiment file at `path`, or a UserError naming what is missing or wrong in it."""
     path = Path(path)

@@ -27,10 +27,11 @@ Two inconsistencies of the supplement's Tables 3 and 4, resolved here:
    then makes it depend on position), and the next four double: 4, 8, 16, 32, 64.
 
 The decoder's per-layer channels halve from 8w, as the encoder's double, down to w, which the last
-block keeps; the final convolution maps w channels to the 3 colour channels. LReLU slope 0.2, as in
-the MNIST nets. `image_shape` (3, S, S), S a multiple of 16, is the data module's (its `image_size`
-resize), which the model passes on; the tables' nets are S = 64. `norm` swaps the BatchNorm (BN) for a per-sample
-GroupNorm or removes it (fae.nets.norm).
+block keeps; the final convolution maps w channels to the C colour channels. LReLU slope 0.2, as in
+the MNIST nets. `image_shape` (C, S, S), S a multiple of 16, is the data module's (its `image_size`
+resize), which the model passes on; the tables' nets are C = 3 (RGB) and S = 64; C = 1 takes grey
+images (fae.data.ImageFolderDataModule with channels 1), changing the first and last convolutions
+only. `norm` swaps the BatchNorm (BN) for a per-sample GroupNorm or removes it (fae.nets.norm).
 """
 
 from __future__ import annotations
@@ -42,19 +43,19 @@ from fae.nets.mnist import LEAKY_SLOPE
 from fae.nets.norm import Norm, norm_layer
 
 
-def image_side(net: str, image_shape: tuple[int, int, int]) -> int:
-    """S of a (3, S, S) image shape, S a multiple of 16; one line saying what is wrong otherwise."""
+def image_side(net: str, image_shape: tuple[int, int, int]) -> tuple[int, int]:
+    """(C, S) of a (C, S, S) image shape, S a multiple of 16; one line saying what is wrong otherwise."""
     channels, height, width = image_shape
-    if channels != 3 or height != width or height < 16 or height % 16:
+    if channels < 1 or height != width or height < 16 or height % 16:
         raise UserError(
-            f"{net} takes (3, S, S) images with S a multiple of 16 ((3, 64, 64) in the paper), the data gives "
+            f"{net} takes (C, S, S) images with S a multiple of 16 ((3, 64, 64) in the paper), the data gives "
             f"{tuple(image_shape)}: set --data.image_size to a multiple of 16"
         )
-    return height
+    return channels, height
 
 
 class CelebAEncoder(nn.Module):
-    """(B, 3, S, S) -> (B, heads * d_z): heads = 2 (mean, log-variance) for a Gaussian encoder."""
+    """(B, C, S, S) -> (B, heads * d_z): heads = 2 (mean, log-variance) for a Gaussian encoder."""
 
     def __init__(
         self,
@@ -70,18 +71,18 @@ class CelebAEncoder(nn.Module):
             width: channels of the first conv; later convs have 2, 4, 8 times as many (64 in the paper).
             gaussian: two heads (mean, log-variance) for a Gaussian q_phi(z|x); one (the code) for the
                 deterministic WAE-GAN encoder (Table 4).
-            image_shape: (3, S, S), the data's images (S = 64 in the paper; a multiple of 16).
+            image_shape: (C, S, S), the data's images ((3, 64, 64) in the paper; S a multiple of 16).
             norm: the normalisation layers: "batch" (the paper's BatchNorm), "group" or "none".
         """
         super().__init__()
-        image_size = image_side(type(self).__name__, image_shape)
+        colours, image_size = image_side(type(self).__name__, image_shape)
         require_positive(type(self).__name__, latent_dim=latent_dim, width=width)
         self.latent_dim = latent_dim
         self.gaussian = gaussian
-        self.image_shape = (3, image_size, image_size)
+        self.image_shape = (colours, image_size, image_size)
         w, heads = width, 2 if gaussian else 1
         self.layers = nn.Sequential(
-            nn.Conv2d(3, w, 5, 1, 2),  # (w, S, S)
+            nn.Conv2d(colours, w, 5, 1, 2),  # (w, S, S)
             nn.LeakyReLU(LEAKY_SLOPE),
             nn.AvgPool2d(2),  # (w, S/2, S/2)
             nn.Conv2d(w, 2 * w, 5, 1, 2),
@@ -104,7 +105,7 @@ class CelebAEncoder(nn.Module):
 
 
 class CelebADecoder(nn.Module):
-    """(B, d_z) -> pre-activation (B, 3, S, S); the image mean is tanh of it, in [-1, 1]."""
+    """(B, d_z) -> pre-activation (B, C, S, S); the image mean is tanh of it, in [-1, 1]."""
 
     output_activation = "tanh"
 
@@ -119,14 +120,14 @@ class CelebADecoder(nn.Module):
         Args:
             latent_dim: d_z (64 in the paper).
             width: channels of the last hidden layers; earlier layers have 2, 4, 8 times as many.
-            image_shape: (3, S, S), the data's images (S = 64 in the paper; a multiple of 16).
+            image_shape: (C, S, S), the data's images ((3, 64, 64) in the paper; S a multiple of 16).
             norm: the normalisation layers: "batch" (the paper's BatchNorm), "group" or "none".
         """
         super().__init__()
-        image_size = image_side(type(self).__name__, image_shape)
+        colours, image_size = image_side(type(self).__name__, image_shape)
         require_positive(type(self).__name__, latent_dim=latent_dim, width=width)
         self.latent_dim = latent_dim
-        self.image_shape = (3, image_size, image_size)
+        self.image_shape = (colours, image_size, image_size)
         w = width
         layers: list[nn.Module] = []
         channels = latent_dim
@@ -136,8 +137,8 @@ class CelebADecoder(nn.Module):
             up = nn.Upsample(**resize, mode="bilinear", align_corners=False)
             layers += [up, nn.Conv2d(channels, out, 5, 1, 2), norm_layer(norm, out), nn.ReLU()]
             channels = out
-        layers.append(nn.Conv2d(w, 3, 5, 1, 2))  # (3, S, S)
+        layers.append(nn.Conv2d(w, colours, 5, 1, 2))  # (C, S, S)
         self.layers = nn.Sequential(*layers)
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.layers(z[:, :, None, None])  # (B, d_z) -> (B, 3, S, S)
+        return self.layers(z[:, :, None, None])  # (B, d_z) -> (B, C, S, S)
