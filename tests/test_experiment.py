@@ -126,9 +126,7 @@ def test_the_grid_names_every_variant_and_seed_with_its_flags(tmp_path):
     assert [r.key for r in seed_major(runs)] == ["vae/seed0", "wae/seed3", "vae/seed1"]
 
 
-@pytest.mark.parametrize(
-    "name", ["mnist_ablation", "mnist_controls", "mnist_long", "mnist_reproduce", "mnist_reproduce_paper"]
-)
+@pytest.mark.parametrize("name", sorted(path.stem for path in (ROOT / "experiments").glob("*.yaml")))
 def test_the_shipped_experiment_files_read_and_name_existing_configs(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)  # configs are found beside the experiments/ folder too
     exp = read_experiment(ROOT / "experiments" / f"{name}.yaml")
