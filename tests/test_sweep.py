@@ -87,16 +87,16 @@ def test_sweep_on_two_ddp_processes_equals_one(tmp_path, digits_mnist, trained_r
     (one_dir,), (two_dir,) = ((tmp_path / "runs" / name).glob("test-*") for name in ("one", "two"))
     rows_one = json.loads((one_dir / "robustness.json").read_text())
     rows_two = json.loads((two_dir / "robustness.json").read_text())
-    assert [r["n"] for r in rows_two] == [500] * (5 + 5 + 4)  # 500 test digits: the padded duplicates count once
-    # errors at 4 levels and the mean image's; FID of reconstructions (clean and 4 levels); FID and KID of prior
-    # and fitted samples
-    assert [r["metric"] for r in rows_one] == ["bce"] * 5 + ["fid"] * 5 + ["fid", "kid"] * 2
+    assert [r["n"] for r in rows_two] == [500] * (5 + 5 + 12)  # 500 test digits: the padded duplicates count once
+    # errors at 4 levels and the mean image's; FID of reconstructions (clean and 4 levels); FID, KID, precision
+    # and recall of the prior's samples and of the Gaussian's and the mixture's fitted to the codes
+    assert [r["metric"] for r in rows_one] == ["bce"] * 5 + ["fid"] * 5 + ["fid", "kid", "precision", "recall"] * 3
     assert rows_one[4]["kind"] == "mean_image"
     for a, b in zip(rows_one, rows_two, strict=True):
         assert (a["kind"], a["level"], a["metric"]) == (b["kind"], b["level"], b["metric"])
         assert a["mean"] == pytest.approx(b["mean"], rel=1e-5, abs=1e-6), a
         assert a["std"] == pytest.approx(b["std"], rel=1e-5, abs=1e-6), a
-    assert rows_one[-1]["std"] > 0  # the KID's spread over its subsets
+    assert rows_one[-3]["metric"] == "kid" and rows_one[-3]["std"] > 0  # the KID's spread over its subsets
 
 
 def test_report_makes_figures_and_table_and_rejects_malformed_files(tmp_path):

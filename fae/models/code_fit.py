@@ -1,20 +1,30 @@
-"""The ex-post density of the codes: N(m, C) fitted to the codes encode(x) of the validation images
-(the ex-post Gaussian with which Ghosh et al. 2020 sample regularised deterministic auto-encoders),
-for every family. Its samples show what the decoder makes of codes like those it was trained on,
-where a model's codes do not follow its prior. Another ex-post sampler plugs in beside it.
+"""The ex-post densities of the codes, fitted to the codes encode(x) of the validation images, for every
+family (Ghosh et al. 2020 sample regularised deterministic auto-encoders this way). Their samples show
+what the decoder makes of codes like those it was trained on, where a model's codes do not follow its
+prior. Two, side by side:
 
-`GaussianCodeFit` holds the fit as buffers (saved in checkpoints: mean, cov, count, and the global
-step of the validation it was made at; count 0 means no fit yet), updates it from each validation's
-codes on all devices, refits it from a stream of images (`fae test` refits with the tested weights)
-and samples it.
+  - `GaussianCodeFit`: N(m, C), the codes' mean and covariance, held as buffers (saved in checkpoints:
+    mean, cov, count, and the global step of the validation it was made at; count 0 means no fit yet),
+    from running sums across devices;
+  - `MixtureCodeFit`: sum_k pi_k N(m_k, C_k), a mixture of K Gaussians with full covariances fitted by
+    EM (scikit-learn's GaussianMixture, k-means initialisation, as pythae's GaussianMixtureSampler; Ghosh
+    et al. use K = 10). It keeps the validation codes themselves (a buffer, at most MAX_CODES rows, saved
+    in checkpoints), so that a mixture of any K is fitted when it is sampled (`fae sample --sampler gmm
+    --components K`) without the data.
+
+Each updates from every validation's codes on all devices (not the sanity check's), refits from codes
+(`fae test` refits with the tested weights) and samples from a seeded generator, the same codes on any
+number of devices.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
+from torchmetrics.aggregation import CatMetric
 
 from fae.errors import UserError
 from fae.models.metrics import CodeMoments
@@ -50,13 +60,13 @@ class GaussianCodeFit(nn.Module):
         self.validation.reset()
 
     @torch.no_grad()
-    def refit(self, encode: Callable[[Tensor], Tensor], images: Iterable[Tensor], step: int) -> None:
-        """Fit to encode(x) of every batch x of `images` on this device alone (each device given all the
-        images fits the same), in place of the last validation's fit; with fewer than 2 images the fit
-        saved in the checkpoint stays."""
+    def refit(self, codes: Iterable[Tensor], step: int) -> None:
+        """Fit to the batches of `codes` (B, d_z) on this device alone (each device given all the codes
+        fits the same), in place of the last validation's fit; with fewer than 2 codes the fit saved in
+        the checkpoint stays."""
         moments = CodeMoments(self.latent_dim, sync_on_compute=False).to(self.mean.device)
-        for x in images:
-            moments.update(encode(x))
+        for batch in codes:
+            moments.update(batch)
         if moments.count >= 2:
             self.set(*moments.compute(), step=step)
 
@@ -92,3 +102,97 @@ class GaussianCodeFit(nn.Module):
                 state[prefix + new] = state.pop(old)
         for name in OLD_NAMES.values():
             state.setdefault(prefix + name, getattr(self, name).detach().clone())
+
+
+class MixtureCodeFit(nn.Module):
+    """A mixture of K Gaussians fitted by EM to the kept validation codes (module docstring)."""
+
+    MAX_CODES = 20_000  # codes kept (evenly strided beyond it): EM's data, in every checkpoint
+
+    def __init__(self, latent_dim: int) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.register_buffer("codes", torch.zeros(0, latent_dim))  # (N, d_z) of the last validation
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.validation = CatMetric(nan_strategy="disable")  # this validation's codes, all devices'
+        self._mixtures: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # K -> (weights, means, Cholesky factors)
+
+    def update(self, codes: Tensor) -> None:
+        """The codes (B, d_z) of one validation batch."""
+        self.validation.update(codes.detach().float())
+
+    def end_validation(self, step: int, sanity_checking: bool) -> None:
+        """Keep this validation's codes (not the sanity check's)."""
+        if not sanity_checking and self.validation.update_count > 0:
+            self.set(self.validation.compute().reshape(-1, self.latent_dim), step)
+        self.validation.reset()
+
+    @torch.no_grad()
+    def refit(self, codes: Iterable[Tensor], step: int) -> None:
+        """Keep the batches of `codes` (B, d_z) in place of the last validation's; with fewer than 2 codes
+        those saved in the checkpoint stay."""
+        batches = [batch.detach().float() for batch in codes]
+        if sum(len(batch) for batch in batches) >= 2:
+            self.set(torch.cat(batches), step)
+
+    def set(self, codes: Tensor, step: int) -> None:
+        stride = math.ceil(len(codes) / self.MAX_CODES)
+        self.codes = codes[::stride].to(self.codes.device, torch.float32).clone()
+        self.step.fill_(step)
+        self._mixtures.clear()
+
+    def mixture(self, components: int, owner: str = "model") -> tuple[Tensor, Tensor, Tensor]:
+        """The mixture of `components` Gaussians fitted by EM to the kept codes: weights pi (K,), means
+        (K, d_z) and the Cholesky factors of the covariances (K, d_z, d_z), float64 on the codes' device;
+        fitted once per K (seeded: the same fit on every device and every call)."""
+        if components < 1:
+            raise UserError(f"--components must be >= 1, got {components}")
+        if components not in self._mixtures:
+            self._mixtures[components] = fit_mixture(self.codes.double(), components, owner)
+        return self._mixtures[components]
+
+    def sample(self, n: int, components: int, generator: torch.Generator | None = None, owner: str = "model") -> Tensor:
+        """n codes from the mixture, (n, d_z): the component of each from `generator`'s categorical draws,
+        then N(0, I)'s stream of `generator`."""
+        weights, means, roots = self.mixture(components, owner)
+        which = torch.multinomial(weights.cpu(), n, replacement=True, generator=generator).to(means.device)  # (n,)
+        eps = torch.randn(n, self.latent_dim, generator=generator).double().to(means.device)  # (n, d_z)
+        return (means[which] + (roots[which] @ eps[:, :, None]).squeeze(2)).float()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        """The kept codes take the checkpoint's number of rows (as BatchNorm fills in a missing
+        num_batches_tracked, a checkpoint from before the mixture gets none: no codes)."""
+        for name in ("codes", "step"):
+            state_dict.setdefault(prefix + name, getattr(self, name).new_zeros(getattr(self, name).shape))
+        self.codes = self.codes.new_empty(state_dict[prefix + "codes"].shape)
+        self._mixtures.clear()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def fit_mixture(codes: Tensor, components: int, owner: str = "model") -> tuple[Tensor, Tensor, Tensor]:
+    """EM for a K-component Gaussian mixture with full covariances (scikit-learn's GaussianMixture: k-means
+    initialisation, random_state 0, up to 500 iterations) on `codes` (N, d_z) rescaled to unit mean
+    variance, so that its covariance regularisation (1e-6 on the diagonal) is relative to the codes'
+    scale; returns (weights (K,), means (K, d_z), Cholesky factors of the covariances (K, d_z, d_z)) on
+    the codes' scale, float64 on their device."""
+    from sklearn.mixture import GaussianMixture
+
+    if len(codes) == 0:
+        raise UserError(
+            f"this {owner} keeps no validation codes to fit a mixture to (they are kept at each validation; this "
+            "checkpoint was saved before the first one, or by a fae older than the mixture sampler): use --sampler "
+            "fitted or the prior's samples (`fae test` fits the codes again from the validation images)"
+        )
+    if len(codes) < max(2, components):
+        raise UserError(
+            f"a mixture of {components} Gaussians needs {max(2, components)} codes or more; this {owner} kept "
+            f"{len(codes)}: give fewer --components"
+        )
+    if not torch.isfinite(codes).all():
+        raise UserError(f"the codes of this {owner} are not finite: sample its prior instead")
+    scale = codes.var(0).mean().sqrt().clamp(min=1e-12)
+    gmm = GaussianMixture(components, covariance_type="full", max_iter=500, random_state=0)
+    gmm.fit((codes / scale).cpu().numpy())
+    as_tensor = lambda a: torch.as_tensor(a, dtype=torch.float64, device=codes.device)  # noqa: E731
+    covariances = as_tensor(gmm.covariances_) * scale**2
+    return as_tensor(gmm.weights_), as_tensor(gmm.means_) * scale, torch.linalg.cholesky(covariances)
