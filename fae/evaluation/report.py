@@ -245,13 +245,15 @@ def markdown_table(runs: dict[str, Curves], notes: list[str] = (), baseline: str
         "ignoring its input.",
         *(
             [
+                "",
                 "Generated images (sample: from the prior; fitted-sample: from the Gaussian fitted to the validation "
                 "codes; GMM-sample: from the mixture of Gaussians fitted to them) and reconstructions (recon) are "
-                "scored against the clean test images in the feature network's space: FID, KID ×10³, and precision "
-                "(the share of samples within the real images' k-nearest-neighbour balls: fidelity) and recall (the "
-                "share of real images within the samples' balls: coverage), Kynkäänniemi et al. 2019."
+                "scored against the clean test images in the feature network's space: FID; KID, the unbiased MMD² "
+                "itself (papers on Inception features often print it ×10³); precision (the share of samples within "
+                "the real images' k-nearest-neighbour balls: fidelity) and recall (the share of real images within "
+                "the samples' balls: coverage), Kynkäänniemi et al. 2019."
                 + (f" The feature network: {', '.join(networks)}." if networks else "")
-                + (CONVERTED_NOTE if CONVERTED_INCEPTION in networks else "")
+                + (CONVERTED_NOTE if CONVERTED_INCEPTION in networks else ""),
             ]
             if any(column in QUALITY_COLUMNS.values() for column in columns)
             else []

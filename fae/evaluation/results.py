@@ -14,8 +14,7 @@ report and the experiment runner read them, the publisher writes them:
     range, i.e. the mean error over the swept range (or over its levels up to `up_to`: the summaries
     give both the full range and the low-noise one, levels <= LOW_NOISE, where models beat the mean
     image and the full range's weight on high noise does not reward blur);
-  - `QUALITY_COLUMNS`: the summary columns of the quality rows (`column_value`: the KID x 10^3, as the
-    literature reports it).
+  - `QUALITY_COLUMNS`: the summary columns of the quality rows.
 """
 
 from __future__ import annotations
@@ -36,20 +35,14 @@ QUALITY_METRICS = ("fid", "kid", "precision", "recall")
 GENERATED = {"samples": "sample", "fitted_samples": "fitted-sample", "gmm_samples": "GMM-sample"}  # kind: label
 GENERATED_KINDS = tuple(GENERATED)  # quality rows of generated images: the prior's, the fits of the codes'
 SAMPLE_KINDS = ("clean", *GENERATED_KINDS)  # the quality rows that are not at a corruption level
-KID_SCALE = 1e3  # the summaries show KID x 10^3, as the literature reports it; the rows hold KID itself
 QUALITY_COLUMNS = {  # the summary table's column of each quality row (kind, metric)
     ("clean", "fid"): "recon FID",
     **{
         (kind, metric): f"{label} {name}"
         for kind, label in GENERATED.items()
-        for metric, name in (("fid", "FID"), ("kid", "KID ×10³"), ("precision", "precision"), ("recall", "recall"))
+        for metric, name in (("fid", "FID"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall"))
     },
 }
-
-
-def column_value(row: Row) -> float:
-    """A quality row's value in its summary column (QUALITY_COLUMNS): the KID x 10^3, the others as they are."""
-    return row.mean * (KID_SCALE if row.metric == "kid" else 1.0)
 
 
 RESULTS_NAME = "robustness.json"
@@ -187,5 +180,5 @@ def summary_of(rows: list[Row], clean: dict[str, float] | None = None) -> dict[s
         summary[REFERENCE_COLUMN] = reference
     for r in rows:
         if (r.kind, r.metric) in QUALITY_COLUMNS:
-            summary[QUALITY_COLUMNS[(r.kind, r.metric)]] = column_value(r)
+            summary[QUALITY_COLUMNS[(r.kind, r.metric)]] = r.mean
     return {column: [value] for column, value in summary.items()}

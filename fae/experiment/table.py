@@ -10,7 +10,7 @@ import math
 import statistics
 from pathlib import Path
 
-from fae.evaluation.results import QUALITY_COLUMNS, column_value, error_rows, read_rows
+from fae.evaluation.results import QUALITY_COLUMNS, error_rows, read_rows
 from fae.experiment.spec import Experiment, Run
 from fae.experiment.state import finished, read_status
 from fae.files import write_text
@@ -56,7 +56,7 @@ def summarise_run(run: Run, experiment: Experiment) -> dict[str, float]:
             out[f"{kind} {level:g}"] = row.mean if row else math.nan
     for (kind, name), column in QUALITY_COLUMNS.items():  # the quality scores when `fae test` had a feature network
         row = next((r for r in rows if (r.kind, r.metric) == (kind, name)), None)
-        out[column] = column_value(row) if row else math.nan
+        out[column] = row.mean if row else math.nan
     out["fit min"] = read_status(run).get("fit_seconds", math.nan) / 60
     return out
 
