@@ -325,6 +325,25 @@ def test_the_table_pools_the_seeds_of_each_variant_and_leaves_unfinished_runs_ou
     assert float(rows[0]["test recon_mse std"]) == pytest.approx(0.025 / 2**0.5)
 
 
+def test_status_with_publish_reports_and_publishes_the_runs_done_and_starts_nothing(tmp_path, monkeypatch, capsys):
+    """A grid half done (a cluster's array still running, a long grid on a workstation): `--status --publish`
+    writes the table and the report of the runs done, copies them and says how many runs they hold."""
+    from fae.experiment.launch import experiment
+
+    monkeypatch.chdir(tmp_path)
+    spec = write_spec(tmp_path, table={"val_at": [1, 3], "levels": {"mask": [0.8]}})
+    runs = read_experiment(spec).grid(tmp_path / "out")
+    for run, clean in zip(runs[:2], (0.2, 0.3), strict=True):  # vae seeds 0 and 1; wae not started
+        fake_finished_run(run, clean)
+    experiment(spec, out=tmp_path / "out", status=True, publish=tmp_path / "docs")
+    shown = capsys.readouterr().out
+    assert "experiment: 2 done, 1 missing" in shown, shown
+    assert f"copied the tables and figures of 2 of the 3 runs (the others not done) to {tmp_path / 'docs'}" in shown
+    assert "| vae | 2 |" in (tmp_path / "docs" / "robustness.md").read_text()  # the report, grouped per variant
+    assert "| vae | 2 |" in (tmp_path / "docs" / "table.md").read_text()
+    assert not (runs[2].run_dir).exists()  # nothing was started
+
+
 # --- SLURM, against fake SLURM commands ---------------------------------------------------------------
 
 

@@ -69,7 +69,7 @@ def experiment(
         data_dir: passed to every run as --data.data_dir (default: the configs').
         jobs: runs at a time on this machine (default: one per GPU, else one per CPU core, one thread each).
         status: show what is done, running, queued, failed, interrupted and missing, write the table from
-            what is done, and start nothing.
+            what is done, and start nothing (with --publish: the report of the runs done, published).
         publish: copy the tables and the report's figures here (small files, for docs/results/).
         partition: SLURM partition (over the file's slurm: block, as are the options below).
         time: SLURM time limit of each run's job: minutes, or D-HH:MM:SS.
@@ -88,7 +88,10 @@ def experiment(
     print(f"experiment {plan.name}: {len(runs)} runs of {plan.batches} batches in {out}", flush=True)
     check_settings(runs, plan)
     if status:
-        return show_status(plan, runs, out)
+        show_status(plan, runs, out)
+        if publish is not None and any(finished(run) for run in runs):
+            report_results(runs, out, Path(publish))
+        return
     if executor == "slurm":
         states = submit_to_slurm(plan, runs, out, with_overrides(plan.slurm, **overrides))
         if any(s.state != "done" for s in states):
@@ -379,19 +382,26 @@ def show_status(plan: Experiment, runs: list[Run], out: Path) -> None:
         print(f"experiment: wrote {write_table(runs, plan, out)} from the runs done", flush=True)
 
 
-def finish(plan: Experiment, runs: list[Run], out: Path, publish: Path | None) -> None:
-    """The table and the report of the finished runs; copies of both in `publish`; a non-zero exit naming
-    the runs that are not in them."""
+def report_results(runs: list[Run], out: Path, publish: Path | None) -> None:
+    """`fae report --group_by parent` of the finished runs into OUT/report; with `publish`, the tables
+    (written before) and the report copied there, saying how many runs they hold."""
     from fae.evaluation.report import report
 
     done = [run for run in runs if finished(run)]
-    if not done:
-        raise SystemExit("fae experiment: no run has finished, so there is no table")
-    print(f"experiment: wrote {write_table(runs, plan, out)}", flush=True)
     report([run.run_dir for run in done], out=out / "report", group_by="parent")
     if publish is not None:
-        copy_published(out, Path(publish))
-        print(f"experiment: copied the tables and figures to {publish}", flush=True)
+        copy_published(out, publish)
+        whole = "every run" if len(done) == len(runs) else f"{len(done)} of the {len(runs)} runs (the others not done)"
+        print(f"experiment: copied the tables and figures of {whole} to {publish}", flush=True)
+
+
+def finish(plan: Experiment, runs: list[Run], out: Path, publish: Path | None) -> None:
+    """The table and the report of the finished runs; copies of both in `publish`; a non-zero exit naming
+    the runs that are not in them."""
+    if not any(finished(run) for run in runs):
+        raise SystemExit("fae experiment: no run has finished, so there is no table")
+    print(f"experiment: wrote {write_table(runs, plan, out)}", flush=True)
+    report_results(runs, out, Path(publish) if publish is not None else None)
     missing = [run.key for run in runs if not finished(run)]
     if missing:
         raise SystemExit(
