@@ -69,9 +69,53 @@ def test_the_kept_codes_travel_in_a_checkpoint_and_an_older_one_has_none():
         fit.sample(4, 0)
 
 
-def test_more_codes_than_kept_are_strided_evenly():
+def test_more_codes_than_kept_are_spread_evenly_over_the_set():
     fit = MixtureCodeFit(3)
     fit.MAX_CODES = 100
     codes = known_mixture(250)
     fit.set(codes, step=1)
-    assert torch.equal(fit.codes, codes[::3])  # ceil(250 / 100) = 3: 84 rows, spread over the whole set
+    assert len(fit.codes) == 100 and torch.equal(fit.codes[[0, -1]], codes[[0, -1]])
+    assert torch.equal(fit.codes, codes[torch.linspace(0, 249, 100).round().long()])
+
+
+def test_the_kept_codes_do_not_depend_on_the_number_of_devices():
+    """Two devices' validation batches, gathered rank by rank with the duplicate a DistributedSampler pads the
+    last batch with, keep the codes one device keeps: in image order, each image once."""
+    codes, index = known_mixture(11), torch.arange(11)
+    one = MixtureCodeFit(3)
+    for part in torch.split(index, 4):
+        one.update(codes[part], part)
+    one.end_validation(step=5, sanity_checking=False)
+    two = MixtureCodeFit(3)
+    ranks = [torch.tensor([0, 2, 4, 6, 8, 10]), torch.tensor([1, 3, 5, 7, 9, 0])]  # rank 1 padded with image 0
+    for order in ranks:  # CatMetric's gather: rank 0's rows, then rank 1's
+        for part in torch.split(order, 4):
+            two.update(codes[part], part)
+    two.end_validation(step=5, sanity_checking=False)
+    assert torch.equal(one.codes, codes) and torch.equal(two.codes, codes) and int(two.step) == 5
+    sanity = MixtureCodeFit(3)
+    sanity.update(codes, index)
+    sanity.end_validation(step=0, sanity_checking=True)  # the sanity check's codes are not kept
+    assert sanity.codes.shape == (0, 3)
+
+
+def test_the_kept_codes_are_extra_state_not_a_buffer():
+    """DDP broadcasts buffers and the non-finite guard copies them at every step: the codes are neither."""
+    fit = MixtureCodeFit(3)
+    fit.set(known_mixture(100), step=3)
+    assert "codes" not in dict(fit.named_buffers()) and torch.equal(fit.state_dict()["_extra_state"], fit.codes)
+
+
+def test_em_that_fails_is_one_line(monkeypatch):
+    from sklearn.mixture import GaussianMixture
+
+    def fails(self, X):  # scikit-learn's own words for a component on too few distinct codes
+        raise ValueError(
+            "Fitting the mixture model failed because some components have ill-defined empirical covariance"
+        )
+
+    fit = MixtureCodeFit(3)
+    fit.set(known_mixture(50), step=1)
+    monkeypatch.setattr(GaussianMixture, "fit", fails)
+    with pytest.raises(UserError, match=r"^EM could not fit 5 Gaussians to the 50 codes of this VAE \(Fitting the"):
+        fit.sample(4, 5, owner="VAE")

@@ -147,7 +147,7 @@ def test_a_sweep_level_whose_reconstructions_are_not_finite_is_a_row_marked_so(t
 
 
 def test_publishing_an_experiment_replaces_its_report_files_and_keeps_the_others(tmp_path):
-    from fae.experiment.launch import copy_published
+    from fae.experiment.table import copy_published
 
     out, docs = tmp_path / "exp", tmp_path / "docs"
     (out / "report").mkdir(parents=True)

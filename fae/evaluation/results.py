@@ -57,7 +57,7 @@ class Row:
     checkpoint: str = ""  # the checkpoint tested
     kind: str  # a corruption kind (gaussian, mask, ...), or a quality row's SAMPLE_KINDS
     level: float  # the corruption level (0 for the quality rows of SAMPLE_KINDS)
-    metric: str = "error"  # bce, mse (errors against the clean image), fid, kid
+    metric: str = "error"  # bce, mse (errors against the clean image), fid, kid, precision, recall
     mean: float
     std: float  # over the test images (an error), over KID's subsets, or across runs once pooled
     n: int  # test images, or runs once pooled
@@ -66,6 +66,8 @@ class Row:
     noise_seed: int = -1  # the corruptions' seed (--sweep.seed); -1: not recorded
     features: str = ""  # quality rows: the feature network file's SHA-256 (its first 16 hex digits)
     network: str = ""  # quality rows: which network that is (fae.evaluation.features: Frozen.name)
+    components: int = -1  # gmm_samples rows: K, the Gaussians of the mixture fitted to the codes
+    neighborhood: int = -1  # precision and recall rows: k, the nearest neighbour whose distance is a radius
 
     @property
     def is_quality(self) -> bool:

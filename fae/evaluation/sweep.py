@@ -152,7 +152,7 @@ class RobustnessSweep(L.Callback):
                 scores them when a feature network is found (else says why not), "on" requires one, "off" not.
             features: the feature network's file: fae's MNIST classifier (`fae classifier --data_dir
                 DIR` writes DIR/fae_mnist_classifier.pt, the default for MNIST data) or, for CelebA,
-                FID's Inception weights (torch-fidelity's pt_inception-2015-12-05-6726825d.pth).
+                FID's Inception weights (pt_inception-2015-12-05-6726825d.pth, or `fae inception`'s file).
             kid_subset_size: images per KID subset (100 subsets, drawn from a fixed seed).
             prc_neighborhood: k of precision and recall: an image's radius is its k-th neighbour's distance.
             gmm_components: the Gaussians of the mixture fitted by EM to the validation codes (gmm_samples).
@@ -304,7 +304,9 @@ class RobustnessSweep(L.Callback):
         elif self.quality is not None:
             self.results += [
                 replace(self.results[0], kind=kind, level=level, metric=metric, std=spread, features=self.features_hash,
-                        network=self.network, mean=math.nan if (kind, level) in broken else value)
+                        network=self.network, mean=math.nan if (kind, level) in broken else value,
+                        components=self.gmm_components if kind == "gmm_samples" else -1,
+                        neighborhood=self.prc_neighborhood if metric in ("precision", "recall") else -1)
                 for (kind, level, metric), (value, spread) in self.quality.compute().items()
             ]  # fmt: skip
         self.quality, self.draws = None, {}  # the feature network and the metrics' states go with them

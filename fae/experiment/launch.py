@@ -26,12 +26,12 @@ import time as clock
 from pathlib import Path
 from typing import Literal
 
-from fae.errors import UserError, make_folder
+from fae.errors import UserError
 from fae.experiment.spec import Experiment, Run, Slurm, read_experiment, seed_major, with_overrides
 from fae.experiment.state import STATES, RunState, finished, other_settings, run_state
-from fae.experiment.table import write_table
+from fae.experiment.table import finish, report_results, write_table
 from fae.experiment.task import RunTask
-from fae.files import write_text, written
+from fae.files import write_text
 
 LOCAL_TIMEOUT_MIN = 60 * 24 * 365  # submitit's local executor stops a job at its time limit: none here
 SUBMITIT_DIR = ".submitit"  # submitit's pickles and the jobs' own logs, under OUT
@@ -88,10 +88,7 @@ def experiment(
     print(f"experiment {plan.name}: {len(runs)} runs of {plan.batches} batches in {out}", flush=True)
     check_settings(runs, plan)
     if status:
-        show_status(plan, runs, out)
-        if publish is not None and any(finished(run) for run in runs):
-            report_results(runs, out, Path(publish))
-        return
+        return show_status(plan, runs, out, Path(publish) if publish is not None else None)
     if executor == "slurm":
         states = submit_to_slurm(plan, runs, out, with_overrides(plan.slurm, **overrides))
         if any(s.state != "done" for s in states):
@@ -294,22 +291,6 @@ def submit_to_slurm(plan: Experiment, runs: list[Run], out: Path, slurm: Slurm) 
     return states
 
 
-def copy_published(out: Path, publish: Path) -> None:
-    """The tables and the report's files into `publish` (docs/results/...), each whole, and the report files
-    an earlier copy left there that this report does not have removed (the folder's other files stay)."""
-    from fae.evaluation.report import is_report_file
-
-    make_folder(publish, "the --publish folder", "give another --publish")
-    files = [out / "table.md", out / "table.csv", *sorted(p for p in (out / "report").iterdir() if p.name[0] != ".")]
-    for file in files:
-        with written(publish / file.name) as copy:
-            copy.write(file.read_bytes())
-    names = {file.name for file in files}
-    for stale in publish.iterdir():
-        if stale.is_file() and is_report_file(stale.name) and stale.name not in names:
-            stale.unlink()
-
-
 def jobs_file(out: Path) -> Path:
     return out / "jobs.json"
 
@@ -370,8 +351,9 @@ def current_states(runs: list[Run], out: Path) -> list[RunState]:
 # --- status and results ------------------------------------------------------------------------
 
 
-def show_status(plan: Experiment, runs: list[Run], out: Path) -> None:
-    """A line per run saying what is known of it, and the table of the runs done."""
+def show_status(plan: Experiment, runs: list[Run], out: Path, publish: Path | None) -> None:
+    """A line per run saying what is known of it, and the table of the runs done (with `publish`, their
+    report too, both copied there)."""
     states = current_states(runs, out)
     counts = {name: sum(s.state == name for s in states) for name in STATES}
     print("experiment: " + ", ".join(f"{n} {name}" for name, n in counts.items() if n), flush=True)
@@ -380,31 +362,7 @@ def show_status(plan: Experiment, runs: list[Run], out: Path) -> None:
         print(f"  {state.run.key:<{width}}  {state.state:<11}  {state.detail}".rstrip(), flush=True)
     if counts["done"]:
         print(f"experiment: wrote {write_table(runs, plan, out)} from the runs done", flush=True)
-
-
-def report_results(runs: list[Run], out: Path, publish: Path | None) -> None:
-    """`fae report --group_by parent` of the finished runs into OUT/report; with `publish`, the tables
-    (written before) and the report copied there, saying how many runs they hold."""
-    from fae.evaluation.report import report
-
-    done = [run for run in runs if finished(run)]
-    report([run.run_dir for run in done], out=out / "report", group_by="parent")
-    if publish is not None:
-        copy_published(out, publish)
-        whole = "every run" if len(done) == len(runs) else f"{len(done)} of the {len(runs)} runs (the others not done)"
-        print(f"experiment: copied the tables and figures of {whole} to {publish}", flush=True)
-
-
-def finish(plan: Experiment, runs: list[Run], out: Path, publish: Path | None) -> None:
-    """The table and the report of the finished runs; copies of both in `publish`; a non-zero exit naming
-    the runs that are not in them."""
-    if not any(finished(run) for run in runs):
-        raise SystemExit("fae experiment: no run has finished, so there is no table")
-    print(f"experiment: wrote {write_table(runs, plan, out)}", flush=True)
-    report_results(runs, out, Path(publish) if publish is not None else None)
-    missing = [run.key for run in runs if not finished(run)]
-    if missing:
-        raise SystemExit(
-            f"fae experiment: {len(missing)} of {len(runs)} runs are not in the table: {', '.join(missing)} "
-            f"(`--status` says why)"
-        )
+        if publish is not None:
+            report_results(runs, out, publish)
+    elif publish is not None:
+        print(f"experiment: no run is done: nothing was published to {publish}", flush=True)

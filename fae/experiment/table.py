@@ -1,6 +1,7 @@
-"""An experiment's table: per variant, the mean and the standard deviation across seeds of the
-validation error during training, the clean test error and diagnostics, the error at chosen noise
-levels, the sample quality and the training time (OUT/table.md and OUT/table.csv)."""
+"""An experiment's results: its table (per variant, the mean and the standard deviation across seeds of
+the validation error during training, the clean test error and diagnostics, the error at chosen noise
+levels, the sample quality and the training time: OUT/table.md and OUT/table.csv), its `fae report
+--group_by parent` (OUT/report) and, when asked, their copies for docs/results (`--publish`)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import math
 import statistics
 from pathlib import Path
 
+from fae.errors import make_folder
 from fae.evaluation.results import QUALITY_COLUMNS, error_rows, read_rows
 from fae.experiment.spec import Experiment, Run
 from fae.experiment.state import finished, read_status
-from fae.files import write_text
+from fae.files import write_text, written
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -85,12 +87,13 @@ def write_table(runs: list[Run], experiment: Experiment, out: Path) -> Path:
             per_variant.setdefault(run.variant, []).append(summarise_run(run, experiment))
     every = [row for summaries in per_variant.values() for row in summaries]
     columns = [c for c in every[0] if any(not math.isnan(row[c]) for row in every)]  # what no run has, left out
+    done = sum(len(summaries) for summaries in per_variant.values())
     lines = [
-        f"Budget: {experiment.batches} batches per run; mean ± standard deviation across seeds (one value: one seed).",
-        "",
-        "| variant | seeds | " + " | ".join(columns) + " |",
-        "|---|---|" + "---|" * len(columns),
+        f"Budget: {experiment.batches} batches per run; mean ± standard deviation across seeds (one value: one seed)."
     ]
+    if done < len(runs):
+        lines.append(f"Interim: {done} of the {len(runs)} runs are done; the others are not in this table.")
+    lines += ["", "| variant | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     table_csv = io.StringIO()  # written whole, as every result file (fae.files)
     writer = csv.writer(table_csv)
     writer.writerow(["variant", "seed_count", *[f"{c} {s}" for c in columns for s in ("mean", "std")]])
@@ -103,3 +106,47 @@ def write_table(runs: list[Run], experiment: Experiment, out: Path) -> Path:
     table = out / "table.md"
     write_text(table, "\n".join(lines) + "\n")
     return table
+
+
+def copy_published(out: Path, publish: Path) -> None:
+    """The tables and the report's files into `publish` (docs/results/...), each whole, and the report files
+    an earlier copy left there that this report does not have removed (the folder's other files stay)."""
+    from fae.evaluation.report import is_report_file
+
+    make_folder(publish, "the --publish folder", "give another --publish")
+    files = [out / "table.md", out / "table.csv", *sorted(p for p in (out / "report").iterdir() if p.name[0] != ".")]
+    for file in files:
+        with written(publish / file.name) as copy:
+            copy.write(file.read_bytes())
+    names = {file.name for file in files}
+    for stale in publish.iterdir():
+        if stale.is_file() and is_report_file(stale.name) and stale.name not in names:
+            stale.unlink()
+
+
+def report_results(runs: list[Run], out: Path, publish: Path | None) -> None:
+    """`fae report --group_by parent` of the finished runs into OUT/report; with `publish`, the tables
+    (written before) and the report copied there, saying how many runs they hold."""
+    from fae.evaluation.report import report
+
+    done = [run for run in runs if finished(run)]
+    report([run.run_dir for run in done], out=out / "report", group_by="parent")
+    if publish is not None:
+        copy_published(out, publish)
+        whole = "every run" if len(done) == len(runs) else f"{len(done)} of the {len(runs)} runs (the others not done)"
+        print(f"experiment: copied the tables and figures of {whole} to {publish}", flush=True)
+
+
+def finish(plan: Experiment, runs: list[Run], out: Path, publish: Path | None) -> None:
+    """The table and the report of the finished runs; copies of both in `publish`; a non-zero exit naming
+    the runs that are not in them."""
+    if not any(finished(run) for run in runs):
+        raise SystemExit("fae experiment: no run has finished, so there is no table")
+    print(f"experiment: wrote {write_table(runs, plan, out)}", flush=True)
+    report_results(runs, out, Path(publish) if publish is not None else None)
+    missing = [run.key for run in runs if not finished(run)]
+    if missing:
+        raise SystemExit(
+            f"fae experiment: {len(missing)} of {len(runs)} runs are not in the table: {', '.join(missing)} "
+            f"(`--status` says why)"
+        )

@@ -242,7 +242,7 @@ class AutoEncoder(L.LightningModule):
 
     def sample_mixture(self, n: int, components: int = 10, generator: torch.Generator | None = None) -> Tensor:
         """n codes from the mixture of `components` Gaussians fitted by EM to the last validation's codes, (n, d_z)."""
-        return self.code_mixture.sample(n, components, generator, owner=type(self).__name__)
+        return self.code_mixture.sample(n, components, generator, owner=type(self).__name__).to(self.device)
 
     @torch.no_grad()
     def fit_codes(self, images: Iterable[Tensor]) -> None:
@@ -319,7 +319,7 @@ class AutoEncoder(L.LightningModule):
             recon = self.decode(codes)  # reconstruct(x)
         if stage == "val":
             self.code_fit.update(codes)
-            self.code_mixture.update(codes)
+            self.code_mixture.update(codes, batch.index)
         self.nonfinite.check_outputs(self, recon, stage)
         terms["recon_mse"] = per_pixel_mse(recon, batch.target)  # of the paper's reconstruction, not a sample's
         terms[f"recon_{self.recon_metric}"] = RECONSTRUCTION_ERRORS[self.recon_metric](recon, batch.target)
