@@ -132,8 +132,8 @@ def markdown_table(runs: dict[str, Curves], notes: list[str] = (), baseline: str
                 "the real images' k-nearest-neighbour balls: fidelity) and recall (the share of real images within "
                 "the samples' balls: coverage), Kynkäänniemi et al. 2019."
                 + (f" The feature network: {', '.join(networks)}." if networks else "")
-                + settings_note(runs)
-                + (CONVERTED_NOTE if CONVERTED_INCEPTION in networks else ""),
+                + (CONVERTED_NOTE if CONVERTED_INCEPTION in networks else "")
+                + settings_note(runs),
             ]
             if any(column in QUALITY_COLUMNS.values() for column in columns)
             else []
