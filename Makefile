@@ -28,12 +28,19 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH bash scripts/demo.sh
 
+# The single-process tests run TEST_JOBS at a time (pytest-xdist), one thread each so that they do not
+# oversubscribe the cores; then the multiprocess ones (DDP, torchrun, live runs side by side), one at a time,
+# each already using the cores.
+TEST_JOBS ?= 2
+PARALLEL_TESTS = OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_JOBS)
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(PARALLEL_TESTS) -m "not multiprocess"
+	$(BIN)/python -m pytest -q -m multiprocess
 
 # the working loop: every test but those marked slow (end-to-end runs of fae) or multiprocess (DDP, torchrun)
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not multiprocess"
+	$(PARALLEL_TESTS) -m "not slow and not multiprocess"
 
 lint: $(STAMP)
 	$(BIN)/ruff check fae tests benchmarks scripts
