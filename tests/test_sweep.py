@@ -211,6 +211,17 @@ def test_report_pools_seeds_by_folder_with_the_spread_across_runs(tmp_path):
         assert (tmp_path / "report" / f"tradeoff_{column}.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_wide_band_does_not_flatten_the_curves():
+    from fae.evaluation.figures import axis_range
+
+    curves = [0.3, 0.5, 0.9]
+    # two seeds' t-interval reaching far outside the curves: the axis is the curves padded by a quarter span
+    assert axis_range(curves, [-2.0, 4.0]) == pytest.approx((0.15, 1.05))
+    # a narrow band is shown whole; an error axis never goes below 0
+    assert axis_range(curves, [0.28, 0.95]) == pytest.approx((0.28, 0.95))
+    assert axis_range([0.01, 0.2], [-0.5, 0.21, float("nan")]) == pytest.approx((0.0, 0.21))
+
+
 def test_report_labels_runs_with_the_same_folder_name_apart(tmp_path):
     from fae.evaluation.report import report
 

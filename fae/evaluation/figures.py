@@ -29,6 +29,7 @@ def plot_kind(runs: dict[str, Curves], kind: str, file: Path, metric: str | None
     legend beside the axes for many runs."""
     plt = pyplot()
     many = len(runs) > 6
+    bands: list[float] = []
     fig, ax = plt.subplots(figsize=(7.5 if many else 5, 3.6))
     colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10")
     name, plotted = "", []
@@ -48,12 +49,15 @@ def plot_kind(runs: dict[str, Curves], kind: str, file: Path, metric: str | None
         high = [m + s for m, s in zip(means, stds, strict=True)]
         ax.fill_between(levels, low, high, alpha=0.2, color=color)
         plotted += means
+        bands += low + high
     references = {reference_error(c.rows) for c in runs.values()} - {None} if metric is None else set()
     if len(references) == 1:  # one data set: the error of its training mean image, the same at every level
         (reference,) = references
         ax.axhline(reference, color="0.4", ls="--", lw=1, label="training set's mean image")
     if plotted and min(plotted) > 0 and max(plotted) / min(plotted) > 20:
         ax.set_yscale("log")
+    elif plotted:
+        ax.set_ylim(*axis_range(plotted + [r for r in references if len(references) == 1], bands))
     ax.set_xlabel(corruption_label(kind))
     what = f"{name.upper()} of reconstructions" if metric else f"reconstruction {name.upper()}"
     ax.set_ylabel(f"{what} vs clean image{'s' if metric else ''}")
@@ -68,6 +72,21 @@ def plot_kind(runs: dict[str, Curves], kind: str, file: Path, metric: str | None
     with written(file) as f:
         fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
+
+
+def axis_range(values: list[float], bands: list[float]) -> tuple[float, float]:
+    """The y-axis of a linear plot: the bands where they stay near the curves, else the curves padded by a
+    quarter of their span (a group of 2 seeds has a t-interval 12.7 standard errors wide, which would
+    flatten every curve into a line; its band then runs off the axes), and never below 0 when no curve is."""
+    values, bands = [v for v in values if math.isfinite(v)], [b for b in bands if math.isfinite(b)]
+    if not values:
+        return (0.0, 1.0)
+    low, high = min(values), max(values)
+    pad = 0.25 * (high - low) or 0.05 * abs(high) or 1.0
+    bottom, top = max(min(bands, default=low), low - pad), min(max(bands, default=high), high + pad)
+    if low >= 0:
+        bottom = max(bottom, 0.0)
+    return min(bottom, low - 0.02 * pad), max(top, high + 0.02 * pad)
 
 
 def plot_results(runs: dict[str, Curves], out: Path) -> list[Path]:
