@@ -215,11 +215,13 @@ def test_a_wide_band_does_not_flatten_the_curves():
     from fae.evaluation.figures import axis_range
 
     curves = [0.3, 0.5, 0.9]
-    # two seeds' t-interval reaching far outside the curves: the axis is the curves padded by a quarter span
-    assert axis_range(curves, [-2.0, 4.0]) == pytest.approx((0.15, 1.05))
-    # a narrow band is shown whole; an error axis never goes below 0
-    assert axis_range(curves, [0.28, 0.95]) == pytest.approx((0.28, 0.95))
-    assert axis_range([0.01, 0.2], [-0.5, 0.21, float("nan")]) == pytest.approx((0.0, 0.21))
+    # two seeds' t-interval reaching far outside the curves: the axis is the curves padded by a quarter of
+    # their spread (0.15), then a 4% margin
+    assert axis_range(curves, [-2.0, 4.0]) == pytest.approx((0.15 - 0.036, 1.05 + 0.036))
+    # a narrow band is shown whole; points without bands count; an error axis never goes below 0
+    assert axis_range(curves, [0.28, 0.95]) == pytest.approx((0.28 - 0.0268, 0.95 + 0.0268))
+    assert axis_range(curves, [0.45, 0.55]) == pytest.approx((0.3 - 0.024, 0.9 + 0.024))
+    assert axis_range([0.01, 0.2], [-0.5, 0.21, float("nan")]) == pytest.approx((0.0, 0.21 + 0.0099))
 
 
 def test_report_labels_runs_with_the_same_folder_name_apart(tmp_path):

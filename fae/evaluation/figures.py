@@ -75,18 +75,18 @@ def plot_kind(runs: dict[str, Curves], kind: str, file: Path, metric: str | None
 
 
 def axis_range(values: list[float], bands: list[float]) -> tuple[float, float]:
-    """The y-axis of a linear plot: the bands where they stay near the curves, else the curves padded by a
-    quarter of their span (a group of 2 seeds has a t-interval 12.7 standard errors wide, which would
-    flatten every curve into a line; its band then runs off the axes), and never below 0 when no curve is."""
+    """The range of a linear axis: the points and their bands where the bands stay near the points, else
+    the points padded by a quarter of their spread (a group of 2 seeds has a t-interval 12.7 standard errors
+    wide, which would flatten every curve into a line; its band then runs off the axes), a 4% margin
+    around that, and never below 0 when no point is (an error)."""
     values, bands = [v for v in values if math.isfinite(v)], [b for b in bands if math.isfinite(b)]
     if not values:
         return (0.0, 1.0)
     low, high = min(values), max(values)
     pad = 0.25 * (high - low) or 0.05 * abs(high) or 1.0
-    bottom, top = max(min(bands, default=low), low - pad), min(max(bands, default=high), high + pad)
-    if low >= 0:
-        bottom = max(bottom, 0.0)
-    return min(bottom, low - 0.02 * pad), max(top, high + 0.02 * pad)
+    bottom, top = max(min(bands + [low]), low - pad), min(max(bands + [high]), high + pad)
+    margin = 0.04 * (top - bottom)
+    return (max(bottom - margin, 0.0) if low >= 0 else bottom - margin), top + margin
 
 
 def plot_results(runs: dict[str, Curves], out: Path) -> list[Path]:
@@ -134,12 +134,23 @@ def plot_tradeoffs(runs: dict[str, Curves], out: Path) -> list[Path]:
     for column in wanted:
         fig, ax = plt.subplots(figsize=(5, 3.8))
         colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10")
+        points: dict[str, list[float]] = {"x": [], "y": [], "x bars": [], "y bars": []}
         for i, (label, curves) in enumerate(runs.items()):
             (x, dx), (y, dy) = interval(curves.summary.get(clean, [])), interval(curves.summary.get(column, []))
             if math.isnan(x) or math.isnan(y):
                 continue
+            points["x"].append(x), points["y"].append(y)
+            points["x bars"] += [x - dx, x + dx] if not math.isnan(dx) else []
+            points["y bars"] += [y - dy, y + dy] if not math.isnan(dy) else []
             ax.errorbar(x, y, xerr=None if math.isnan(dx) else dx, yerr=None if math.isnan(dy) else dy, fmt="o",
                         ms=4, capsize=2, color=colors(i % colors.N), label=f"{label} (n={curves.runs})")  # fmt: skip
+        references = {reference_error(c.rows) for c in runs.values()} - {None}
+        if " AUC" in column and len(references) == 1:  # the mean image's error is the same at every level
+            ax.axhline(*references, color="0.4", ls="--", lw=1, label="training set's mean image")
+            points["y"] += references
+        if points["x"]:  # bars far wider than the points' spread (two seeds) run off the axes
+            ax.set_xlim(*axis_range(points["x"], points["x bars"]))
+            ax.set_ylim(*axis_range(points["y"], points["y bars"]))
         ax.set_xlabel(f"{clean} (test)")
         ax.set_ylabel(column)
         ax.set_title("bars: 95% confidence interval across runs", fontsize=8)
