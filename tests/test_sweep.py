@@ -4,6 +4,7 @@ corrupted images; two DDP processes give the sweep of one."""
 from __future__ import annotations
 
 import json
+import math
 
 import lightning as L
 import numpy as np
@@ -209,6 +210,27 @@ def test_report_pools_seeds_by_folder_with_the_spread_across_runs(tmp_path):
     # the trade-off: each AUC against the clean error, a point per group
     for column in ("mask_AUC", "mask_AUC_le0.5"):
         assert (tmp_path / "report" / f"tradeoff_{column}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_groups_without_spread_get_no_test(tmp_path):
+    from fae.evaluation.report import report
+    from fae.evaluation.stats import welch
+
+    # Welch's statistic is 0/0 or x/0 when neither group varies (a count such as active units): no p-value
+    assert math.isnan(welch([8.0, 8.0, 8.0], [7.0, 7.0])) and math.isnan(welch([8.0], [7.0, 6.0]))
+    assert welch([1.0, 2.0, 3.0], [2.0, 2.0]) == pytest.approx(
+        scipy.stats.ttest_ind([1.0, 2.0, 3.0], [2.0, 2.0], equal_var=False).pvalue
+    )
+    # in the report: the difference, marked untested, and left out of the Holm family
+    for family, clean, masks in (("vae", 0.1, [[1.0, 2.0], [1.5, 2.5]]), ("fisher", 0.2, [[1.0, 3.0], [2.0, 4.0]])):
+        for seed, means in enumerate(masks):
+            fake_run(tmp_path / family / f"seed{seed}", family, {("mask", 0.0): means[0], ("mask", 1.0): means[1]},
+                     clean=clean)  # fmt: skip
+    report([str(p) for p in sorted(tmp_path.glob("*/seed*"))], out=tmp_path / "report", group_by="parent")
+    text = (tmp_path / "report" / "robustness.md").read_text()
+    p = scipy.stats.ttest_ind([2.0, 3.0], [1.5, 2.0], equal_var=False).pvalue  # the mask AUCs, (a + b) / 2
+    assert "Holm-corrected over the 1 test of this table" in text
+    assert f"\n| fisher | +0.1 (no test) | +0.2 (no test) | +0.75 (p = {p:.2g}) |  |" in text
 
 
 def test_a_wide_band_does_not_flatten_the_curves():

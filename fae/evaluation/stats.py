@@ -38,12 +38,12 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 
 def welch(a: list[float], b: list[float]) -> float:
-    """Two-sided p-value of Welch's t-test that `a` and `b` have equal means (NaN with fewer than 2 each)."""
+    """Two-sided p-value of Welch's t-test that `a` and `b` have equal means; NaN (no test) with fewer than 2
+    values in either, or with no spread in both (a count such as active units, the same in every seed: the
+    statistic is 0/0 or x/0, and a p-value of 0 or 1 would claim what 2 or 3 seeds cannot show)."""
     a, b = [v for v in a if math.isfinite(v)], [v for v in b if math.isfinite(v)]
-    if len(a) < 2 or len(b) < 2:
+    if len(a) < 2 or len(b) < 2 or (statistics.stdev(a) == 0 and statistics.stdev(b) == 0):
         return math.nan
-    if statistics.stdev(a) == 0 and statistics.stdev(b) == 0:
-        return 1.0 if statistics.mean(a) == statistics.mean(b) else 0.0
     return float(scipy_stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 

@@ -50,10 +50,11 @@ def tests_table(runs: dict[str, Curves], baseline: str | None) -> list[str]:
     adjusted = dict(zip(tests, holm(raw), strict=True))
     if not others or all(math.isnan(p) for p in raw):
         return []
+    made = sum(math.isfinite(p) for p in raw)
     lines = [
         f"Each group against {baseline}: the difference of the means, and in brackets the two-sided p-value of "
-        f"Welch's t-test across runs, Holm-corrected over the {sum(math.isfinite(p) for p in raw)} tests of this "
-        "table:",
+        f"Welch's t-test across runs, Holm-corrected over the {made} test{'s' * (made != 1)} of this "
+        "table (no test: a group with fewer than 2 values, or no spread in either group):",
         "",
         "| run | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),
@@ -63,7 +64,10 @@ def tests_table(runs: dict[str, Curves], baseline: str | None) -> list[str]:
         for k in columns:
             difference = interval(runs[label].summary.get(k, []))[0] - interval(runs[baseline].summary[k])[0]
             p = adjusted[(label, k)]
-            cells.append("" if math.isnan(p) else f"{difference:+.3g} (p = {p:.2g})")
+            if math.isnan(difference):
+                cells.append("")
+            else:
+                cells.append(f"{difference:+.3g} ({'no test' if math.isnan(p) else f'p = {p:.2g}'})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return ["", *lines]
 
