@@ -139,7 +139,8 @@ def plot_tradeoffs(runs: dict[str, Curves], out: Path) -> list[Path]:
             (x, dx), (y, dy) = interval(curves.summary.get(clean, [])), interval(curves.summary.get(column, []))
             if math.isnan(x) or math.isnan(y):
                 continue
-            points["x"].append(x), points["y"].append(y)
+            points["x"].append(x)
+            points["y"].append(y)
             points["x bars"] += [x - dx, x + dx] if not math.isnan(dx) else []
             points["y bars"] += [y - dy, y + dy] if not math.isnan(dy) else []
             ax.errorbar(x, y, xerr=None if math.isnan(dx) else dx, yerr=None if math.isnan(dy) else dy, fmt="o",
