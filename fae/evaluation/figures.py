@@ -50,14 +50,13 @@ def plot_kind(runs: dict[str, Curves], kind: str, file: Path, metric: str | None
         ax.fill_between(levels, low, high, alpha=0.2, color=color)
         plotted += means
         bands += low + high
-    references = {reference_error(c.rows) for c in runs.values()} - {None} if metric is None else set()
-    if len(references) == 1:  # one data set: the error of its training mean image, the same at every level
-        (reference,) = references
+    reference = mean_image_error(runs) if metric is None else None
+    if reference is not None:
         ax.axhline(reference, color="0.4", ls="--", lw=1, label="training set's mean image")
     if plotted and min(plotted) > 0 and max(plotted) / min(plotted) > 20:
         ax.set_yscale("log")
     elif plotted:
-        ax.set_ylim(*axis_range(plotted + [r for r in references if len(references) == 1], bands))
+        ax.set_ylim(*axis_range(plotted + ([] if reference is None else [reference]), bands))
     ax.set_xlabel(corruption_label(kind))
     what = f"{name.upper()} of reconstructions" if metric else f"reconstruction {name.upper()}"
     ax.set_ylabel(f"{what} vs clean image{'s' if metric else ''}")
@@ -72,6 +71,12 @@ def plot_kind(runs: dict[str, Curves], kind: str, file: Path, metric: str | None
     with written(file) as f:
         fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
+
+
+def mean_image_error(runs: dict[str, Curves]) -> float | None:
+    """The error of the training set's mean image where the runs share one (one data set), else None."""
+    references = {reference_error(c.rows) for c in runs.values()} - {None}
+    return next(iter(references)) if len(references) == 1 else None
 
 
 def axis_range(values: list[float], bands: list[float]) -> tuple[float, float]:
@@ -130,7 +135,7 @@ def plot_tradeoffs(runs: dict[str, Curves], out: Path) -> list[Path]:
     wanted = [k for k in columns if " AUC" in k or k == "sample FID"]
     if clean is None or not wanted:
         return []
-    plt, files = pyplot(), []
+    plt, files, reference = pyplot(), [], mean_image_error(runs)
     for column in wanted:
         fig, ax = plt.subplots(figsize=(5, 3.8))
         colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10")
@@ -145,10 +150,9 @@ def plot_tradeoffs(runs: dict[str, Curves], out: Path) -> list[Path]:
             points["y bars"] += [y - dy, y + dy] if not math.isnan(dy) else []
             ax.errorbar(x, y, xerr=None if math.isnan(dx) else dx, yerr=None if math.isnan(dy) else dy, fmt="o",
                         ms=4, capsize=2, color=colors(i % colors.N), label=f"{label} (n={curves.runs})")  # fmt: skip
-        references = {reference_error(c.rows) for c in runs.values()} - {None}
-        if " AUC" in column and len(references) == 1:  # the mean image's error is the same at every level
-            ax.axhline(*references, color="0.4", ls="--", lw=1, label="training set's mean image")
-            points["y"] += references
+        if " AUC" in column and reference is not None:  # the mean image's error is the same at every level
+            ax.axhline(reference, color="0.4", ls="--", lw=1, label="training set's mean image")
+            points["y"].append(reference)
         if points["x"]:  # bars far wider than the points' spread (two seeds) run off the axes
             ax.set_xlim(*axis_range(points["x"], points["x bars"]))
             ax.set_ylim(*axis_range(points["y"], points["y bars"]))
