@@ -13,6 +13,7 @@ import scipy.stats
 import torch
 
 from fae.data import DigitsDataModule
+from fae.errors import UserError
 from fae.evaluation import RobustnessSweep
 from fae.models import VAE, WAEGAN
 from fae.models.load import load_model
@@ -197,16 +198,35 @@ def test_report_pools_seeds_by_folder_with_the_spread_across_runs(tmp_path):
     cells = [ci([0.1, 0.2, 0.3]), ci([0.2, 0.4, 0.6]), ci(auc), ci(low)]
     expected = " | ".join(f"{mean:.4g} ± {half:.2g}" for mean, half in cells)
     assert summary.splitlines()[2] == f"| fisher | 3 | {expected} |"
-    # fisher against the VAE's group (the default baseline): Welch's test per column, Holm over the four
+    # fisher against the VAE's group (the default baseline): Welch's test per column, Holm within each family:
+    # the primary columns (clean error, the AUCs) and the others (here the posterior Fisher divergence alone)
     vae_auc = [(0.5 * (a + b) + 0.5 * (b + c)) / 2 for a, b, c in runs["vae"]]
     vae_low = [(a + b) / 2 for a, b, _ in runs["vae"]]
-    pairs = [([0.1, 0.2, 0.3], [0.1, 0.2]), ([0.2, 0.4, 0.6], [0.2, 0.4]), (auc, vae_auc), (low, vae_low)]
-    raw = [scipy.stats.ttest_ind(a, b, equal_var=False).pvalue for a, b in pairs]
-    order = np.argsort(raw)
-    holm = np.maximum.accumulate([min(1, (4 - rank) * raw[i]) for rank, i in enumerate(order)])[np.argsort(order)]
+    clean, fisher = ([0.1, 0.2, 0.3], [0.1, 0.2]), ([0.2, 0.4, 0.6], [0.2, 0.4])
+
+    def tested(pairs):  # the cells of one family: difference (Holm-adjusted Welch p)
+        raw = [scipy.stats.ttest_ind(a, b, equal_var=False).pvalue for a, b in pairs]
+        order = np.argsort(raw)
+        m = len(raw)
+        holm = np.maximum.accumulate([min(1, (m - rank) * raw[i]) for rank, i in enumerate(order)])[np.argsort(order)]
+        cells = zip(pairs, holm, strict=True)
+        return " | ".join(f"{np.mean(a) - np.mean(b):+.3g} (p = {p:.2g})" for (a, b), p in cells)
+
+    primary, secondary = text.split("Secondary tests")
+    assert "Primary tests, the columns the comparison asks about: the clean error and the robustness AUCs." in text
     assert "Each group against vae: the difference of the means, and in brackets the two-sided p-value" in text
-    cells = [f"{np.mean(a) - np.mean(b):+.3g} (p = {p:.2g})" for (a, b), p in zip(pairs, holm, strict=True)]
-    assert "\n| fisher | " + " | ".join(cells) + " |\n" in text
+    assert "Holm-corrected over the 3 tests of this table" in primary and "over the 1 test of" in secondary
+    assert "\n| run | clean bce | mask AUC | mask AUC ≤0.5 |\n" in primary
+    assert "\n| fisher | " + tested([clean, (auc, vae_auc), (low, vae_low)]) + " |\n" in primary
+    assert "\n| fisher | " + tested([fisher]) + " |\n" in secondary
+    # --primary names the family instead; a name that is no column is refused in one line, nothing written
+    report(paths, out=tmp_path / "chosen", group_by="parent", primary=["mask AUC ≤0.5"])
+    chosen = (tmp_path / "chosen" / "robustness.md").read_text()
+    assert "\n| fisher | " + tested([(low, vae_low)]) + " |\n" in chosen.split("Secondary tests")[0]
+    assert "\n| fisher | " + tested([clean, fisher, (auc, vae_auc)]) + " |\n" in chosen.split("Secondary tests")[1]
+    with pytest.raises(UserError, match=r"^--primary 'mask AUC<0.5' is not a summary column of this report: give"):
+        report(paths, out=tmp_path / "refused", group_by="parent", primary=["mask AUC<0.5"])
+    assert not (tmp_path / "refused").exists()
     # the trade-off: each AUC against the clean error, a point per group
     for column in ("mask_AUC", "mask_AUC_le0.5"):
         assert (tmp_path / "report" / f"tradeoff_{column}.png").read_bytes()[:4] == b"\x89PNG"
@@ -230,7 +250,11 @@ def test_groups_without_spread_get_no_test(tmp_path):
     text = (tmp_path / "report" / "robustness.md").read_text()
     p = scipy.stats.ttest_ind([2.0, 3.0], [1.5, 2.0], equal_var=False).pvalue  # the mask AUCs, (a + b) / 2
     assert "Holm-corrected over the 1 test of this table" in text
-    assert f"\n| fisher | +0.1 (no test) | +0.2 (no test) | +0.75 (p = {p:.2g}) |  |" in text
+    assert f"\n| fisher | +0.1 (no test) | +0.75 (p = {p:.2g}) |  |" in text
+    assert "Secondary tests" not in text  # its one column (posterior_fisher) varies in neither group
+    # the trade-off of the full mask AUC is drawn; the low-noise AUC (no level in (0, 0.5]) has no point to draw
+    figures = {p.name for p in (tmp_path / "report").glob("tradeoff_*.png")}
+    assert figures == {"tradeoff_mask_AUC.png"}
 
 
 def test_a_wide_band_does_not_flatten_the_curves():

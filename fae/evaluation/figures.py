@@ -129,7 +129,8 @@ def plot_tradeoffs(runs: dict[str, Curves], out: Path) -> list[Path]:
     """tradeoff_<column>.png: robustness (each kind's AUC, full and up to 0.5) and sample FID against the
     clean test error, a point per run or group with its 95% interval across runs on both axes, so that
     families are compared at matched clean error (a blurrier model can buy robustness with clean error).
-    Only where the runs record their clean error; returns the files written."""
+    Only where the runs record their clean error, and a column only where some run has a value (a kind
+    swept at one level above 0.5 has no low-noise AUC); returns the files written."""
     columns = list(dict.fromkeys(k for c in runs.values() for k in c.summary))
     clean = next((k for k in columns if k.startswith("clean ")), None)
     wanted = [k for k in columns if " AUC" in k or k == "sample FID"]
@@ -137,13 +138,20 @@ def plot_tradeoffs(runs: dict[str, Curves], out: Path) -> list[Path]:
         return []
     plt, files, reference = pyplot(), [], mean_image_error(runs)
     for column in wanted:
+        drawn = {  # label: ((x, its half-width), (y, its half-width)), the groups with both values
+            label: (interval(curves.summary.get(clean, [])), interval(curves.summary.get(column, [])))
+            for label, curves in runs.items()
+        }
+        drawn = {label: xy for label, xy in drawn.items() if not (math.isnan(xy[0][0]) or math.isnan(xy[1][0]))}
+        if not drawn:
+            continue  # nothing to draw: an empty figure would say nothing
         fig, ax = plt.subplots(figsize=(5, 3.8))
         colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10")
         points: dict[str, list[float]] = {"x": [], "y": [], "x bars": [], "y bars": []}
         for i, (label, curves) in enumerate(runs.items()):
-            (x, dx), (y, dy) = interval(curves.summary.get(clean, [])), interval(curves.summary.get(column, []))
-            if math.isnan(x) or math.isnan(y):
+            if label not in drawn:
                 continue
+            (x, dx), (y, dy) = drawn[label]
             points["x"].append(x)
             points["y"].append(y)
             points["x bars"] += [x - dx, x + dx] if not math.isnan(dx) else []

@@ -26,8 +26,10 @@ of one setting) and "model" the runs of one model class. A pooled curve is the m
 each run's mean error, and its band and +- are the 95% confidence interval of that mean ACROSS RUNS
 (Student t, fae.evaluation.stats); so are the summary columns', and each group of 2 runs or more is
 tested against a baseline group (`--baseline`, the VAE's by default) by Welch's t-test per column, the
-p-values Holm-corrected over the table. Every AUC comes twice: over a kind's full range, and over its
-levels up to 0.5 (where models beat the training set's mean image; the full range rewards blur).
+p-values Holm-corrected within two families: the primary columns (`--primary`; by default the clean error
+and the AUCs, the question a robustness comparison asks) and the others (diagnostics, sample quality).
+Every AUC comes twice: over a kind's full range, and over its levels up to 0.5 (where models beat the
+training set's mean image; the full range rewards blur).
 No network and no W&B are needed.
 
 A report is written whole or not at all: it is built in a hidden folder beside --out and swapped into
@@ -166,6 +168,7 @@ def write_report(
     grids: dict[str, dict[str, Path]] | None = None,
     notes: list[str] = (),
     baseline: str | None = None,
+    primary: list[str] | None = None,
 ) -> list[Path]:
     """Figures per corruption kind, the markdown tables and, given {label: {grid name: png}}, the
     combined grids of every name all of them have, in `out`, each file whole or not at all; returns
@@ -179,7 +182,17 @@ def write_report(
     written += plot_results(runs, out)
     if len(runs) > 1:  # a comparison: one point per run or group
         written += plot_tradeoffs(runs, out)
-    return [*written, write_text(out / "robustness.md", markdown_table(runs, notes, baseline))]
+    return [*written, write_text(out / "robustness.md", markdown_table(runs, notes, baseline, primary))]
+
+
+def check_primary(primary: list[str] | None, runs: dict[str, Curves]) -> None:
+    """Every --primary name is a summary column of these runs (one line naming them otherwise)."""
+    columns = list(dict.fromkeys(k for c in runs.values() for k in c.summary))
+    unknown = [name for name in primary or () if name not in columns]
+    if unknown:
+        raise UserError(
+            f"--primary {unknown[0]!r} is not a summary column of this report: give some of {', '.join(columns)}"
+        )
 
 
 def is_report_file(name: str) -> bool:
@@ -210,6 +223,7 @@ def report(
     out: Path = Path("reports/latest"),
     group_by: Literal["run", "parent", "model"] = "run",
     baseline: str | None = None,
+    primary: list[str] | None = None,
 ) -> None:
     """Compare the robustness sweeps of runs: figures and tables of their errors and sample quality.
 
@@ -219,7 +233,9 @@ def report(
         group_by: pool runs into one curve: each run apart, the runs of one folder (seeds), or of one
             model class.
         baseline: the group every other group of 2 runs or more is tested against (Welch's t-test per
-            summary column, Holm-corrected); default: the VAE's group when there is one.
+            summary column); default: the VAE's group when there is one.
+        primary: the summary columns whose tests form the primary family, Holm-corrected apart from the
+            others' (default: the clean error and every AUC), e.g. --primary '["clean bce", "mask AUC ≤0.5"]'.
     """
     out = Path(out)
     check_out(out)
@@ -238,6 +254,7 @@ def report(
     pooled = any(len(members) > 1 for members in groups.values())  # then a lone run is a group of one
     runs = {key: pool(members) if pooled else members[0] for key, members in groups.items()}
     chosen = baseline_group(list(runs), baseline)
+    check_primary(primary, runs)
     if pooled and chosen is None:
         notes.append("no baseline group (a VAE's, or --baseline): no tests between groups")
     for note in notes:
@@ -245,7 +262,7 @@ def report(
     make_folder(out.parent, "the report's parent folder", "give another --out")
     build = out.with_name(f".{out.name}.partial-{os.getpid()}")  # beside --out: the same filesystem
     try:
-        files = write_report(runs, build, grids, notes, chosen)
+        files = write_report(runs, build, grids, notes, chosen, primary)
         write_text(build / REPORT_MARK, "a report of `fae report`: the next report into this folder replaces it\n")
         replace_folder(build, out)
     except OSError as err:

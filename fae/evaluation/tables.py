@@ -35,9 +35,16 @@ def format_values(values: list[float]) -> str:
     return f"{mean:.4g}" if math.isnan(half) else f"{mean:.4g} ± {half:.2g}"
 
 
-def tests_table(runs: dict[str, Curves], baseline: str | None) -> list[str]:
-    """Welch's test of every group of 2 runs or more against the baseline, per summary column, Holm-corrected
-    over every test of the table (empty when there is no baseline of 2 runs or more)."""
+def is_outcome(column: str) -> bool:
+    """A primary column by default: the clean test error or a robustness AUC, the comparison's question."""
+    return column.startswith("clean ") or " AUC" in column
+
+
+def tests_table(runs: dict[str, Curves], baseline: str | None, primary: list[str] | None = None) -> list[str]:
+    """Welch's test of every group of 2 runs or more against the baseline, per summary column, in two tables:
+    the primary columns (`primary`, default: the clean error and the AUCs) and the others (diagnostics and
+    sample quality); Holm-corrected within each family of tests, so that the diagnostics do not dilute the
+    question the comparison was run for. Empty when there is no baseline of 2 runs or more."""
     if baseline is None or runs[baseline].runs < 2:
         return []
     others = [label for label, c in runs.items() if label != baseline and c.runs >= 2]
@@ -45,31 +52,46 @@ def tests_table(runs: dict[str, Curves], baseline: str | None) -> list[str]:
         k for k in dict.fromkeys(k for c in runs.values() for k in c.summary)
         if k in runs[baseline].summary and k != REFERENCE_COLUMN
     ]  # fmt: skip
-    tests = [(label, k) for label in others for k in columns]
-    raw = [welch(runs[label].summary.get(k, []), runs[baseline].summary[k]) for label, k in tests]
-    adjusted = dict(zip(tests, holm(raw), strict=True))
-    if not others or all(math.isnan(p) for p in raw):
-        return []
-    made = sum(math.isfinite(p) for p in raw)
-    lines = [
-        f"Each group against {baseline}: the difference of the means, and in brackets the two-sided p-value of "
-        f"Welch's t-test across runs, Holm-corrected over the {made} test{'s' * (made != 1)} of this "
-        "table (no test: a group with fewer than 2 values, or no spread in either group):",
-        "",
-        "| run | " + " | ".join(columns) + " |",
-        "|---|" + "---|" * len(columns),
-    ]
-    for label in others:
-        cells = []
-        for k in columns:
-            difference = interval(runs[label].summary.get(k, []))[0] - interval(runs[baseline].summary[k])[0]
-            p = adjusted[(label, k)]
-            if math.isnan(difference):
-                cells.append("")
-            else:
-                cells.append(f"{difference:+.3g} ({'no test' if math.isnan(p) else f'p = {p:.2g}'})")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return ["", *lines]
+    chosen = [k for k in columns if (k in primary if primary is not None else is_outcome(k))]
+    families = {
+        "primary": chosen,
+        "secondary": [k for k in columns if k not in chosen],
+    }
+    lines = []
+    for family, family_columns in families.items():
+        tests = [(label, k) for label in others for k in family_columns]
+        raw = [welch(runs[label].summary.get(k, []), runs[baseline].summary[k]) for label, k in tests]
+        if not tests or all(math.isnan(p) for p in raw):
+            continue
+        adjusted = dict(zip(tests, holm(raw), strict=True))
+        made = sum(math.isfinite(p) for p in raw)
+        what = (
+            "the columns the comparison asks about"
+            + (" (--primary)" if primary is not None else ": the clean error and the robustness AUCs")
+            if family == "primary"
+            else "the other columns, a family of their own"
+        )
+        lines += [
+            "",
+            f"{family.capitalize()} tests, {what}. Each group against {baseline}: the difference of the means, and "
+            f"in brackets the two-sided p-value of Welch's t-test across runs, Holm-corrected over the {made} "
+            f"test{'s' * (made != 1)} of this table (no test: a group with fewer than 2 values, or no spread in "
+            "either group):",
+            "",
+            "| run | " + " | ".join(family_columns) + " |",
+            "|---|" + "---|" * len(family_columns),
+        ]
+        for label in others:
+            cells = []
+            for k in family_columns:
+                difference = interval(runs[label].summary.get(k, []))[0] - interval(runs[baseline].summary[k])[0]
+                p = adjusted[(label, k)]
+                if math.isnan(difference):
+                    cells.append("")
+                else:
+                    cells.append(f"{difference:+.3g} ({'no test' if math.isnan(p) else f'p = {p:.2g}'})")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def level_table(runs: dict[str, Curves], rows_of, cell) -> list[str]:
@@ -109,7 +131,9 @@ def settings_note(runs: dict[str, Curves]) -> str:
     return f" Here {'; '.join(parts)}." if parts else ""
 
 
-def markdown_table(runs: dict[str, Curves], notes: list[str] = (), baseline: str | None = None) -> str:
+def markdown_table(
+    runs: dict[str, Curves], notes: list[str] = (), baseline: str | None = None, primary: list[str] | None = None
+) -> str:
     """The summary table (and the notes on it), the tests against the baseline, the error per level, and
     the FID of reconstructions per level."""
     pooled = any(c.runs > 1 for c in runs.values())
@@ -150,7 +174,7 @@ def markdown_table(runs: dict[str, Curves], notes: list[str] = (), baseline: str
             for label, c in runs.items()
         ),
         *(f"\nNote: {note}." for note in notes),
-        *tests_table(runs, baseline),
+        *tests_table(runs, baseline, primary),
         "",
         f"Error per noise level, mean ± {spread}:",
         "",
