@@ -224,7 +224,7 @@ def test_report_pools_seeds_by_folder_with_the_spread_across_runs(tmp_path):
     chosen = (tmp_path / "chosen" / "robustness.md").read_text()
     assert "\n| fisher | " + tested([(low, vae_low)]) + " |\n" in chosen.split("Secondary tests")[0]
     assert "\n| fisher | " + tested([clean, fisher, (auc, vae_auc)]) + " |\n" in chosen.split("Secondary tests")[1]
-    with pytest.raises(UserError, match=r"^--primary 'mask AUC<0.5' is not a summary column of this report: give"):
+    with pytest.raises(UserError, match=r"^--primary 'mask AUC<0.5' is not a tested column of this report: give"):
         report(paths, out=tmp_path / "refused", group_by="parent", primary=["mask AUC<0.5"])
     assert not (tmp_path / "refused").exists()
     # the trade-off: each AUC against the clean error, a point per group

@@ -53,6 +53,7 @@ from fae.errors import UserError, make_folder
 from fae.evaluation.compare import check_alike, common_levels
 from fae.evaluation.figures import combine_grids, plot_results, plot_tradeoffs
 from fae.evaluation.results import (
+    REFERENCE_COLUMN,
     Curves,
     Row,
     error_rows,
@@ -186,12 +187,13 @@ def write_report(
 
 
 def check_primary(primary: list[str] | None, runs: dict[str, Curves]) -> None:
-    """Every --primary name is a summary column of these runs (one line naming them otherwise)."""
-    columns = list(dict.fromkeys(k for c in runs.values() for k in c.summary))
+    """Every --primary name is a tested summary column of these runs (one line naming them otherwise); the
+    mean image's error is a reference, the same for every run, and is not tested."""
+    columns = [k for k in dict.fromkeys(k for c in runs.values() for k in c.summary) if k != REFERENCE_COLUMN]
     unknown = [name for name in primary or () if name not in columns]
     if unknown:
         raise UserError(
-            f"--primary {unknown[0]!r} is not a summary column of this report: give some of {', '.join(columns)}"
+            f"--primary {unknown[0]!r} is not a tested column of this report: give some of {', '.join(columns)}"
         )
 
 
