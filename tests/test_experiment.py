@@ -18,7 +18,7 @@ import yaml
 
 from fae.errors import UserError
 from fae.experiment.spec import Run, extra_sbatch, minutes, read_experiment, seed_major
-from fae.experiment.state import holder, read_status, run_state, take_lock
+from fae.experiment.state import RunState, holder, read_status, run_state, take_lock, write_status
 from fae.experiment.task import Interrupted, RunFailed, RunTask
 
 from .helpers import CONFIGS, ROOT, fake_slurm, last_value, rows_of, slurm_calls, slurm_task_env, step_of
@@ -334,14 +334,31 @@ def test_status_with_publish_reports_and_publishes_the_runs_done_and_starts_noth
     runs = read_experiment(spec).grid(tmp_path / "out")
     for run, clean in zip(runs[:2], (0.2, 0.3), strict=True):  # vae seeds 0 and 1; wae not started
         fake_finished_run(run, clean)
+    write_status(runs[0], state="done", fit_seconds=600.0, test_seconds=120.0)
     experiment(spec, out=tmp_path / "out", status=True, publish=tmp_path / "docs")
     shown = capsys.readouterr().out
     assert "experiment: 2 done, 1 missing" in shown, shown
+    assert "experiment: about 0.2 h of run time left at the pace of the runs done" in shown  # wae: 720 s
     assert f"copied the tables and figures of 2 of the 3 runs (the others not done) to {tmp_path / 'docs'}" in shown
     assert "| vae | 2 |" in (tmp_path / "docs" / "robustness.md").read_text()  # the report, grouped per variant
     table = (tmp_path / "docs" / "table.md").read_text()
     assert "| vae | 2 |" in table and "Interim: 2 of the 3 runs are done; the others are not in this table." in table
     assert not (runs[2].run_dir).exists()  # nothing was started
+
+
+def test_status_estimates_the_run_time_left_at_the_pace_of_the_runs_done(tmp_path, monkeypatch):
+    """Each unfinished run takes its variant's mean fit and test time (the mean of every finished run for a
+    variant with none done); a started run's fit only the part past its last.ckpt; a failed run nothing."""
+    from fae.experiment import state as states
+
+    runs = read_experiment(write_spec(tmp_path, seeds=[0, 1, 2])).grid(tmp_path / "out")  # vae x 3, wae x 1
+    write_status(runs[0], state="done", fit_seconds=600.0, test_seconds=120.0)
+    monkeypatch.setattr(states, "checkpoint_step", lambda run: 3 if run is runs[1] else None)
+    grid = [RunState(runs[0], "done"), RunState(runs[1], "interrupted"), RunState(runs[2], "failed"),
+            RunState(runs[3], "missing")]  # fmt: skip
+    # vae seed 1: half its fit (step 3 of 6) and its test; wae: the only finished run's pace, whole
+    assert states.time_left(grid, batches=6) == pytest.approx(300 + 120 + 600 + 120)
+    assert states.time_left([RunState(run, "missing") for run in runs], batches=6) is None  # no pace known yet
 
 
 # --- SLURM, against fake SLURM commands ---------------------------------------------------------------

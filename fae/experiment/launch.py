@@ -28,7 +28,7 @@ from typing import Literal
 
 from fae.errors import UserError
 from fae.experiment.spec import Experiment, Run, Slurm, read_experiment, seed_major, with_overrides
-from fae.experiment.state import STATES, RunState, finished, other_settings, run_state
+from fae.experiment.state import STATES, RunState, checkpoint_step, finished, other_settings, run_state, time_left
 from fae.experiment.table import finish, report_results, write_table
 from fae.experiment.task import RunTask
 from fae.files import write_text
@@ -359,7 +359,16 @@ def show_status(plan: Experiment, runs: list[Run], out: Path, publish: Path | No
     print("experiment: " + ", ".join(f"{n} {name}" for name, n in counts.items() if n), flush=True)
     width = max(len(run.key) for run in runs)
     for state in states:
-        print(f"  {state.run.key:<{width}}  {state.state:<11}  {state.detail}".rstrip(), flush=True)
+        detail = state.detail
+        if state.state == "running" and (step := checkpoint_step(state.run)) is not None:
+            detail += f"; last.ckpt at step {step} of {plan.batches}"
+        print(f"  {state.run.key:<{width}}  {state.state:<11}  {detail}".rstrip(), flush=True)
+    if (left := time_left(states, plan.batches)) and left > 0:
+        print(
+            f"experiment: about {left / 3600:.1f} h of run time left at the pace of the runs done (each run its "
+            "variant's mean fit and test time; runs at a time divide it)",
+            flush=True,
+        )
     if counts["done"]:
         print(f"experiment: wrote {write_table(runs, plan, out)} from the runs done", flush=True)
         if publish is not None:

@@ -138,3 +138,27 @@ def run_state(run: Run, job: str | None = None, scheduled: str | None = None) ->
     if status.get("state") in ("running", "interrupted") or run.run_dir.exists():
         return RunState(run, "interrupted", "stopped before its first checkpoint; the next start trains it again")
     return RunState(run, "missing")
+
+
+def time_left(states: list[RunState], batches: int) -> float | None:
+    """Seconds of run time the unfinished runs still need at the pace of the finished ones (their status
+    files' fit_seconds and test_seconds): each run its variant's mean over its finished runs, or the mean of
+    every finished run for a variant with none; a started run's fit only past its last.ckpt. Failed runs
+    are left out (they wait for a fix). None when no finished run recorded its times."""
+    paces: dict[str, list[tuple[float, float]]] = {}
+    for state in states:
+        status = read_status(state.run) if state.state == "done" else {}
+        if "fit_seconds" in status and "test_seconds" in status:
+            paces.setdefault(state.run.variant, []).append((status["fit_seconds"], status["test_seconds"]))
+    every = [pace for variant in paces.values() for pace in variant]
+    if not every:
+        return None
+    left = 0.0
+    for state in states:
+        if state.state in ("done", "failed"):
+            continue
+        known = paces.get(state.run.variant, every)
+        fit, test = (sum(pace[i] for pace in known) / len(known) for i in (0, 1))
+        step = checkpoint_step(state.run) or 0
+        left += fit * max(0.0, 1 - step / batches) + test
+    return left
