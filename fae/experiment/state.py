@@ -1,4 +1,5 @@
-"""What is known of one run of an experiment: done, running, queued, failed, interrupted or missing.
+"""What is known of one run of an experiment: done, running, queued, failed, interrupted or missing; and,
+from the runs done, the run time the others still need (`time_left`).
 
 Read from what outlives any process: the run folder (a finished test is a test-*/robustness.json; a
 checkpoint is work to resume), the run's lock (OUT/VARIANT/seedS.lock, an flock the kernel releases
