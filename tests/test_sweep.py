@@ -252,7 +252,7 @@ def test_groups_without_spread_get_no_test(tmp_path):
     assert "Holm-corrected over the 1 test of this table" in text
     assert f"\n| fisher | +0.1 (no test) | +0.75 (p = {p:.2g}) |  |" in text
     assert "Secondary tests" not in text  # its one column (posterior_fisher) varies in neither group
-    # the trade-off of the full mask AUC is drawn; the low-noise AUC (no level in (0, 0.5]) has no point to draw
+    # the trade-off of the full mask AUC is drawn; the low-noise AUC (one level up to 0.5: no range) has no point
     figures = {p.name for p in (tmp_path / "report").glob("tradeoff_*.png")}
     assert figures == {"tradeoff_mask_AUC.png"}
 
