@@ -346,15 +346,14 @@ def test_status_with_publish_reports_and_publishes_the_runs_done_and_starts_noth
     assert not (runs[2].run_dir).exists()  # nothing was started
 
 
-def test_status_estimates_the_run_time_left_at_the_pace_of_the_runs_done(tmp_path, monkeypatch):
+def test_status_estimates_the_run_time_left_at_the_pace_of_the_runs_done(tmp_path):
     """Each unfinished run takes its variant's mean fit and test time (the mean of every finished run for a
     variant with none done); a started run's fit only the part past its last.ckpt; a failed run nothing."""
     from fae.experiment import state as states
 
     runs = read_experiment(write_spec(tmp_path, seeds=[0, 1, 2])).grid(tmp_path / "out")  # vae x 3, wae x 1
     write_status(runs[0], state="done", fit_seconds=600.0, test_seconds=120.0)
-    monkeypatch.setattr(states, "checkpoint_step", lambda run: 3 if run is runs[1] else None)
-    grid = [RunState(runs[0], "done"), RunState(runs[1], "interrupted"), RunState(runs[2], "failed"),
+    grid = [RunState(runs[0], "done"), RunState(runs[1], "interrupted", step=3), RunState(runs[2], "failed"),
             RunState(runs[3], "missing")]  # fmt: skip
     # vae seed 1: half its fit (step 3 of 6) and its test; wae: the only finished run's pace, whole
     assert states.time_left(grid, batches=6) == pytest.approx(300 + 120 + 600 + 120)

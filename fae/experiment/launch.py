@@ -28,7 +28,7 @@ from typing import Literal
 
 from fae.errors import UserError
 from fae.experiment.spec import Experiment, Run, Slurm, read_experiment, seed_major, with_overrides
-from fae.experiment.state import STATES, RunState, checkpoint_step, finished, other_settings, run_state, time_left
+from fae.experiment.state import STATES, RunState, finished, other_settings, run_state, time_left
 from fae.experiment.table import finish, report_results, write_table
 from fae.experiment.task import RunTask
 from fae.files import write_text
@@ -360,8 +360,8 @@ def show_status(plan: Experiment, runs: list[Run], out: Path, publish: Path | No
     width = max(len(run.key) for run in runs)
     for state in states:
         detail = state.detail
-        if state.state == "running" and (step := checkpoint_step(state.run)) is not None:
-            detail += f"; last.ckpt at step {step} of {plan.batches}"
+        if state.state == "running" and state.step is not None:
+            detail += f"; last.ckpt at step {state.step} of {plan.batches}"
         print(f"  {state.run.key:<{width}}  {state.state:<11}  {detail}".rstrip(), flush=True)
     if (left := time_left(states, plan.batches)) and left > 0:
         print(

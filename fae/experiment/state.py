@@ -114,6 +114,7 @@ class RunState:
     run: Run
     state: str  # one of STATES
     detail: str = ""
+    step: int | None = None  # of its last.ckpt, for a run running or interrupted
 
 
 def run_state(run: Run, job: str | None = None, scheduled: str | None = None) -> RunState:
@@ -122,7 +123,7 @@ def run_state(run: Run, job: str | None = None, scheduled: str | None = None) ->
         return RunState(run, "done")
     who = holder(run)
     if who is not None:
-        return RunState(run, "running", who)
+        return RunState(run, "running", who, checkpoint_step(run))
     status = read_status(run)
     if scheduled in ACTIVE:
         return RunState(run, ACTIVE[scheduled], f"SLURM job {job} {scheduled}")
@@ -135,7 +136,7 @@ def run_state(run: Run, job: str | None = None, scheduled: str | None = None) ->
         )
     step = checkpoint_step(run)
     if step is not None:
-        return RunState(run, "interrupted", f"last.ckpt at step {step}; the next start resumes it")
+        return RunState(run, "interrupted", f"last.ckpt at step {step}; the next start resumes it", step)
     if status.get("state") in ("running", "interrupted") or run.run_dir.exists():
         return RunState(run, "interrupted", "stopped before its first checkpoint; the next start trains it again")
     return RunState(run, "missing")
@@ -144,7 +145,7 @@ def run_state(run: Run, job: str | None = None, scheduled: str | None = None) ->
 def time_left(states: list[RunState], batches: int) -> float | None:
     """Seconds of run time the unfinished runs still need at the pace of the finished ones (their status
     files' fit_seconds and test_seconds): each run its variant's mean over its finished runs, or the mean of
-    every finished run for a variant with none; a started run's fit only past its last.ckpt. Failed runs
+    every finished run for a variant with none; a started run's fit only past its last.ckpt (`step`). Failed runs
     are left out (they wait for a fix). None when no finished run recorded its times."""
     paces: dict[str, list[tuple[float, float]]] = {}
     for state in states:
@@ -160,6 +161,5 @@ def time_left(states: list[RunState], batches: int) -> float | None:
             continue
         known = paces.get(state.run.variant, every)
         fit, test = (sum(pace[i] for pace in known) / len(known) for i in (0, 1))
-        step = checkpoint_step(state.run) or 0
-        left += fit * max(0.0, 1 - step / batches) + test
+        left += fit * max(0.0, 1 - (state.step or 0) / batches) + test
     return left
