@@ -28,7 +28,11 @@ first).
     exits with 128 + the signal's number, saying how to resume). A second SIGINT stops at once.
 Both act at the start of a batch, where the state is exactly that after the previous batch and its
 validation (what an uninterrupted run continues from), and the devices decide together (one
-all-reduce per step). During training fae's handlers replace Lightning's for SIGTERM and SIGINT:
+all-reduce per step). Lightning's counters there mark the next batch fetched but not started, a state
+its restore does not expect (it would count that batch as trained: logged steps one ahead and, with
+check_val_every_n_epoch=None as `fae experiment` runs, every later validation one batch early);
+`after_previous_batch` writes them as Lightning's own save after a validation has them, and repairs
+checkpoints written before it did. During training fae's handlers replace Lightning's for SIGTERM and SIGINT:
 Lightning's would stop inside a validation.
 It relies on ModelCheckpoint's `_monitor_candidates`, `_save_last_checkpoint` and
 `_should_save_on_train_epoch_end`; tests/test_checkpoint.py and tests/test_runs.py pin the behaviour.
@@ -237,6 +241,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return checkpoint
 
 
+def after_previous_batch(checkpoint: dict) -> None:
+    """Write the batch counters of a checkpoint saved at the start of a batch as those after the previous
+    batch and its validation, the state it holds (module docstring). At that point Lightning 2.6 has
+    counted the next batch `ready` but not `started`; restored so, the batch counts as trained once more
+    (`total_batch_idx` and `_batches_that_stepped` one ahead of `global_step`). Checkpoints of Lightning's
+    own saving points (after a batch, after a validation) have no such batch and are left as they are."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+    if not isinstance(progress, dict):
+        return
+    for counts in (progress.get("total"), progress.get("current")):
+        if not isinstance(counts, dict) or "started" not in counts:
+            continue
+        fetched_only = counts["started"] == counts["processed"] == counts["completed"] == counts["ready"] - 1
+        if fetched_only:
+            counts["ready"] = counts["completed"]
+
+
 class Preempted(SystemExit):
     """Training stopped by a signal after writing a resumable last.ckpt."""
 
@@ -299,6 +320,13 @@ class Checkpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         self.save_last_if_stale(trainer)
+
+    # --- the loop counters of a save at the start of a batch ------------------------------------------
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        after_previous_batch(checkpoint)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        after_previous_batch(checkpoint)  # before Lightning restores its loops from it
 
     # --- mid-epoch: every few minutes, and on a signal -------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

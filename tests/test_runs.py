@@ -81,35 +81,47 @@ def test_evaluations_need_a_trained_checkpoint(tmp_path, fae_here):
 
 @pytest.mark.slow
 def test_sigterm_saves_last_ckpt_and_the_resumed_run_ends_as_an_uninterrupted_one(tmp_path, fae_here):
-    signal_name = "SIGTERM"
-    """The Fisher AE stopped mid-epoch at step 20 of 40 (an epoch is 63 batches), resumed to 40."""
-    budget = ["--trainer.max_steps", "40", "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "10"]
+    """The Fisher AE on `fae experiment`'s budget (steps counted across epochs, a validation every 25),
+    stopped at step 20 (mid-interval) and at step 63 (an epoch is 63 batches: saved at the next epoch's
+    first batch), resumed each time: every weight, logged value and validation as in the uninterrupted
+    run. The second resume reads its checkpoint with the batch counters as fae wrote them before it wrote
+    them as after the previous batch (the next batch fetched, not started): restored as they were, the
+    resumed run validated one batch early."""
+    budget = ["--trainer.max_steps", "70", "--trainer.max_epochs", "-1", "--trainer.check_val_every_n_epoch", "null",
+              "--trainer.val_check_interval", "25", "--trainer.limit_val_batches", "2"]  # fmt: skip
     whole = fae_here("fit", *FISHER, *TINY, *budget, "--run_dir", "whole", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr[-2000:]
-    stop = ["--trainer.callbacks+=tests.callbacks.SignalAt", "--trainer.callbacks.step", "20",
-            "--trainer.callbacks.signal_name", signal_name]  # fmt: skip
     often = ["--checkpoint.last_every_minutes", "0.0005"]  # last.ckpt at nearly every step: changes nothing
-    stopped = fae_here("fit", *FISHER, *TINY, *budget, *often, *stop, "--run_dir", "parts", cwd=tmp_path)
-    assert stopped.returncode == 128 + getattr(signal, signal_name), stopped.stderr[-2000:]
     last = tmp_path / "parts" / "checkpoints" / "last.ckpt"
-    message = stopped.stderr.strip().splitlines()[-1]
-    assert message.startswith(
-        f"fae: stopped by {signal_name} at step 20; {last} holds that state. Resume with: fae fit"
-    )
-    assert step_of(last) == 20
-    resumed = fae_here("fit", *FISHER, *TINY, *budget, *often, "--ckpt_path", str(last), cwd=tmp_path)
+
+    def stop_at(step: int, *resume: str) -> None:
+        stop = ["--trainer.callbacks+=tests.callbacks.SignalAt", "--trainer.callbacks.step", str(step)]
+        stopped = fae_here("fit", *FISHER, *TINY, *budget, *often, *stop, "--run_dir", "parts", *resume, cwd=tmp_path)
+        assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+        message = stopped.stderr.strip().splitlines()[-1]
+        assert message.startswith(f"fae: stopped by SIGTERM at step {step}; {last} holds that state. Resume with:")
+        assert step_of(last) == step
+
+    stop_at(20)
+    counters = torch.load(last, weights_only=False)["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
+    assert counters == dict.fromkeys(("ready", "started", "processed", "completed"), 20)  # after batch 20
+    stop_at(63, "--ckpt_path", str(last))
+    written = torch.load(last, weights_only=False)
+    for counts in written["loops"]["fit_loop"]["epoch_loop.batch_progress"].values():
+        if isinstance(counts, dict):
+            counts["ready"] += 1  # as fae wrote a save at the start of a batch before
+    torch.save(written, last)
+    resumed = fae_here("fit", *FISHER, *TINY, *budget, "--ckpt_path", str(last), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "changes what fixes the run's data stream" not in resumed.stderr  # the same settings: no word
     a = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=False)
     b = torch.load(last, weights_only=False)
-    assert a["global_step"] == b["global_step"] == 40
+    assert a["global_step"] == b["global_step"] == 70
     for name, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][name], value, rtol=0, atol=0, msg=name)
     best = [sorted(p.name for p in (tmp_path / run / "checkpoints").glob("best-*")) for run in ("whole", "parts")]
-    assert best[0] == best[1] and len(best[0]) == 1  # the best-by-val record is the same
-    assert steps_of(tmp_path / "parts" / "metrics.csv", "train/loss") == steps_of(
-        tmp_path / "whole" / "metrics.csv", "train/loss"
-    )
+    assert best[0] == best[1] == ["best-epoch000-step0000050.ckpt"]  # validated after batch 50, as uninterrupted
+    assert rows_of(tmp_path / "parts" / "metrics.csv") == rows_of(tmp_path / "whole" / "metrics.csv")
 
 
 @pytest.mark.multiprocess
