@@ -26,16 +26,20 @@ first).
   - preemption: SIGTERM (what schedulers and `kill` send) and SIGINT (Ctrl-C) let the current batch
     and its validation finish, then last.ckpt is written and the run stops with `Preempted` (the CLI
     exits with 128 + the signal's number, saying how to resume). A second SIGINT stops at once.
-Both act at the start of a batch, where the state is exactly that after the previous batch and its
-validation (what an uninterrupted run continues from), and the devices decide together (one
-all-reduce per step). Lightning's counters there mark the next batch fetched but not started, a state
-its restore does not expect (it would count that batch as trained: logged steps one ahead and, with
-check_val_every_n_epoch=None as `fae experiment` runs, every later validation one batch early);
-`after_previous_batch` writes them as Lightning's own save after a validation has them, and repairs
-checkpoints written before it did. During training fae's handlers replace Lightning's for SIGTERM and SIGINT:
-Lightning's would stop inside a validation.
-It relies on ModelCheckpoint's `_monitor_candidates`, `_save_last_checkpoint` and
-`_should_save_on_train_epoch_end`; tests/test_checkpoint.py and tests/test_runs.py pin the behaviour.
+Both act at the start of a batch that begins an optimizer step (with accumulated gradients, the first
+of a window: the gradients of a half-done window are in no checkpoint), where the state is exactly that
+after the previous batch and its validation (what an uninterrupted run continues from), and the devices
+decide together (one all-reduce per step). Lightning's counters there mark the next batch fetched but not
+started, a state its restore does not expect (it would count that batch as trained: logged steps one
+ahead and, with check_val_every_n_epoch=None as `fae experiment` runs, every later validation one batch
+early); `after_previous_batch` writes them as Lightning's own save after a validation has them, and
+repairs checkpoints written before it did. Such a save does not count as Lightning's save at its global
+step, so that a validation inside an accumulation window still saves its top-k checkpoint. During
+training fae's handlers replace Lightning's for SIGTERM and SIGINT: Lightning's would stop inside a
+validation.
+It relies on ModelCheckpoint's `_monitor_candidates`, `_save_last_checkpoint`, `_last_global_step_saved`
+and `_should_save_on_train_epoch_end`, and on the fit loop's batch counters; tests/test_checkpoint.py and
+tests/test_runs.py pin the behaviour.
 """
 
 from __future__ import annotations
@@ -349,6 +353,8 @@ class Checkpoint(ModelCheckpoint):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if not self.save_last or trainer.sanity_checking or trainer.global_step == 0:
             return
+        if trainer.fit_loop.epoch_loop.batch_idx % trainer.accumulate_grad_batches:
+            return  # inside an accumulation window: its gradients are in no checkpoint; act at its end
         stop = bool(self._signal)
         due = self.last_every_minutes is not None and (
             time.monotonic() - self._last_written_at >= 60.0 * self.last_every_minutes
@@ -357,7 +363,11 @@ class Checkpoint(ModelCheckpoint):
             decisions = torch.tensor([float(stop), float(due)], device=pl_module.device)
             stop, due = (trainer.strategy.reduce(decisions, reduce_op="max") > 0).tolist()
         if stop or due:
+            saved_step = self._last_global_step_saved
             self.save_last_if_stale(trainer)
+            # not one of Lightning's saving points: a validation at this global step (inside an accumulation
+            # window) still saves its top-k, as in a run that never wrote last.ckpt here
+            self._last_global_step_saved = saved_step
         if stop:
             last = self.last_model_path or str(Path(self.dirpath or ".") / f"{self.CHECKPOINT_NAME_LAST}.ckpt")
             raise Preempted(self._signal.get("name", "SIGTERM"), trainer.global_step, last)

@@ -20,6 +20,18 @@ class SignalAt(L.Callback):
             os.kill(os.getpid(), getattr(signal, self.signal_name))
 
 
+class SignalAfterBatches(L.Callback):
+    """Send SIGTERM to this process once `batches` batches are trained in all (across epochs and resumes):
+    with accumulated gradients, also inside an optimizer step's window."""
+
+    def __init__(self, batches: int) -> None:
+        self.batches = batches
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.fit_loop.epoch_loop.total_batch_idx + 1 == self.batches and trainer.is_global_zero:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class PoisonFrom(L.Callback):
     """Put a NaN in every training batch from `step` on."""
 

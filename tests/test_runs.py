@@ -81,32 +81,34 @@ def test_evaluations_need_a_trained_checkpoint(tmp_path, fae_here):
 
 @pytest.mark.slow
 def test_sigterm_saves_last_ckpt_and_the_resumed_run_ends_as_an_uninterrupted_one(tmp_path, fae_here):
-    """The Fisher AE on `fae experiment`'s budget (steps counted across epochs, a validation every 7 of
-    them), stopped at step 10 (mid-interval) and at step 24 (an epoch is 24 batches here: saved at the next
-    epoch's first batch), resumed each time: every weight, logged value and validation as in the uninterrupted
-    run. The second resume reads its checkpoint with the batch counters as fae wrote them before it wrote
-    them as after the previous batch (the next batch fetched, not started): restored as they were, the
-    resumed run validated one batch early."""
-    budget = ["--trainer.max_steps", "30", "--trainer.max_epochs", "-1", "--trainer.check_val_every_n_epoch", "null",
+    """The Fisher AE on `fae experiment`'s budget (steps counted across epochs, a validation every 7
+    batches), with gradients accumulated over 2 batches (an epoch: 24 batches, 12 steps), stopped by
+    SIGTERM after 11 batches (inside a step's window and between validations: it stops when the window
+    ends, at step 6) and after 24 (an epoch's end: saved at the next epoch's first batch), resumed each
+    time: every weight, logged value and validation as in the uninterrupted run. The second resume reads
+    its checkpoint with the batch counters as fae wrote them before it wrote them as after the previous
+    batch (the next batch fetched, not started): restored as they were, the resumed run validated one
+    batch early."""
+    budget = ["--trainer.max_steps", "15", "--trainer.max_epochs", "-1", "--trainer.check_val_every_n_epoch", "null",
               "--trainer.val_check_interval", "7", "--trainer.limit_val_batches", "2",
-              "--trainer.limit_train_batches", "24"]  # fmt: skip
+              "--trainer.limit_train_batches", "24", "--trainer.accumulate_grad_batches", "2"]  # fmt: skip
     whole = fae_here("fit", *FISHER, *TINY, *budget, "--run_dir", "whole", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr[-2000:]
     often = ["--checkpoint.last_every_minutes", "0.0005"]  # last.ckpt at nearly every step: changes nothing
     last = tmp_path / "parts" / "checkpoints" / "last.ckpt"
 
-    def stop_at(step: int, *resume: str) -> None:
-        stop = ["--trainer.callbacks+=tests.callbacks.SignalAt", "--trainer.callbacks.step", str(step)]
+    def stop_after(batches: int, step: int, *resume: str) -> None:
+        stop = ["--trainer.callbacks+=tests.callbacks.SignalAfterBatches", "--trainer.callbacks.batches", str(batches)]
         stopped = fae_here("fit", *FISHER, *TINY, *budget, *often, *stop, "--run_dir", "parts", *resume, cwd=tmp_path)
         assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
         message = stopped.stderr.strip().splitlines()[-1]
         assert message.startswith(f"fae: stopped by SIGTERM at step {step}; {last} holds that state. Resume with:")
         assert step_of(last) == step
 
-    stop_at(10)
+    stop_after(11, step=6)
     counters = torch.load(last, weights_only=False)["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
-    assert counters == dict.fromkeys(("ready", "started", "processed", "completed"), 10)  # after batch 10
-    stop_at(24, "--ckpt_path", str(last))
+    assert counters == dict.fromkeys(("ready", "started", "processed", "completed"), 12)  # after batch 12
+    stop_after(24, 12, "--ckpt_path", str(last))
     written = torch.load(last, weights_only=False)
     for counts in written["loops"]["fit_loop"]["epoch_loop.batch_progress"].values():
         if isinstance(counts, dict):
@@ -117,7 +119,7 @@ def test_sigterm_saves_last_ckpt_and_the_resumed_run_ends_as_an_uninterrupted_on
     assert "changes what fixes the run's data stream" not in resumed.stderr  # the same settings: no word
     a = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=False)
     b = torch.load(last, weights_only=False)
-    assert a["global_step"] == b["global_step"] == 30
+    assert a["global_step"] == b["global_step"] == 15
     for name, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][name], value, rtol=0, atol=0, msg=name)
     best = [sorted(p.name for p in (tmp_path / run / "checkpoints").glob("best-*")) for run in ("whole", "parts")]
