@@ -33,10 +33,15 @@ decide together (one all-reduce per step). Lightning's counters there mark the n
 started, a state its restore does not expect (it would count that batch as trained: logged steps one
 ahead and, with check_val_every_n_epoch=None as `fae experiment` runs, every later validation one batch
 early); `after_previous_batch` writes them as Lightning's own save after a validation has them, and
-repairs checkpoints written before it did. Such a save does not count as Lightning's save at its global
-step, so that a validation inside an accumulation window still saves its top-k checkpoint. During
-training fae's handlers replace Lightning's for SIGTERM and SIGINT: Lightning's would stop inside a
-validation.
+repairs checkpoints written before it did. Where Lightning's restore then takes its branch for a save at
+a validation's end (at the first batch of an epoch that validates per epoch; at an epoch's end of a run
+with a step budget), which counts one more batch stepped, the save holds one fewer
+(`restore_skips_a_validation`). Such a save does not count as Lightning's save at its global step, so
+that a validation inside an accumulation window still saves its top-k checkpoint; that validation's own
+last.ckpt holds a half-done window, as Lightning writes it (a crash right after it loses that window's
+first gradients: choose val_check_interval a multiple of accumulate_grad_batches). During training
+fae's handlers replace Lightning's for SIGTERM and SIGINT: Lightning's would stop inside a validation;
+ModelCheckpoint's save_on_exception is refused (it writes last.ckpt in the middle of the failed batch).
 It relies on ModelCheckpoint's `_monitor_candidates`, `_save_last_checkpoint`, `_last_global_step_saved`
 and `_should_save_on_train_epoch_end`, and on the fit loop's batch counters; tests/test_checkpoint.py and
 tests/test_runs.py pin the behaviour.
@@ -245,21 +250,44 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return checkpoint
 
 
-def after_previous_batch(checkpoint: dict) -> None:
+def after_previous_batch(checkpoint: dict) -> dict | None:
     """Write the batch counters of a checkpoint saved at the start of a batch as those after the previous
-    batch and its validation, the state it holds (module docstring). At that point Lightning 2.6 has
-    counted the next batch `ready` but not `started`; restored so, the batch counts as trained once more
-    (`total_batch_idx` and `_batches_that_stepped` one ahead of `global_step`). Checkpoints of Lightning's
-    own saving points (after a batch, after a validation) have no such batch and are left as they are."""
+    batch and its validation, the state it holds (module docstring); returns the rewritten counters (None
+    when there was nothing to rewrite). At that point Lightning 2.6 has counted the next batch `ready` but
+    not `started`; restored so, the batch counts as trained once more (`total_batch_idx` and
+    `_batches_that_stepped` one ahead of `global_step`). Checkpoints of Lightning's own saving points
+    (after a batch, after a validation) have no such batch and are left as they are."""
     progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
     if not isinstance(progress, dict):
-        return
+        return None
+    rewritten = None
     for counts in (progress.get("total"), progress.get("current")):
         if not isinstance(counts, dict) or "started" not in counts:
             continue
         fetched_only = counts["started"] == counts["processed"] == counts["completed"] == counts["ready"] - 1
         if fetched_only:
             counts["ready"] = counts["completed"]
+            rewritten = progress
+    return rewritten
+
+
+def restore_skips_a_validation(trainer: L.Trainer, progress: dict) -> bool:
+    """Whether Lightning, restoring batch counters all equal (as after a validation), takes the branch of
+    `_TrainingEpochLoop.advance` meant for a checkpoint saved at a validation's end: it trains no batch,
+    skips the validation already done and counts one more batch stepped, which such a checkpoint holds one
+    short (it is saved before that count). Lightning's `_should_check_val_fx` on the restored counters, for
+    the batch-based schedules (a time-based one is not due at a restore). It is taken at the first batch
+    of an epoch that validates per epoch (the epoch's batch index is -1 there) and where a validation ran
+    without a save of its own."""
+    if (
+        trainer.val_check_batch in (None, float("inf"))
+        or getattr(trainer, "_val_check_time_interval", None) is not None
+    ):
+        return False
+    if not trainer.fit_loop.epoch_loop._should_check_val_epoch():
+        return False
+    part = "total" if trainer.check_val_every_n_epoch is None else "current"
+    return progress[part]["completed"] % trainer.val_check_batch == 0
 
 
 class Preempted(SystemExit):
@@ -283,12 +311,18 @@ class Checkpoint(ModelCheckpoint):
                 was last written (None: only at Lightning's own saving points and the end).
             *args, **kwargs: ModelCheckpoint's arguments.
         """
+        if kwargs.get("save_on_exception"):
+            raise UserError(
+                "checkpoint.save_on_exception is not supported: it writes last.ckpt in the middle of the failed "
+                "batch; last.ckpt already holds the newest whole state (set checkpoint.last_every_minutes for more)"
+            )
         super().__init__(*args, **kwargs)
         if last_every_minutes is not None and last_every_minutes <= 0:
             raise UserError(f"checkpoint.last_every_minutes must be > 0 (or null), got {last_every_minutes}")
         self.last_every_minutes = last_every_minutes
         self._last_written_at = time.monotonic()
         self._signal: dict = {}
+        self._at_epoch_end = False
         self._previous_handlers: dict = {}
 
     @property
@@ -317,9 +351,13 @@ class Checkpoint(ModelCheckpoint):
             self.save_last_if_stale(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self.save_last_if_stale(trainer)
+        self._at_epoch_end = True  # its saves hold the epoch's batches all stepped (on_save_checkpoint)
+        try:
+            super().on_train_epoch_end(trainer, pl_module)
+            if self._should_save_on_train_epoch_end(trainer):
+                self.save_last_if_stale(trainer)
+        finally:
+            self._at_epoch_end = False
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
@@ -327,7 +365,14 @@ class Checkpoint(ModelCheckpoint):
 
     # --- the loop counters of a save at the start of a batch ------------------------------------------
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        after_previous_batch(checkpoint)
+        """A save at the start of a batch, or at an epoch's end of a run with a step budget (Lightning then
+        restarts the finished epoch's loop), holds every batch stepped; if the restore takes the branch for
+        a save at a validation's end, which counts one more, it holds one fewer."""
+        progress = after_previous_batch(checkpoint)
+        if progress is None and self._at_epoch_end and trainer.max_steps != -1:
+            progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+        if progress is not None and restore_skips_a_validation(trainer, progress):
+            checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         after_previous_batch(checkpoint)  # before Lightning restores its loops from it
