@@ -29,21 +29,16 @@ first).
 Both act at the start of a batch that begins an optimizer step (with accumulated gradients, the first
 of a window: the gradients of a half-done window are in no checkpoint), where the state is exactly that
 after the previous batch and its validation (what an uninterrupted run continues from), and the devices
-decide together (one all-reduce per step). Lightning's counters there mark the next batch fetched but not
-started, a state its restore does not expect (it would count that batch as trained: logged steps one
-ahead and, with check_val_every_n_epoch=None as `fae experiment` runs, every later validation one batch
-early); `after_previous_batch` writes them as Lightning's own save after a validation has them, and
-repairs checkpoints written before it did. Where Lightning's restore then takes its branch for a save at
-a validation's end (at the first batch of an epoch that validates per epoch; at an epoch's end of a run
-with a step budget), which counts one more batch stepped, the save holds one fewer
-(`restore_skips_a_validation`). Such a save does not count as Lightning's save at its global step, so
-that a validation inside an accumulation window still saves its top-k checkpoint; that validation's own
+decide together (one all-reduce per step). fae.loop_state writes Lightning's batch counters of such a
+save, and of a save at an epoch's end under a step budget, as Lightning's restore expects them. Such a
+save does not count as Lightning's save at its global step, so that a validation inside an accumulation
+window still saves its top-k checkpoint; that validation's own
 last.ckpt holds a half-done window, as Lightning writes it (a crash right after it loses that window's
 first gradients: choose val_check_interval a multiple of accumulate_grad_batches). During training
 fae's handlers replace Lightning's for SIGTERM and SIGINT: Lightning's would stop inside a validation;
 ModelCheckpoint's save_on_exception is refused (it writes last.ckpt in the middle of the failed batch).
 It relies on ModelCheckpoint's `_monitor_candidates`, `_save_last_checkpoint`, `_last_global_step_saved`
-and `_should_save_on_train_epoch_end`, and on the fit loop's batch counters; tests/test_checkpoint.py and
+and `_should_save_on_train_epoch_end`, and on the fit loop's `batch_idx`; tests/test_checkpoint.py and
 tests/test_runs.py pin the behaviour.
 """
 
@@ -69,6 +64,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from fae.errors import UserError, short_reason
+from fae.loop_state import after_previous_batch, as_lightning_restores
 
 _VERIFIED: set[tuple] = set()  # the version keys of checkpoints whose checksums passed
 UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError)
@@ -250,46 +246,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return checkpoint
 
 
-def after_previous_batch(checkpoint: dict) -> dict | None:
-    """Write the batch counters of a checkpoint saved at the start of a batch as those after the previous
-    batch and its validation, the state it holds (module docstring); returns the rewritten counters (None
-    when there was nothing to rewrite). At that point Lightning 2.6 has counted the next batch `ready` but
-    not `started`; restored so, the batch counts as trained once more (`total_batch_idx` and
-    `_batches_that_stepped` one ahead of `global_step`). Checkpoints of Lightning's own saving points
-    (after a batch, after a validation) have no such batch and are left as they are."""
-    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
-    if not isinstance(progress, dict):
-        return None
-    rewritten = None
-    for counts in (progress.get("total"), progress.get("current")):
-        if not isinstance(counts, dict) or "started" not in counts:
-            continue
-        fetched_only = counts["started"] == counts["processed"] == counts["completed"] == counts["ready"] - 1
-        if fetched_only:
-            counts["ready"] = counts["completed"]
-            rewritten = progress
-    return rewritten
-
-
-def restore_skips_a_validation(trainer: L.Trainer, progress: dict) -> bool:
-    """Whether Lightning, restoring batch counters all equal (as after a validation), takes the branch of
-    `_TrainingEpochLoop.advance` meant for a checkpoint saved at a validation's end: it trains no batch,
-    skips the validation already done and counts one more batch stepped, which such a checkpoint holds one
-    short (it is saved before that count). Lightning's `_should_check_val_fx` on the restored counters, for
-    the batch-based schedules (a time-based one is not due at a restore). It is taken at the first batch
-    of an epoch that validates per epoch (the epoch's batch index is -1 there) and where a validation ran
-    without a save of its own."""
-    if (
-        trainer.val_check_batch in (None, float("inf"))
-        or getattr(trainer, "_val_check_time_interval", None) is not None
-    ):
-        return False
-    if not trainer.fit_loop.epoch_loop._should_check_val_epoch():
-        return False
-    part = "total" if trainer.check_val_every_n_epoch is None else "current"
-    return progress[part]["completed"] % trainer.val_check_batch == 0
-
-
 class Preempted(SystemExit):
     """Training stopped by a signal after writing a resumable last.ckpt."""
 
@@ -365,14 +321,7 @@ class Checkpoint(ModelCheckpoint):
 
     # --- the loop counters of a save at the start of a batch ------------------------------------------
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        """A save at the start of a batch, or at an epoch's end of a run with a step budget (Lightning then
-        restarts the finished epoch's loop), holds every batch stepped; if the restore takes the branch for
-        a save at a validation's end, which counts one more, it holds one fewer."""
-        progress = after_previous_batch(checkpoint)
-        if progress is None and self._at_epoch_end and trainer.max_steps != -1:
-            progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
-        if progress is not None and restore_skips_a_validation(trainer, progress):
-            checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+        as_lightning_restores(checkpoint, trainer, self._at_epoch_end)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         after_previous_batch(checkpoint)  # before Lightning restores its loops from it

@@ -18,6 +18,7 @@ LAYERS = {  # the first component under fae -> its layer
             "tracking",
             "images",
             "checkpoint",
+            "loop_state",
             "runs",
             "metrics_log",
             "plan",
