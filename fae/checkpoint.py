@@ -32,9 +32,9 @@ after the previous batch and its validation (what an uninterrupted run continues
 decide together (one all-reduce per step). fae.loop_state writes Lightning's batch counters of such a
 save, and of a save at an epoch's end under a step budget, as Lightning's restore expects them. Such a
 save does not count as Lightning's save at its global step, so that a validation inside an accumulation
-window still saves its top-k checkpoint; that validation's own
-last.ckpt holds a half-done window, as Lightning writes it (a crash right after it loses that window's
-first gradients: choose val_check_interval a multiple of accumulate_grad_batches). During training
+window still saves its top-k checkpoint; that validation's own last.ckpt holds a half-done window, as
+Lightning writes it (a crash right after it loses that window's first gradients: choose
+val_check_interval a multiple of accumulate_grad_batches). During training
 fae's handlers replace Lightning's for SIGTERM and SIGINT: Lightning's would stop inside a validation;
 ModelCheckpoint's save_on_exception is refused (it writes last.ckpt in the middle of the failed batch).
 It relies on ModelCheckpoint's `_monitor_candidates`, `_save_last_checkpoint`, `_last_global_step_saved`
@@ -319,7 +319,7 @@ class Checkpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
         self.save_last_if_stale(trainer)
 
-    # --- the loop counters of a save at the start of a batch ------------------------------------------
+    # --- Lightning's loop counters in fae's saves (fae.loop_state) ----------------------------------
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         as_lightning_restores(checkpoint, trainer, self._at_epoch_end)
 
