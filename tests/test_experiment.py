@@ -250,7 +250,7 @@ def test_the_warning_signal_stops_the_command_and_hands_submitit_the_same_job(tm
 # --- the local executor, end to end ------------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess  # a grid of two jobs side by side
 def test_a_local_grid_stopped_by_sigterm_resumes_on_the_next_start(tmp_path, monkeypatch, capsys):
     """A SIGTERM to `fae experiment` once a run has a checkpoint stops every run with its state saved;
     the next start resumes them, each to the budget, and writes the table of every variant."""
