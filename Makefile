@@ -31,8 +31,8 @@ demo: $(STAMP)
 # Every test in one pytest-xdist session, TEST_JOBS at a time, one thread each so that they do not
 # oversubscribe the cores; each test goes to the first worker free (worksteal), so that the longest do not end
 # the run alone. The multiprocess tests (DDP, torchrun, grids of jobs) start processes of their own, but spend
-# much of their time waiting for one to start or stop: beside another test they fill the cores (on 2 cores:
-# 5:35 in one session; 7:03 when the multiprocess ones ran one at a time after the others).
+# much of their time waiting for one to start or stop: beside another test they fill the cores (on 2 cores,
+# three runs of one session: 5:35, 6:26, 6:49; the multiprocess ones one at a time after the others: 7:03).
 TEST_JOBS ?= 2
 PARALLEL_TESTS = OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist worksteal
 
