@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .helpers import QUICKSTART, run_in_process, write_idx
+# The fixtures import .helpers (and so Lightning, about 8 s here) when they first run, not at the top: under
+# pytest-xdist the controlling process loads this file too but runs no test, and every worker would wait for
+# its import before starting.
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +29,8 @@ def mnist_root() -> Path:
 def fae_here(capfd):
     """Run `fae ARGS` in this process (commands on one device: Lightning's DDP re-executes sys.argv);
     returns a CompletedProcess with the exit status and the captured output."""
+
+    from .helpers import run_in_process
 
     def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         code = run_in_process(list(args), cwd, env, capture=capfd)
@@ -45,18 +49,14 @@ TRAINED = ["--model.width", "4", "--trainer.max_steps", "6", "--trainer.val_chec
 @pytest.fixture(scope="session")
 def trained_runs(tmp_path_factory):
     """family -> the folder of its tiny run (TRAINED on the family's quickstart config), trained once per
-    session. Read only: tests copy it (`trained_run`)."""
-    root, made = tmp_path_factory.mktemp("trained"), {}
+    session (helpers.made_once). Read only: tests copy it (`trained_run`)."""
+    from .helpers import QUICKSTART, made_once, run_in_process
 
-    def get(family: str) -> Path:
-        if family not in made:
-            run = root / family
-            code = run_in_process(["fit", *QUICKSTART[family], *TRAINED, "--run_dir", str(run)], root)
-            assert code == 0, f"the session's {family} run failed"
-            made[family] = run
-        return made[family]
+    def train(family: str, run: Path) -> None:
+        code = run_in_process(["fit", *QUICKSTART[family], *TRAINED, "--run_dir", str(run)], run.parent)
+        assert code == 0, f"the session's {family} run failed"
 
-    return get
+    return lambda family: made_once(tmp_path_factory, f"trained-{family}", lambda run: train(family, run))
 
 
 @pytest.fixture
@@ -73,19 +73,25 @@ def trained_run(trained_runs, tmp_path):
 @pytest.fixture(scope="session")
 def digits_mnist(tmp_path_factory):
     """The 5000 embedded digits in MNIST's layout (4500 to train, 500 to test), with a classifier
-    trained briefly on them (fae.evaluation.classifier): (data folder, classifier file)."""
+    trained briefly on them (fae.evaluation.classifier), made once per session (helpers.made_once):
+    (data folder, classifier file). Read only."""
     from fae.data.digits import load_digits
     from fae.evaluation.classifier import train_classifier
 
-    root = tmp_path_factory.mktemp("digits-mnist")
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    images = load_digits()[:, 0].numpy()
-    labels = np.repeat(np.arange(10), 500)  # the file holds 500 digits per class, sorted by class
-    order = np.random.default_rng(0).permutation(5000)
-    train, test = order[:4500], order[4500:]
-    write_idx(raw, "train-images-idx3-ubyte", images[train])
-    write_idx(raw, "train-labels-idx1-ubyte", labels[train])
-    write_idx(raw, "t10k-images-idx3-ubyte", images[test])
-    write_idx(raw, "t10k-labels-idx1-ubyte", labels[test])
-    return root, train_classifier(root, epochs=2)
+    from .helpers import made_once, write_idx
+
+    def make(root: Path) -> None:
+        raw = root / "MNIST" / "raw"
+        raw.mkdir(parents=True)
+        images = load_digits()[:, 0].numpy()
+        labels = np.repeat(np.arange(10), 500)  # the file holds 500 digits per class, sorted by class
+        order = np.random.default_rng(0).permutation(5000)
+        train, test = order[:4500], order[4500:]
+        write_idx(raw, "train-images-idx3-ubyte", images[train])
+        write_idx(raw, "train-labels-idx1-ubyte", labels[train])
+        write_idx(raw, "t10k-images-idx3-ubyte", images[test])
+        write_idx(raw, "t10k-labels-idx1-ubyte", labels[test])
+        train_classifier(root, epochs=2)
+
+    root = made_once(tmp_path_factory, "digits-mnist", make)
+    return root, train_classifier(root)  # the file made above, returned untouched

@@ -5,12 +5,15 @@ and one-line-error checks. Tests import from here; no test imports another test 
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import logging
 import os
+import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +42,25 @@ QUIET = dict(
     enable_model_summary=False,
     inference_mode=False,
 )
+
+
+def made_once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], object]) -> Path:
+    """The folder NAME, made by `make(folder)` once per test session. Under pytest-xdist each worker holds its
+    own session fixtures, so a fixture that trains would train once per worker: here the workers share the
+    session's folder, the first makes it under an flock, the others wait for it and read it (read only). A
+    folder half made by a worker that failed is made again."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, above each worker's own
+    folder, done = base / "made-once" / name, base / "made-once" / f"{name}.done"
+    folder.parent.mkdir(exist_ok=True)
+    with open(folder.parent / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            make(folder)
+            done.touch()
+    return folder
 
 
 def run_fae(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -4,6 +4,7 @@ conversion, clear errors for a missing folder or a missing or corrupt JPEG, and 
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 from pathlib import Path
@@ -21,7 +22,7 @@ from fae.errors import UserError, user_message
 from fae.models import VAE, WAEGAN, FisherAE
 from fae.nets import CelebADecoder, CelebAEncoder, MNISTDecoder, MNISTEncoder
 
-from .helpers import CONFIGS, QUIET, make_celeba, run_fae
+from .helpers import CONFIGS, QUIET, last_value, make_celeba, rows_of, run_fae
 
 # the official codes: 0 train, 1 validation, 2 test; interleaved so that a split's order is the file's
 SIZES = {"train": 12, "val": 4, "test": 5}
@@ -231,3 +232,7 @@ def test_ddp_converts_once_and_both_processes_train_from_the_memory_map(tiny_cel
     assert sorted(p.name.split("-")[1] for p in (root / "fae-cache").iterdir()) == ["test", "train", "val"]
     ckpt = torch.load(tmp_path / "runs" / "ddp" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 12 // 2 // 2  # 12 training faces, 2 per batch, split between 2 processes
+    # the Fisher AE's objective (a double backward) under DDP: one optimizer, a finite validation
+    assert len(ckpt["optimizer_states"]) == 1
+    rows = rows_of(tmp_path / "runs" / "ddp" / "metrics.csv")
+    assert math.isfinite(last_value(rows, "val/loss")) and 0 < last_value(rows, "val/recon_mse") < 2

@@ -8,49 +8,31 @@ import time
 import pytest
 import torch
 
-from .helpers import CONFIGS, TINY, last_value, rows_of, run_fae
+from .helpers import CONFIGS, TINY, WAE, last_value, rows_of, run_fae
 
 pytestmark = pytest.mark.multiprocess
 
 
-# the VAE's DDP training: test_sigterm_to_rank_zero_... below, and torchrun's in tests/test_runs.py
-@pytest.mark.parametrize("family", ["fisher", "wae_gan"])
-def test_fit_on_two_cpu_processes(tmp_path, family, fae_here):
-    out = run_fae(
-        "fit",
-        "--config",
-        str(CONFIGS / "quickstart" / f"digits_{family}.yaml"),
-        *TINY,
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.devices",
-        "2",
-        "--trainer.strategy",
-        "ddp_find_unused_parameters_true" if family == "wae_gan" else "ddp",
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.limit_val_batches",
-        "2",
-        "--run_name",
-        "ddp",
-        cwd=tmp_path,
-        timeout=400,
-    )
+# the VAE's DDP training: test_sigterm_to_rank_zero_... below, and torchrun's in tests/test_runs.py; the Fisher
+# AE's: test_ddp_converts_once_and_both_processes_train_from_the_memory_map in tests/test_celeba.py
+def test_the_wae_gan_fits_on_two_cpu_processes_and_plain_ddp_is_refused_in_one_line(tmp_path, fae_here):
+    out = run_fae("fit", *WAE, *TINY, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                  "--trainer.strategy", "ddp_find_unused_parameters_true", "--trainer.max_epochs", "1",
+                  "--trainer.limit_val_batches", "2", "--run_name", "ddp", cwd=tmp_path, timeout=400)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     (run,) = (tmp_path / "runs").iterdir()  # both ranks used one run folder
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     # 4000 training digits, 64 per batch per process, 2 processes: each rank sees half the data; a step
-    # is a batch in every family (the WAE-GAN's two optimizer updates per batch count once)
+    # is a batch (the WAE-GAN's two optimizer updates per batch count once)
     assert ckpt["global_step"] == math.ceil(4000 / 2 / 64)
-    assert len(ckpt["optimizer_states"]) == (2 if family == "wae_gan" else 1)
+    assert len(ckpt["optimizer_states"]) == 2
     rows = rows_of(run / "metrics.csv")
-    if family == "wae_gan":  # plain ddp is refused with the fix in one line, before any process starts
-        plain = fae_here("fit", "--config", str(CONFIGS / "quickstart" / "digits_wae_gan.yaml"), *TINY,
-                         "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=tmp_path)  # fmt: skip
-        assert plain.returncode == 2
-        assert "use --trainer.strategy ddp_find_unused_parameters_true" in plain.stderr.strip().splitlines()[-1]
     assert math.isfinite(last_value(rows, "val/loss"))
     assert 0 < last_value(rows, "val/recon_bce") < 2
+    # plain ddp is refused with the fix in one line, before any process starts
+    plain = fae_here("fit", *WAE, *TINY, "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=tmp_path)
+    assert plain.returncode == 2
+    assert "use --trainer.strategy ddp_find_unused_parameters_true" in plain.stderr.strip().splitlines()[-1]
 
 
 def test_a_killed_process_stops_the_other_in_one_line_that_resumes_from_last_ckpt(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from fae.evaluation.results import area_under_curve, read_rows
 
-from .helpers import QUICKSTART, run_in_process, step_of, wandb_run_records, wandb_runs
+from .helpers import QUICKSTART, made_once, run_in_process, step_of, wandb_run_records, wandb_runs
 
 pytestmark = pytest.mark.slow
 
@@ -23,20 +23,24 @@ SWEEP = ["--sweep.sigmas", "[0.1, 0.5]", "--sweep.nus", "[0.2, 0.5]", "--trainer
 
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
-    """Three tiny runs with W&B offline, trained and tested in this process: a plain VAE (its checkpoints
-    left out of W&B), and the Fisher AE and the WAE-GAN as the variants of an experiment `quick` (seed 0)."""
-    root = tmp_path_factory.mktemp("wandb")
+    """Three tiny runs with W&B offline, trained and tested in this process once per session
+    (helpers.made_once): a plain VAE (its checkpoints left out of W&B), and the Fisher AE and the WAE-GAN as
+    the variants of an experiment `quick` (seed 0). Read only."""
     naming = {"vae": ["--trainer.logger.log_model", "false"],
               "fisher": ["--experiment", "quick", "--variant", "fisher"],
               "wae_gan": ["--experiment", "quick", "--variant", "wae"]}  # fmt: skip
-    for family, names in naming.items():
-        run = root / family
-        assert run_in_process(["fit", *QUICKSTART[family], *BUDGET, *names, "--run_dir", str(run)], root) == 0
-        by_hand = family == "fisher"  # a test by hand, without the names: they are its training run's
-        test = ["test", *QUICKSTART[family], *SWEEP, *([] if by_hand else names), "--ckpt_path",
-                str(run / "checkpoints" / "last.ckpt")]  # fmt: skip
-        assert run_in_process(test, root) == 0
-    return root
+
+    def make(root):
+        root.mkdir()
+        for family, names in naming.items():
+            run = root / family
+            assert run_in_process(["fit", *QUICKSTART[family], *BUDGET, *names, "--run_dir", str(run)], root) == 0
+            by_hand = family == "fisher"  # a test by hand, without the names: they are its training run's
+            test = ["test", *QUICKSTART[family], *SWEEP, *([] if by_hand else names), "--ckpt_path",
+                    str(run / "checkpoints" / "last.ckpt")]  # fmt: skip
+            assert run_in_process(test, root) == 0
+
+    return made_once(tmp_path_factory, "wandb", make)
 
 
 def logged_test(run):
