@@ -31,8 +31,10 @@ demo: $(STAMP)
 # Every test in one pytest-xdist session, TEST_JOBS at a time, one thread each so that they do not
 # oversubscribe the cores; each test goes to the first worker free (worksteal), so that the longest do not end
 # the run alone. The multiprocess tests (DDP, torchrun, grids of jobs) start processes of their own, but spend
-# much of their time waiting for one to start or stop: beside another test they fill the cores (on 2 cores,
-# three runs of one session: 5:35, 6:26, 6:49; the multiprocess ones one at a time after the others: 7:03).
+# much of their time waiting for one to start or stop: beside another test they fill the cores. On 2 cores
+# one session took 5:35 to 7:56 in five runs (this machine's speed varies that much from hour to hour); the
+# multiprocess ones one at a time after the others took 7:03. Each `fae` process spends about 8 s importing
+# Lightning here, so the tests run `fae` in their own process wherever one device will do (fae_here).
 TEST_JOBS ?= 2
 PARALLEL_TESTS = OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist worksteal
 
