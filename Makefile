@@ -34,7 +34,7 @@ demo: $(STAMP)
 # much of their time waiting for one to start or stop: beside another test they fill the cores. On 2 cores
 # one session took 5:35 to 7:56 in five runs (this machine's speed varies that much from hour to hour); the
 # multiprocess ones one at a time after the others took 7:03. Each `fae` process spends about 8 s importing
-# Lightning here, so the tests run `fae` in their own process wherever one device will do (fae_here).
+# Lightning here, so the tests run `fae` inside the test's process wherever one device will do (fae_here).
 TEST_JOBS ?= 2
 PARALLEL_TESTS = OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist worksteal
 
